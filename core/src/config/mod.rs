@@ -1,0 +1,535 @@
+//! The gateway's configuration: parsed from YAML or JSON (the same schema in both hosts),
+//! checked as a whole, and compiled into an immutable `Config` that requests share. Every
+//! problem is reported at once, each with its path. Environment variables are read through a
+//! lookup the host passes in, never directly.
+
+pub mod raw;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::auth::KeyHash;
+use crate::providers::{BaseUrl, Provider, ProviderKey, ProviderKind, Secret};
+use raw::{RawConsumer, RawModel, RawProvider, RawServer};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 120_000;
+
+/// One problem in a config, at a path such as `providers[1].keys[0].secret_env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+/// All the problems found in a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            if e.path.is_empty() {
+                write!(f, "{}", e.message)?;
+            } else {
+                write!(f, "{}: {}", e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn at(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Settings of the request path that are not policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Native host only: Envoy listens where its bootstrap says.
+    pub listen: String,
+    pub max_body_bytes: u64,
+    pub upstream_timeout_ms: u64,
+}
+
+pub type ProviderId = usize;
+pub type ModelId = usize;
+pub type ConsumerId = usize;
+
+/// A public model name and where it is served.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub provider: ProviderId,
+    pub upstream_model: String,
+}
+
+/// A client of the gateway, known by the hashes of its keys.
+#[derive(Debug)]
+pub struct Consumer {
+    pub name: String,
+    /// Indexed by `ModelId`.
+    allowed_models: Vec<bool>,
+    /// The `GET /v1/models` answer for this consumer, rendered once.
+    models_list: Vec<u8>,
+}
+
+impl Consumer {
+    pub fn may_use(&self, model: ModelId) -> bool {
+        self.allowed_models.get(model).copied().unwrap_or(false)
+    }
+
+    pub fn models_list(&self) -> &[u8] {
+        &self.models_list
+    }
+}
+
+/// The compiled configuration. Immutable; shared by every request.
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerSettings,
+    consumers: Vec<Consumer>,
+    consumer_by_key: HashMap<KeyHash, ConsumerId>,
+    providers: Vec<Provider>,
+    models: Vec<Model>,
+    model_by_name: HashMap<String, ModelId>,
+}
+
+impl Config {
+    /// Parses and compiles a YAML or JSON document. `env` looks up environment variables
+    /// (the hosts pass `std::env::var`); it is how provider secrets enter.
+    pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let doc: Value = match serde_yaml::from_str(text) {
+            Ok(Value::Null) => Value::Object(Default::default()),
+            Ok(v) => v,
+            Err(e) => {
+                return Err(ConfigErrors(vec![ConfigError {
+                    path: String::new(),
+                    message: format!("not valid YAML or JSON: {e}"),
+                }]))
+            }
+        };
+        let mut errors = Errors::default();
+        let config = compile(&doc, env, &mut errors);
+        match config {
+            Some(c) if errors.0.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    pub fn provider(&self, id: ProviderId) -> Option<&Provider> {
+        self.providers.get(id)
+    }
+
+    pub fn provider_by_name(&self, name: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn models(&self) -> &[Model] {
+        &self.models
+    }
+
+    pub fn model(&self, id: ModelId) -> Option<&Model> {
+        self.models.get(id)
+    }
+
+    pub fn model_id(&self, name: &str) -> Option<ModelId> {
+        self.model_by_name.get(name).copied()
+    }
+
+    pub fn consumers(&self) -> &[Consumer] {
+        &self.consumers
+    }
+
+    pub fn consumer(&self, id: ConsumerId) -> Option<&Consumer> {
+        self.consumers.get(id)
+    }
+
+    /// The consumer a presented key belongs to. The lookup is by SHA-256 of the key, so its
+    /// timing tells an attacker only about hashes they cannot invert; the final comparison
+    /// is constant-time.
+    pub fn authenticate(&self, presented: &str) -> Option<ConsumerId> {
+        let hash = KeyHash::of(presented);
+        let (stored, id) = self.consumer_by_key.get_key_value(&hash)?;
+        stored.ct_eq(&hash).then_some(*id)
+    }
+}
+
+/// Names used in headers, cluster names and store keys: keep them to a safe alphabet.
+fn check_name(errors: &mut Errors, path: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        errors.at(
+            path,
+            format!("`{name}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"),
+        );
+    }
+}
+
+/// Deserializes one section element by element, so that a bad element is reported with its
+/// index and the rest are still checked.
+fn list<T: DeserializeOwned>(doc: &Value, section: &str, errors: &mut Errors) -> Vec<Option<T>> {
+    match doc.get(section) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| one(item, &format!("{section}[{i}]"), errors))
+            .collect(),
+        Some(_) => {
+            errors.at(section, "must be a list");
+            Vec::new()
+        }
+    }
+}
+
+fn one<T: DeserializeOwned>(value: &Value, path: &str, errors: &mut Errors) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let full = if inner == "." {
+                path.to_string()
+            } else if inner.starts_with('[') {
+                format!("{path}{inner}")
+            } else {
+                format!("{path}.{inner}")
+            };
+            errors.at(full, e.into_inner().to_string());
+            None
+        }
+    }
+}
+
+const SECTIONS: [&str; 4] = ["server", "consumers", "providers", "models"];
+
+fn compile(
+    doc: &Value,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Option<Config> {
+    let Some(top) = doc.as_object() else {
+        errors.at(
+            "",
+            "the config must be a mapping with `server`, `consumers`, `providers` and `models`",
+        );
+        return None;
+    };
+    for key in top.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            errors.at(
+                key.as_str(),
+                format!("unknown section, expected one of {SECTIONS:?}"),
+            );
+        }
+    }
+
+    let server = match doc.get("server") {
+        None | Some(Value::Null) => Some(RawServer::default()),
+        Some(v) => one::<RawServer>(v, "server", errors),
+    }
+    .map(|raw| compile_server(raw, errors));
+
+    let providers = compile_providers(list::<RawProvider>(doc, "providers", errors), env, errors);
+    let models = compile_models(list::<RawModel>(doc, "models", errors), &providers, errors);
+    let (consumers, consumer_by_key) = compile_consumers(
+        list::<RawConsumer>(doc, "consumers", errors),
+        &models,
+        &providers,
+        errors,
+    );
+    let model_by_name = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.clone(), i))
+        .collect();
+    Some(Config {
+        server: server?,
+        consumers,
+        consumer_by_key,
+        providers,
+        models,
+        model_by_name,
+    })
+}
+
+fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
+    let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    if listen.parse::<std::net::SocketAddr>().is_err() {
+        errors.at(
+            "server.listen",
+            format!("`{listen}` is not an address like 127.0.0.1:8080"),
+        );
+    }
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 || max_body_bytes > 64 * 1024 * 1024 {
+        errors.at(
+            "server.max_body_bytes",
+            "must be between 1 and 67108864 (64 MiB)",
+        );
+    }
+    let upstream_timeout_ms = raw
+        .upstream_timeout_ms
+        .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_MS);
+    if upstream_timeout_ms == 0 {
+        errors.at("server.upstream_timeout_ms", "must be at least 1");
+    }
+    ServerSettings {
+        listen,
+        max_body_bytes,
+        upstream_timeout_ms,
+    }
+}
+
+fn compile_providers(
+    raws: Vec<Option<RawProvider>>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) -> Vec<Provider> {
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for (i, raw) in raws.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("providers[{i}]");
+        check_name(errors, &format!("{path}.name"), &raw.name);
+        if !names.insert(raw.name.clone()) {
+            errors.at(
+                format!("{path}.name"),
+                format!("provider `{}` is defined twice", raw.name),
+            );
+        }
+        let Some(kind) = ProviderKind::parse(&raw.kind) else {
+            errors.at(
+                format!("{path}.kind"),
+                format!(
+                    "unknown kind `{}`, expected one of {:?}",
+                    raw.kind,
+                    ProviderKind::NAMES
+                ),
+            );
+            continue;
+        };
+        let base_url = match (&raw.base_url, kind.is_upstream()) {
+            (Some(u), true) => BaseUrl::parse(u)
+                .map_err(|e| errors.at(format!("{path}.base_url"), e))
+                .ok(),
+            (None, true) => {
+                errors.at(
+                    format!("{path}.base_url"),
+                    format!("is required for kind `{}`", raw.kind),
+                );
+                None
+            }
+            (Some(_), false) => {
+                errors.at(
+                    format!("{path}.base_url"),
+                    "the mock provider is answered by the gateway and takes no base_url",
+                );
+                None
+            }
+            (None, false) => None,
+        };
+        if !kind.is_upstream() && !raw.keys.is_empty() {
+            errors.at(format!("{path}.keys"), "the mock provider takes no keys");
+        }
+        let mut ids = HashSet::new();
+        let mut keys = Vec::new();
+        for (j, k) in raw.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{j}]");
+            check_name(errors, &format!("{kpath}.id"), &k.id);
+            if !ids.insert(k.id.as_str()) {
+                errors.at(
+                    format!("{kpath}.id"),
+                    format!("key id `{}` is used twice in this provider", k.id),
+                );
+            }
+            match env(&k.secret_env) {
+                Some(s) if !s.trim().is_empty() => keys.push(ProviderKey::new(
+                    kind,
+                    k.id.clone(),
+                    k.secret_env.clone(),
+                    &Secret::new(s.trim().to_string()),
+                )),
+                Some(_) => errors.at(
+                    format!("{kpath}.secret_env"),
+                    format!("env var {} is empty", k.secret_env),
+                ),
+                None => errors.at(
+                    format!("{kpath}.secret_env"),
+                    format!("env var {} is not set", k.secret_env),
+                ),
+            }
+        }
+        out.push(Provider::new(raw.name, kind, base_url, keys));
+    }
+    out
+}
+
+fn compile_models(
+    raws: Vec<Option<RawModel>>,
+    providers: &[Provider],
+    errors: &mut Errors,
+) -> Vec<Model> {
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for (i, raw) in raws.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("models[{i}]");
+        if raw.name.is_empty() || raw.name.contains('*') {
+            errors.at(
+                format!("{path}.name"),
+                "must be non-empty and contain no `*`",
+            );
+        }
+        if !names.insert(raw.name.clone()) {
+            errors.at(
+                format!("{path}.name"),
+                format!("model `{}` is defined twice", raw.name),
+            );
+        }
+        let Some(provider) = providers.iter().position(|p| p.name == raw.provider) else {
+            errors.at(
+                format!("{path}.provider"),
+                format!("no provider is named `{}`", raw.provider),
+            );
+            continue;
+        };
+        let upstream_model = raw.upstream_model.unwrap_or_else(|| raw.name.clone());
+        out.push(Model {
+            name: raw.name,
+            provider,
+            upstream_model,
+        });
+    }
+    out
+}
+
+fn compile_consumers(
+    raws: Vec<Option<RawConsumer>>,
+    models: &[Model],
+    providers: &[Provider],
+    errors: &mut Errors,
+) -> (Vec<Consumer>, HashMap<KeyHash, usize>) {
+    let mut names = HashSet::new();
+    let mut by_key = HashMap::new();
+    let mut out = Vec::new();
+    for (i, raw) in raws.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("consumers[{i}]");
+        check_name(errors, &format!("{path}.name"), &raw.name);
+        if !names.insert(raw.name.clone()) {
+            errors.at(
+                format!("{path}.name"),
+                format!("consumer `{}` is defined twice", raw.name),
+            );
+        }
+        for (j, k) in raw.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{j}].sha256");
+            match KeyHash::from_hex(&k.sha256) {
+                Some(h) => {
+                    if by_key.insert(h, out.len()).is_some() {
+                        errors.at(
+                            kpath,
+                            "this key hash is listed twice (keys must be unique across consumers)",
+                        );
+                    }
+                }
+                None => errors.at(kpath, "must be 64 hex digits (use `tollgate hash-key`)"),
+            }
+        }
+        let mut allowed = vec![false; models.len()];
+        for (j, pattern) in raw.models.iter().enumerate() {
+            let mut matched = false;
+            for (m, model) in models.iter().enumerate() {
+                if glob_match(pattern, &model.name) {
+                    allowed[m] = true;
+                    matched = true;
+                }
+            }
+            if !matched {
+                errors.at(
+                    format!("{path}.models[{j}]"),
+                    format!("`{pattern}` matches no model"),
+                );
+            }
+        }
+        let models_list = render_models_list(models, providers, &allowed);
+        out.push(Consumer {
+            name: raw.name,
+            allowed_models: allowed,
+            models_list,
+        });
+    }
+    (out, by_key)
+}
+
+/// The OpenAI `GET /v1/models` list of the models a consumer may use.
+fn render_models_list(models: &[Model], providers: &[Provider], allowed: &[bool]) -> Vec<u8> {
+    let data: Vec<Value> = models
+        .iter()
+        .zip(allowed)
+        .filter(|(_, ok)| **ok)
+        .map(|(m, _)| {
+            serde_json::json!({
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": providers.get(m.provider).map(|p| p.name.as_str()).unwrap_or(""),
+            })
+        })
+        .collect();
+    serde_json::json!({ "object": "list", "data": data })
+        .to_string()
+        .into_bytes()
+}
+
+/// `*` matches any run of characters (including none); everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p = pattern.as_bytes();
+    let n = name.as_bytes();
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use super::*;
+use crate::auth::KeyHash;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "OPENAI_KEY_1" => Some("sk-one".into()),
+        "EMPTY" => Some("  ".into()),
+        _ => None,
+    }
+}
+
+fn sample() -> String {
+    format!(
+        r#"
+server:
+  listen: 127.0.0.1:9090
+consumers:
+  - name: team-a
+    keys: [{{ sha256: {} }}]
+    models: ["gpt-*"]
+  - name: team-b
+    keys: [{{ sha256: {} }}]
+    models: ["*"]
+providers:
+  - name: openai
+    kind: openai
+    base_url: https://api.openai.com/v1
+    keys: [{{ id: k1, secret_env: OPENAI_KEY_1 }}]
+  - name: mock
+    kind: mock
+models:
+  - {{ name: gpt-4o-mini, provider: openai }}
+  - {{ name: fast, provider: openai, upstream_model: gpt-4o-mini-2024-07-18 }}
+  - {{ name: mock-gpt, provider: mock }}
+"#,
+        KeyHash::of("key-a").to_hex(),
+        KeyHash::of("key-b").to_hex()
+    )
+}
+
+#[test]
+fn a_valid_config_compiles() {
+    let c = Config::load(&sample(), &env).unwrap();
+    assert_eq!(c.server.listen, "127.0.0.1:9090");
+    assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(c.providers().len(), 2);
+    let fast = c.model(c.model_id("fast").unwrap()).unwrap();
+    assert_eq!(fast.upstream_model, "gpt-4o-mini-2024-07-18");
+    let a = c.consumer(c.authenticate("key-a").unwrap()).unwrap();
+    assert_eq!(a.name, "team-a");
+    assert!(a.may_use(c.model_id("gpt-4o-mini").unwrap()));
+    assert!(!a.may_use(c.model_id("fast").unwrap()));
+    assert!(c.authenticate("key-c").is_none());
+    let list: serde_json::Value = serde_json::from_slice(a.models_list()).unwrap();
+    let ids: Vec<_> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o-mini"]);
+}
+
+#[test]
+fn json_works_as_well_as_yaml() {
+    let yaml = Config::load(&sample(), &env).unwrap();
+    let doc: serde_json::Value = serde_yaml::from_str(&sample()).unwrap();
+    let json = Config::load(&doc.to_string(), &env).unwrap();
+    // Maps iterate in random order, so compare the ordered parts.
+    assert_eq!(
+        format!("{:?}", yaml.models()),
+        format!("{:?}", json.models())
+    );
+    assert_eq!(
+        format!("{:?}", yaml.providers()),
+        format!("{:?}", json.providers())
+    );
+    assert_eq!(
+        format!("{:?}", yaml.consumers()),
+        format!("{:?}", json.consumers())
+    );
+    assert_eq!(json.authenticate("key-b"), Some(1));
+}
+
+#[test]
+fn an_empty_document_is_a_config_with_nothing_in_it() {
+    let c = Config::load("", &env).unwrap();
+    assert!(c.providers().is_empty() && c.consumers().is_empty());
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_its_path() {
+    let text = r#"
+server: { listen: "nowhere", max_body_bytes: 0, colour: blue }
+consumers:
+  - name: a
+    keys: [{ sha256: nothex }]
+    models: [gpt-9*]
+    modles: []
+  - name: "a b"
+    keys: []
+providers:
+  - name: openai
+    kind: openai
+    base_url: ftp://x
+    keys:
+      - { id: k1, secret_env: OPENAI_KEY_2 }
+      - { id: k1, secret_env: EMPTY }
+  - name: other
+    kind: gemini
+  - name: mock
+    kind: mock
+    base_url: http://x
+  - { name: "bad name", kind: openai }
+models:
+  - { name: m, provider: nope }
+  - { name: x, provider: mock, extra: 1 }
+extras: 1
+"#;
+    let errs = Config::load(text, &env).unwrap_err();
+    let rendered = errs.to_string();
+    let expect = [
+        "extras: unknown section",
+        "server.colour: unknown field `colour`",
+        "consumers[0].modles: unknown field `modles`",
+        "providers[0].base_url: `ftp://x` must start with http:// or https://",
+        "providers[0].keys[0].secret_env: env var OPENAI_KEY_2 is not set",
+        "providers[0].keys[1].id: key id `k1` is used twice",
+        "providers[0].keys[1].secret_env: env var EMPTY is empty",
+        "providers[1].kind: unknown kind `gemini`",
+        "providers[2].base_url: the mock provider",
+        "providers[3].name: `bad name` must be",
+        "providers[3].base_url: is required for kind `openai`",
+        "models[0].provider: no provider is named `nope`",
+        "models[1].extra: unknown field `extra`",
+        "consumers[1].name: `a b` must be",
+    ];
+    for e in expect {
+        assert!(rendered.contains(e), "missing `{e}` in:\n{rendered}");
+    }
+    // An element that fails to parse is reported once and skipped, so its other values
+    // (`listen`, the consumer's bad hash) are not reported on top.
+    assert_eq!(errs.0.len(), expect.len(), "{rendered}");
+}
+
+#[test]
+fn server_values_are_checked() {
+    let errs = Config::load(
+        "server: { listen: nowhere, max_body_bytes: 0, upstream_timeout_ms: 0 }",
+        &env,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = errs.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "server.listen",
+            "server.max_body_bytes",
+            "server.upstream_timeout_ms"
+        ]
+    );
+}
+
+#[test]
+fn consumer_key_hashes_and_model_patterns_are_checked() {
+    let h = KeyHash::of("k").to_hex();
+    let text = format!(
+        r#"
+providers: [{{ name: mock, kind: mock }}]
+models: [{{ name: m, provider: mock }}]
+consumers:
+  - {{ name: a, keys: [{{ sha256: "{h}" }}, {{ sha256: "12" }}], models: [m, "zz*"] }}
+  - {{ name: b, keys: [{{ sha256: "{h}" }}], models: [] }}
+"#
+    );
+    let errs = Config::load(&text, &env).unwrap_err();
+    let rendered = errs.to_string();
+    assert!(
+        rendered.contains("consumers[0].keys[1].sha256: must be 64 hex digits"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("consumers[0].models[1]: `zz*` matches no model"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("consumers[1].keys[0].sha256: this key hash is listed twice"),
+        "{rendered}"
+    );
+    assert_eq!(errs.0.len(), 3, "{rendered}");
+}
+
+#[test]
+fn yaml_syntax_errors_are_reported() {
+    let errs = Config::load("consumers: [", &env).unwrap_err();
+    assert!(errs.to_string().contains("not valid YAML or JSON"));
+    let errs = Config::load("[1, 2]", &env).unwrap_err();
+    assert!(errs.to_string().contains("must be a mapping"));
+}
+
+#[test]
+fn secrets_do_not_appear_in_debug_output() {
+    let c = Config::load(&sample(), &env).unwrap();
+    assert!(!format!("{c:?}").contains("sk-one"));
+}
+
+#[test]
+fn globs() {
+    assert!(glob_match("*", ""));
+    assert!(glob_match("*", "anything"));
+    assert!(glob_match("gpt-*", "gpt-4o"));
+    assert!(!glob_match("gpt-*", "claude"));
+    assert!(glob_match("*-mini", "gpt-4o-mini"));
+    assert!(glob_match("a*b*c", "aXXbYYc"));
+    assert!(!glob_match("a*b*c", "aXXbYY"));
+    assert!(glob_match("exact", "exact"));
+    assert!(!glob_match("exact", "exactly"));
+}

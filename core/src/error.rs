@@ -1,0 +1,181 @@
+//! Every way a request can be refused or fail, and the one place that turns it into the
+//! OpenAI-shaped error a client sees. Messages never contain a secret: they name consumers,
+//! models and providers, never keys.
+
+use crate::http::LocalResponse;
+
+/// Why the gateway answers a request itself instead of (or after) calling a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    /// No credential in `Authorization: Bearer`, `x-api-key` or `api-key`.
+    MissingConsumerKey,
+    /// A credential was sent but matches no consumer.
+    UnknownConsumerKey,
+    /// The model exists but this consumer may not use it.
+    ModelNotAllowed { model: String },
+    /// No public model has this name.
+    UnknownModel { model: String },
+    /// The body is not the JSON this endpoint takes.
+    MalformedBody { detail: String },
+    /// The body is larger than `server.max_body_bytes`.
+    BodyTooLarge { limit: u64 },
+    /// No endpoint at this path.
+    NotFound { path: String },
+    /// The endpoint exists but not for this method.
+    MethodNotAllowed { method: String, path: String },
+    /// The provider could not be reached, or reset the connection before answering.
+    UpstreamUnavailable { provider: String },
+    /// The provider did not answer within `server.upstream_timeout_ms`.
+    UpstreamTimeout { provider: String },
+    /// The request reached a part of the gateway that only the gateway itself may call
+    /// (Envoy's key role without the gateway role's routing header).
+    NotRoutedByGateway,
+    /// Shared state (counters, key health) could not be updated; refusing beats guessing.
+    SharedStateUnavailable { detail: String },
+    /// The host failed an operation it should not fail (a bug or resource exhaustion).
+    Internal { detail: String },
+}
+
+impl GatewayError {
+    /// HTTP status the client receives.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::MissingConsumerKey | Self::UnknownConsumerKey => 401,
+            Self::ModelNotAllowed { .. } | Self::NotRoutedByGateway => 403,
+            Self::UnknownModel { .. } | Self::NotFound { .. } => 404,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::MalformedBody { .. } => 400,
+            Self::BodyTooLarge { .. } => 413,
+            Self::UpstreamUnavailable { .. } => 502,
+            Self::SharedStateUnavailable { .. } => 503,
+            Self::Internal { .. } => 500,
+            Self::UpstreamTimeout { .. } => 504,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `error.code`: stable, machine-readable.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingConsumerKey => "missing_api_key",
+            Self::UnknownConsumerKey => "invalid_api_key",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::UnknownModel { .. } => "model_not_found",
+            Self::MalformedBody { .. } => "invalid_request_body",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::NotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::NotRoutedByGateway => "not_routed_by_gateway",
+            Self::SharedStateUnavailable { .. } => "shared_state_unavailable",
+            Self::Internal { .. } => "internal_error",
+        }
+    }
+
+    /// Whether sending the same request again may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnavailable { .. }
+                | Self::UpstreamTimeout { .. }
+                | Self::SharedStateUnavailable { .. }
+        )
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::MissingConsumerKey => "Missing API key: send it as `Authorization: Bearer <key>`, `x-api-key` or `api-key`.".into(),
+            Self::UnknownConsumerKey => "Invalid API key.".into(),
+            Self::ModelNotAllowed { model } => format!("This API key may not use the model `{model}`."),
+            Self::UnknownModel { model } => format!("The model `{model}` does not exist."),
+            Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
+            Self::BodyTooLarge { limit } => format!("Request body is larger than the limit of {limit} bytes."),
+            Self::NotFound { path } => format!("No endpoint at `{path}`."),
+            Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on `{path}`."),
+            Self::UpstreamUnavailable { provider } => format!("The provider `{provider}` could not be reached."),
+            Self::UpstreamTimeout { provider } => format!("The provider `{provider}` did not answer in time."),
+            Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),
+            Self::SharedStateUnavailable { detail } => format!("The gateway's shared state is unavailable ({detail}); try again."),
+            Self::Internal { detail } => format!("Internal gateway error: {detail}."),
+        }
+    }
+
+    /// The OpenAI-shaped body: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        error_body(&self.message(), self.kind(), self.code())
+    }
+
+    /// The whole response a host sends for this error.
+    pub fn respond(&self) -> LocalResponse {
+        LocalResponse::json(self.status(), self.body())
+    }
+}
+
+/// Serializes an OpenAI-shaped error body. Shared with hosts that map their own transport
+/// failures, so every error a client sees has the same shape.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    v.to_string().into_bytes()
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let e = GatewayError::ModelNotAllowed {
+            model: "gpt-4o".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert_eq!(v["error"]["code"], "model_not_allowed");
+        assert!(v["error"]["param"].is_null());
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-4o"));
+        assert_eq!(e.status(), 403);
+    }
+
+    #[test]
+    fn statuses_follow_the_design() {
+        assert_eq!(GatewayError::UnknownConsumerKey.status(), 401);
+        assert_eq!(
+            GatewayError::MalformedBody { detail: "x".into() }.status(),
+            400
+        );
+        assert_eq!(GatewayError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(
+            GatewayError::UpstreamTimeout {
+                provider: "p".into()
+            }
+            .status(),
+            504
+        );
+        assert!(GatewayError::UpstreamTimeout {
+            provider: "p".into()
+        }
+        .retryable());
+        assert!(!GatewayError::UnknownConsumerKey.retryable());
+    }
+}

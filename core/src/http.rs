@@ -1,0 +1,76 @@
+//! The few HTTP shapes the core speaks in: a read-only view of request headers that each host
+//! implements over its own header map, and the responses the gateway answers itself.
+
+/// Header the gateway role sets so that Envoy's route table (and the native host) picks the
+/// provider; the key role reads it to know which pool to draw from. Clients cannot set it:
+/// the gateway role always overwrites or removes it.
+pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
+
+/// Request headers that carry a consumer's credential. Stripped before anything goes upstream.
+pub const CONSUMER_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// Request headers removed before the request goes upstream: the consumer's credential, and
+/// `accept-encoding`, because the gateway reads provider responses (usage, translation) and
+/// so asks for them uncompressed.
+pub const FORWARD_REMOVE_HEADERS: [&str; 4] = [
+    CONSUMER_CREDENTIAL_HEADERS[0],
+    CONSUMER_CREDENTIAL_HEADERS[1],
+    CONSUMER_CREDENTIAL_HEADERS[2],
+    "accept-encoding",
+];
+
+/// Read access to a request's headers. Names are matched case-insensitively by the host.
+pub trait HeaderLookup {
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+impl HeaderLookup for [(String, String)] {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl HeaderLookup for Vec<(String, String)> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.as_slice().header(name)
+    }
+}
+
+/// The method and path of a request, plus its headers.
+pub struct RequestHead<'a, H: HeaderLookup + ?Sized> {
+    pub method: &'a str,
+    /// Path with query string, as received.
+    pub path: &'a str,
+    pub headers: &'a H,
+}
+
+/// A response the gateway produces without (or instead of) the provider's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl LocalResponse {
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type", "application/json".to_string())],
+            body,
+        }
+    }
+
+    pub fn event_stream(body: Vec<u8>) -> Self {
+        Self {
+            status: 200,
+            headers: vec![
+                ("content-type", "text/event-stream".to_string()),
+                ("cache-control", "no-cache".to_string()),
+            ],
+            body,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! tollgate's core: everything the gateway decides, and nothing it does. No IO, no clock, no
+//! randomness, no proxy-wasm, tokio or hyper: hosts feed events and `now` in and carry the
+//! decisions out, so a policy behaves the same in Envoy and in the native host.
+//!
+//! - `config`: the one schema both hosts load, validated as a whole and compiled once.
+//! - `auth`: consumer keys, held as SHA-256 hashes.
+//! - `exchange`: the gateway role's per-request state machine.
+//! - `keys`: the key role, which picks a provider key per upstream attempt.
+//! - `providers`: one module per provider kind: wire types and pure translation.
+//! - `store`: the shared-counter trait the hosts implement.
+//! - `roles`: the names of the gateway and key roles in Envoy.
+//! - `error`: every refusal, and its OpenAI-shaped body.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod http;
+pub mod keys;
+pub mod providers;
+pub mod roles;
+pub mod store;
+pub mod tokens;
+
+pub use config::{Config, ConfigError, ConfigErrors};
+pub use error::GatewayError;
+pub use exchange::Exchange;

@@ -1,0 +1,309 @@
+//! Providers: what kind each is, where it lives, its pool of keys and how a key is presented.
+//! Wire types and translation live in one sub-module per provider kind; nothing here does IO.
+
+pub mod mock;
+pub mod openai;
+
+use crate::store::{CounterStore, StoreError};
+
+/// The protocol a provider speaks, which decides how a key is presented and how requests and
+/// responses are translated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI and every OpenAI-compatible server (vLLM, Ollama, LM Studio, Together, ...).
+    OpenAi,
+    /// Answered by the gateway itself: deterministic text, correct usage, SSE when asked.
+    Mock,
+}
+
+impl ProviderKind {
+    pub const NAMES: [&'static str; 2] = ["openai", "mock"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openai" => Some(Self::OpenAi),
+            "mock" => Some(Self::Mock),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Mock => "mock",
+        }
+    }
+
+    /// Whether requests leave the gateway (and so need a base URL and, usually, keys).
+    pub fn is_upstream(self) -> bool {
+        !matches!(self, Self::Mock)
+    }
+
+    /// The request header that carries a key, and its value, in this provider's convention.
+    fn key_header(self, secret: &str) -> (&'static str, String) {
+        match self {
+            Self::OpenAi | Self::Mock => ("authorization", format!("Bearer {secret}")),
+        }
+    }
+}
+
+/// A provider key's secret. It has no `Display`, and its `Debug` is redacted, so it cannot
+/// reach a log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One key of a provider's pool.
+#[derive(Debug)]
+pub struct ProviderKey {
+    /// Public name of the key: safe for logs, metrics and the admin view.
+    pub id: String,
+    /// Name of the environment variable the secret came from (a name, not a secret).
+    pub secret_env: String,
+    header_name: &'static str,
+    /// The full header value (`Bearer sk-...`), built once at load time.
+    header_value: Secret,
+}
+
+impl ProviderKey {
+    pub fn new(kind: ProviderKind, id: String, secret_env: String, secret: &Secret) -> Self {
+        let (header_name, value) = kind.key_header(secret.expose());
+        Self {
+            id,
+            secret_env,
+            header_name,
+            header_value: Secret::new(value),
+        }
+    }
+
+    /// The header to set on the upstream request.
+    pub fn header(&self) -> (&'static str, &str) {
+        (self.header_name, self.header_value.expose())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// A provider's base URL, split once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash, e.g. `/v1` (may be empty).
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses `http[s]://host[:port][/prefix]`. No query, fragment or user info.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (Scheme::Https, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (Scheme::Http, r)
+        } else {
+            return Err(format!("`{s}` must start with http:// or https://"));
+        };
+        if rest.contains(['?', '#', '@']) {
+            return Err(format!(
+                "`{s}` must not have a query, fragment or user info"
+            ));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+        let (host, port) = if let Some(h) = authority.strip_prefix('[') {
+            // IPv6 literal: [::1]:8080
+            let end = h
+                .find(']')
+                .ok_or_else(|| format!("`{s}` has an unclosed `[`"))?;
+            let port = parse_port(&h[end + 1..], default_port, s)?;
+            (format!("[{}]", &h[..end]), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    parse_port(&format!(":{p}"), default_port, s)?,
+                ),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || host == "[]" {
+            return Err(format!("`{s}` has no host"));
+        }
+        Ok(Self {
+            scheme,
+            host,
+            port,
+            path_prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `host:port`, as a TCP address or an Envoy socket address.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = matches!(
+            (self.scheme, self.port),
+            (Scheme::Https, 443) | (Scheme::Http, 80)
+        );
+        if default {
+            self.host.clone()
+        } else {
+            self.authority()
+        }
+    }
+}
+
+fn parse_port(s: &str, default: u16, url: &str) -> Result<u16, String> {
+    match s.strip_prefix(':') {
+        None if s.is_empty() => Ok(default),
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}` has an invalid port")),
+        None => Err(format!("`{url}` has an invalid authority")),
+    }
+}
+
+/// A provider with its pool of keys.
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// `None` only for kinds the gateway answers itself.
+    pub base_url: Option<BaseUrl>,
+    pub keys: Vec<ProviderKey>,
+    /// Store key of the round-robin cursor shared by every worker.
+    cursor_key: String,
+}
+
+impl Provider {
+    pub fn new(
+        name: String,
+        kind: ProviderKind,
+        base_url: Option<BaseUrl>,
+        keys: Vec<ProviderKey>,
+    ) -> Self {
+        let cursor_key = format!("tollgate/rr/{name}");
+        Self {
+            name,
+            kind,
+            base_url,
+            keys,
+            cursor_key,
+        }
+    }
+
+    /// Picks the key for one upstream attempt: round-robin over the pool, with the cursor in
+    /// the shared store so every worker takes turns with the others. `None` when the provider
+    /// needs no key (an empty pool, e.g. a local OpenAI-compatible server).
+    pub fn select_key(
+        &self,
+        store: &impl CounterStore,
+    ) -> Result<Option<&ProviderKey>, StoreError> {
+        if self.keys.len() <= 1 {
+            return Ok(self.keys.first());
+        }
+        let turn = store.measure_and_replace(&self.cursor_key, |old| {
+            let turn = old.unwrap_or(0);
+            Ok::<_, std::convert::Infallible>((turn, turn.wrapping_add(1)))
+        })?;
+        let turn = match turn {
+            Ok(t) => t,
+            Err(never) => match never {},
+        };
+        // The modulo keeps the index in range, so indexing cannot fail.
+        Ok(self.keys.get((turn % self.keys.len() as u64) as usize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::CellStore;
+
+    #[test]
+    fn base_url_forms() {
+        let u = BaseUrl::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!(u.scheme, Scheme::Https);
+        assert_eq!(u.host, "api.openai.com");
+        assert_eq!(u.port, 443);
+        assert_eq!(u.path_prefix, "/v1");
+        assert_eq!(u.host_header(), "api.openai.com");
+        let u = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!((u.port, u.path_prefix.as_str()), (9000, ""));
+        assert_eq!(u.host_header(), "127.0.0.1:9000");
+        let u = BaseUrl::parse("http://[::1]:81/x").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("[::1]", 81));
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://h:0",
+            "http://h:abc",
+            "http://u@h",
+            "http://h/?q",
+        ] {
+            assert!(BaseUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_debug_print() {
+        let k = ProviderKey::new(
+            ProviderKind::OpenAi,
+            "a".into(),
+            "A".into(),
+            &Secret::new("sk-123".into()),
+        );
+        let dbg = format!("{k:?}");
+        assert!(!dbg.contains("sk-123"), "{dbg}");
+        assert_eq!(k.header(), ("authorization", "Bearer sk-123"));
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let kind = ProviderKind::OpenAi;
+        let keys = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                ProviderKey::new(
+                    kind,
+                    id.to_string(),
+                    String::new(),
+                    &Secret::new(format!("sk-{id}")),
+                )
+            })
+            .collect();
+        let p = Provider::new("p".into(), kind, None, keys);
+        let store = CellStore::default();
+        let picked: Vec<_> = (0..6)
+            .map(|_| p.select_key(&store).unwrap().unwrap().id.clone())
+            .collect();
+        assert_eq!(picked, ["a", "b", "c", "a", "b", "c"]);
+    }
+}

@@ -1,0 +1,154 @@
+//! The parts of an OpenAI chat request the gateway reads. Unknown fields are ignored here and
+//! forwarded untouched, so new OpenAI parameters pass through without a release.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest<'a> {
+    #[serde(borrow)]
+    pub model: Cow<'a, str>,
+    #[serde(borrow)]
+    pub messages: Vec<Message<'a>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl ChatRequest<'_> {
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the client asked for the final usage chunk of a stream.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Message<'a> {
+    #[serde(borrow)]
+    pub role: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub content: Option<Content<'a>>,
+}
+
+/// A message's content: a string, or a list of parts of which only text parts carry text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Parts(#[serde(borrow)] Vec<ContentPart<'a>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub text: Option<Cow<'a, str>>,
+}
+
+impl Content<'_> {
+    /// The text of the content, parts joined by newlines; non-text parts are left out.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            Content::Text(t) => Cow::Borrowed(t.as_ref()),
+            Content::Parts(parts) => {
+                let texts: Vec<&str> = parts
+                    .iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text.as_deref())
+                    .collect();
+                Cow::Owned(texts.join("\n"))
+            }
+        }
+    }
+}
+
+/// Parses and checks a chat request body; the error says what is wrong, for a 400.
+pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, String> {
+    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| describe(&e))?;
+    if req.model.is_empty() {
+        return Err("`model` must not be empty".into());
+    }
+    if req.messages.is_empty() {
+        return Err("`messages` must contain at least one message".into());
+    }
+    Ok(req)
+}
+
+fn describe(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof => format!("the body is not valid JSON ({e})"),
+        Category::Data => format!("the body is not a valid chat completion request ({e})"),
+        Category::Io => e.to_string(),
+    }
+}
+
+/// Returns the body with `model` replaced, every other field kept as sent.
+pub fn with_model(body: &[u8], model: &str) -> Result<Vec<u8>, String> {
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| describe(&e))?;
+    v.insert("model".into(), serde_json::Value::String(model.to_string()));
+    serde_json::to_vec(&v).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_string_and_part_contents() {
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},
+            {"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"b"}]},
+            {"role":"assistant","content":null,"tool_calls":[]}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.2}"#;
+        let r = parse_chat_request(body).unwrap();
+        assert_eq!(r.model, "m");
+        assert!(r.is_stream() && r.wants_stream_usage());
+        assert_eq!(r.messages[0].content.as_ref().unwrap().text(), "be brief");
+        assert_eq!(r.messages[1].content.as_ref().unwrap().text(), "a\nb");
+        assert!(r.messages[2].content.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_a_reason() {
+        assert!(parse_chat_request(b"{")
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(parse_chat_request(b"[]")
+            .unwrap_err()
+            .contains("not a valid chat"));
+        assert!(parse_chat_request(br#"{"messages":[]}"#)
+            .unwrap_err()
+            .contains("model"));
+        assert!(parse_chat_request(br#"{"model":"m","messages":[]}"#)
+            .unwrap_err()
+            .contains("at least one"));
+        assert!(
+            parse_chat_request(br#"{"model":"","messages":[{"role":"user","content":"x"}]}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn model_rewrite_keeps_other_fields() {
+        let out = with_model(br#"{"model":"a","messages":[],"x":{"y":1}}"#, "b").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "b");
+        assert_eq!(v["x"]["y"], 1);
+    }
+}

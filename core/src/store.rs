@@ -1,0 +1,64 @@
+//! Shared counters. Every piece of state that several workers must agree on (round-robin
+//! cursors now; buckets and key health later) is one `u64` per key, updated through
+//! `measure_and_replace` with a pure closure over the old value, after governor's
+//! `StateStore`. Envoy implements it with proxy-wasm shared data and compare-and-swap, the
+//! native host with atomics. The core never owns the storage.
+
+/// Why a store could not apply an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Other writers kept winning the compare-and-swap; the update was not applied.
+    Contended { attempts: u32 },
+    /// The host refused the operation.
+    Host(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Contended { attempts } => {
+                write!(f, "shared state stayed contended after {attempts} attempts")
+            }
+            Self::Host(m) => write!(f, "shared state unavailable: {m}"),
+        }
+    }
+}
+
+/// A map from key to one `u64`, updated atomically.
+pub trait CounterStore {
+    /// Reads the value at `key` (`None` if never written), lets `f` decide, and if `f`
+    /// returns `Ok((out, new))` stores `new` atomically with respect to other writers,
+    /// calling `f` again on a fresh value when another writer got in between. When `f`
+    /// returns `Err`, nothing is written and the error is handed back as the inner result.
+    /// `f` must be pure: it may run several times.
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Single-threaded store for core tests.
+    #[derive(Default)]
+    pub struct CellStore(RefCell<HashMap<String, u64>>);
+
+    impl CounterStore for CellStore {
+        fn measure_and_replace<T, E>(
+            &self,
+            key: &str,
+            mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+        ) -> Result<Result<T, E>, StoreError> {
+            let old = self.0.borrow().get(key).copied();
+            Ok(f(old).map(|(out, new)| {
+                self.0.borrow_mut().insert(key.to_string(), new);
+                out
+            }))
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Host calls, wrapped so that a failure is a value, never a panic, and the shared-data
+//! implementation of the core's `CounterStore`.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+use tollgate_core::http::LocalResponse;
+use tollgate_core::store::{CounterStore, StoreError};
+use tollgate_core::GatewayError;
+
+pub fn log(level: LogLevel, message: &str) {
+    // Nothing sensible is left to do if logging itself fails.
+    let _ = hostcalls::log(level, message);
+}
+
+/// Milliseconds since the Unix epoch, from the host's clock.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn plugin_root_id() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["plugin_root_id"]).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// The upstream cluster of the current request (set in upstream filters).
+pub fn cluster_name() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["cluster_name"]).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+pub fn plugin_configuration() -> Option<String> {
+    let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok()??;
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+fn internal(what: &str, status: Status) -> GatewayError {
+    GatewayError::Internal {
+        detail: format!("{what} failed ({status:?})"),
+    }
+}
+
+pub fn headers(map: MapType) -> Result<Vec<(String, String)>, GatewayError> {
+    hostcalls::get_map(map).map_err(|s| internal("reading headers", s))
+}
+
+pub fn header(map: MapType, name: &str) -> Result<Option<String>, GatewayError> {
+    hostcalls::get_map_value(map, name).map_err(|s| internal("reading a header", s))
+}
+
+pub fn set_header(map: MapType, name: &str, value: &str) -> Result<(), GatewayError> {
+    hostcalls::set_map_value(map, name, Some(value)).map_err(|s| internal("setting a header", s))
+}
+
+pub fn remove_header(map: MapType, name: &str) -> Result<(), GatewayError> {
+    hostcalls::remove_map_value(map, name).map_err(|s| internal("removing a header", s))
+}
+
+pub fn body(buffer: BufferType, size: usize) -> Result<Vec<u8>, GatewayError> {
+    hostcalls::get_buffer(buffer, 0, size)
+        .map(Option::unwrap_or_default)
+        .map_err(|s| internal("reading the body", s))
+}
+
+pub fn replace_body(buffer: BufferType, size: usize, value: &[u8]) -> Result<(), GatewayError> {
+    hostcalls::set_buffer(buffer, 0, size, value).map_err(|s| internal("replacing the body", s))
+}
+
+/// Sends a local reply. Envoy sends it through the rest of the filter chain and ends the
+/// stream; the caller returns `Action::Pause`.
+pub fn send(response: &LocalResponse) {
+    let headers: Vec<(&str, &str)> = response
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    if let Err(status) =
+        hostcalls::send_http_response(u32::from(response.status), headers, Some(&response.body))
+    {
+        log(
+            LogLevel::Error,
+            &format!("tollgate: sending a local reply failed ({status:?})"),
+        );
+    }
+}
+
+/// Bounded compare-and-swap attempts before an update is refused as contended.
+const CAS_ATTEMPTS: u32 = 32;
+
+/// proxy-wasm shared data, shared by every worker of the VM id: values are 8 bytes, little
+/// endian; updates retry on CAS mismatch, a bounded number of times.
+pub struct SharedStore;
+
+impl CounterStore for SharedStore {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (bytes, cas) = hostcalls::get_shared_data(key)
+                .map_err(|s| StoreError::Host(format!("get_shared_data: {s:?}")))?;
+            let old = bytes
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map(u64::from_le_bytes);
+            let (out, new) = match f(old) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            // A key that was never written has no CAS; 0 means "no check" to the host, and a
+            // concurrent first write by another worker is then last-writer-wins, which is
+            // harmless for a counter's first value.
+            match hostcalls::set_shared_data(key, Some(&new.to_le_bytes()), cas) {
+                Ok(()) => return Ok(Ok(out)),
+                Err(Status::CasMismatch) => continue,
+                Err(s) => return Err(StoreError::Host(format!("set_shared_data: {s:?}"))),
+            }
+        }
+        Err(StoreError::Contended {
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+}

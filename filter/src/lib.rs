@@ -1,0 +1,98 @@
+//! tollgate as a proxy-wasm filter. One module, loaded twice with one `vm_id`:
+//! - root id `tollgate-gateway`, in the listener's HTTP filters: the gateway role
+//!   (`gateway.rs`) — auth, routing, body rewrite, mock answers, response path;
+//! - root id `tollgate-key`, in each provider cluster's upstream HTTP filters: the key role
+//!   (`key.rs`) — one provider key per upstream attempt.
+//!
+//! Both take the same tollgate config as their plugin configuration. This crate only carries
+//! the core's decisions out through host calls (`host.rs`); it never panics on input.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod gateway;
+mod host;
+mod key;
+
+use std::sync::Arc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID};
+use tollgate_core::Config;
+
+proxy_wasm::main! {{
+    // Also installs a panic hook that logs at critical level, should one ever happen.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Gateway,
+    Key,
+}
+
+/// One per plugin configuration per worker: holds the compiled config its requests share.
+#[derive(Default)]
+struct Root {
+    role: Option<Role>,
+    config: Option<Arc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let root_id = host::plugin_root_id();
+        let role = match root_id.as_deref() {
+            Some(GATEWAY_ROOT_ID) => Role::Gateway,
+            Some(KEY_ROOT_ID) => Role::Key,
+            other => {
+                host::log(
+                    LogLevel::Critical,
+                    &format!(
+                        "tollgate: root_id must be `{GATEWAY_ROOT_ID}` or `{KEY_ROOT_ID}`, got {other:?}"
+                    ),
+                );
+                return false;
+            }
+        };
+        let Some(text) = host::plugin_configuration() else {
+            host::log(LogLevel::Critical, "tollgate: the plugin configuration is empty; it must be a tollgate config (YAML or JSON)");
+            return false;
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        match Config::load(&text, &env) {
+            Ok(config) => {
+                self.role = Some(role);
+                self.config = Some(Arc::new(config));
+                true
+            }
+            Err(errors) => {
+                // Returning false makes Envoy reject the config; the log says why, every error.
+                host::log(
+                    LogLevel::Critical,
+                    &format!("tollgate: invalid config for {root_id:?}:\n{errors}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = Arc::clone(self.config.as_ref()?);
+        match self.role? {
+            Role::Gateway => Some(Box::new(gateway::GatewayFlow::new(config))),
+            Role::Key => Some(Box::new(key::KeyFlow::new(config))),
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,29 @@
+//! One structured log line per request. Names consumers, models, providers and key ids —
+//! never a key.
+
+use std::time::Instant;
+
+use tollgate_core::exchange::Summary;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Ending {
+    Completed,
+    Answered,
+    UpstreamError,
+    UpstreamTimeout,
+    ClientGone,
+}
+
+pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending: Ending) {
+    tracing::info!(
+        target: "tollgate::access",
+        consumer = summary.consumer.as_deref().unwrap_or("-"),
+        model = summary.model.as_deref().unwrap_or("-"),
+        provider = summary.provider.as_deref().unwrap_or("-"),
+        key = key_id.unwrap_or("-"),
+        status = summary.status.unwrap_or(0),
+        stream = summary.stream,
+        ending = ?ending,
+        duration_ms = started.elapsed().as_millis() as u64,
+    );
+}

@@ -1,0 +1,220 @@
+//! Renders an Envoy bootstrap that runs tollgate's filter for a given config: the gateway role
+//! on the listener, the key role in each provider cluster's upstream filters, one VM id, the
+//! provider secrets passed through `host_env_keys`, and OpenAI-shaped bodies for Envoy's own
+//! upstream errors. `make envoy` and the end-to-end tests use it; users can read it as a
+//! template for dropping tollgate into an existing Envoy.
+
+use serde_json::{json, Value};
+use tollgate_core::http::PROVIDER_HEADER;
+use tollgate_core::providers::Scheme;
+use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX};
+use tollgate_core::Config;
+
+pub struct BootstrapOptions<'a> {
+    /// The tollgate config as written; it becomes both roles' plugin configuration.
+    pub config_text: &'a str,
+    pub config: &'a Config,
+    pub wasm_path: &'a str,
+    pub listen: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+pub const VM_ID: &str = "tollgate";
+
+fn socket_address(addr: &std::net::SocketAddr) -> Value {
+    json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
+}
+
+fn wasm_filter(opts: &BootstrapOptions<'_>, root_id: &str, env_keys: &[String]) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": root_id,
+                "root_id": root_id,
+                "fail_open": false,
+                // Without it Envoy turns a paused request-headers callback into "stop all",
+                // and the gateway role never sees the body it must route on (Envoy >= 1.35).
+                "allow_on_headers_stop_iteration": true,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": opts.config_text,
+                },
+                "vm_config": {
+                    "vm_id": VM_ID,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": opts.wasm_path } },
+                    "environment_variables": { "host_env_keys": env_keys },
+                },
+            },
+        },
+    })
+}
+
+fn cluster_name(provider: &str) -> String {
+    format!("{PROVIDER_CLUSTER_PREFIX}{provider}")
+}
+
+/// Maps Envoy's own upstream failures to the errors the native host gives for the same cases.
+fn local_reply_config() -> Value {
+    let mapper = |flags: &[&str], status: u16, code: &str, message: &str| {
+        json!({
+            "filter": { "response_flag_filter": { "flags": flags } },
+            "status_code": status,
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": message,
+                        "type": "api_error",
+                        "param": "",
+                        "code": code,
+                    }
+                }
+            },
+        })
+    };
+    // Routes are named after their provider.
+    let provider = "%ROUTE_NAME%";
+    json!({
+        "mappers": [
+            mapper(&["UF", "UH", "UR", "UC", "URX", "UO", "NR"], 502, "upstream_unavailable",
+                   &format!("The provider `{provider}` could not be reached.")),
+            mapper(&["UT", "SI"], 504, "upstream_timeout",
+                   &format!("The provider `{provider}` did not answer in time.")),
+        ]
+    })
+}
+
+pub fn render(opts: &BootstrapOptions<'_>) -> String {
+    let config = opts.config;
+    let mut env_keys: Vec<String> = config
+        .providers()
+        .iter()
+        .flat_map(|p| p.keys.iter().map(|k| k.secret_env.clone()))
+        .collect();
+    env_keys.sort();
+    env_keys.dedup();
+    let timeout = format!("{}s", config.server.upstream_timeout_ms as f64 / 1000.0);
+
+    let upstreams: Vec<_> = config
+        .providers()
+        .iter()
+        .filter_map(|p| p.base_url.as_ref().map(|u| (p, u)))
+        .collect();
+
+    let mut routes: Vec<Value> = upstreams
+        .iter()
+        .map(|(p, u)| {
+            json!({
+                "name": p.name,
+                "match": {
+                    "prefix": "/",
+                    "headers": [{ "name": PROVIDER_HEADER, "string_match": { "exact": p.name } }],
+                },
+                "route": {
+                    "cluster": cluster_name(&p.name),
+                    "host_rewrite_literal": u.host_header(),
+                    // The whole-response timeout would cut long streams: bound the silence
+                    // instead, as the native host does.
+                    "timeout": "0s",
+                    "idle_timeout": timeout,
+                },
+            })
+        })
+        .collect();
+    // Reached only if the gateway role let a request through unrouted, which it never does.
+    routes.push(json!({
+        "match": { "prefix": "/" },
+        "direct_response": {
+            "status": 404,
+            "body": { "inline_string": r#"{"error":{"message":"No route.","type":"not_found_error","param":null,"code":"not_found"}}"# },
+        },
+    }));
+
+    let clusters: Vec<Value> = upstreams
+        .iter()
+        .map(|(p, u)| {
+            let ip = u.host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok();
+            let mut cluster = json!({
+                "name": cluster_name(&p.name),
+                "type": if ip { "STATIC" } else { "STRICT_DNS" },
+                "dns_lookup_family": "V4_PREFERRED",
+                "connect_timeout": "5s",
+                "load_assignment": {
+                    "cluster_name": cluster_name(&p.name),
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                        "address": u.host.trim_start_matches('[').trim_end_matches(']'),
+                        "port_value": u.port,
+                    }}}}]}],
+                },
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http_protocol_options": {} },
+                        // The key role runs here, once per upstream attempt.
+                        "http_filters": [
+                            wasm_filter(opts, KEY_ROOT_ID, &env_keys),
+                            {
+                                "name": "envoy.filters.http.upstream_codec",
+                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec" },
+                            },
+                        ],
+                    },
+                },
+            });
+            if u.scheme == Scheme::Https {
+                cluster["transport_socket"] = json!({
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": u.host,
+                        "common_tls_context": {
+                            "validation_context": {
+                                "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" },
+                                "match_typed_subject_alt_names": [{ "san_type": "DNS", "matcher": { "exact": u.host } }],
+                            },
+                        },
+                    },
+                });
+            }
+            cluster
+        })
+        .collect();
+
+    let bootstrap = json!({
+        "admin": { "address": socket_address(&opts.admin) },
+        "static_resources": {
+            "listeners": [{
+                "name": "tollgate",
+                "address": socket_address(&opts.listen),
+                // Room for the largest body the gateway role accepts, so that it (not Envoy's
+                // buffer limit) answers oversized bodies, with an OpenAI-shaped 413.
+                "per_connection_buffer_limit_bytes": config.server.max_body_bytes + 64 * 1024,
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "tollgate",
+                        "codec_type": "AUTO",
+                        "route_config": {
+                            "name": "tollgate",
+                            "virtual_hosts": [{ "name": "providers", "domains": ["*"], "routes": routes }],
+                        },
+                        "http_filters": [
+                            wasm_filter(opts, GATEWAY_ROOT_ID, &env_keys),
+                            { "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } },
+                        ],
+                        "local_reply_config": local_reply_config(),
+                    },
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    });
+    let header = "# Envoy bootstrap for tollgate, rendered by `tollgate envoy-bootstrap`.\n";
+    format!(
+        "{header}{}",
+        serde_yaml::to_string(&bootstrap).unwrap_or_default()
+    )
+}

@@ -1,0 +1,212 @@
+//! `tollgate`: the native gateway server and its command-line tools.
+
+mod access_log;
+mod body;
+mod envoy;
+mod proxy;
+mod server;
+mod store;
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tollgate_core::auth::KeyHash;
+use tollgate_core::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An LLM API gateway: key injection, token-aware limits, prompt endpoints"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway.
+    Run {
+        /// Config file (YAML or JSON).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Listen here instead of `server.listen` (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Check a config file; prints every problem with its path and exits non-zero if any.
+    Check { config: PathBuf },
+    /// Print the SHA-256 to put in `consumers[].keys[].sha256` for a consumer key read from
+    /// standard input (or given as an argument, which leaves it in your shell history).
+    HashKey { key: Option<String> },
+    /// Generate a new random consumer key and print it with its hash.
+    NewKey,
+    /// Print an Envoy bootstrap that runs the tollgate filter with this config.
+    EnvoyBootstrap {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Path of tollgate_filter.wasm as Envoy will see it.
+        #[arg(long)]
+        wasm: String,
+        #[arg(long, default_value = "127.0.0.1:10000")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+/// Milliseconds since the Unix epoch: the `now` the core is given.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn load(path: &Path) -> Result<(String, Config), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = Config::load(&text, &env).map_err(|errors| {
+        let n = errors.0.len();
+        format!(
+            "{}: {n} problem{}:\n{errors}",
+            path.display(),
+            if n == 1 { "" } else { "s" }
+        )
+    })?;
+    Ok((text, config))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, listen } => run(&config, listen),
+        Command::Check { config } => load(&config).map(|(_, c)| {
+            println!(
+                "{}: ok ({} consumers, {} providers, {} models)",
+                config.display(),
+                c.consumers().len(),
+                c.providers().len(),
+                c.models().len()
+            );
+        }),
+        Command::HashKey { key } => hash_key(key),
+        Command::NewKey => new_key(),
+        Command::EnvoyBootstrap {
+            config,
+            wasm,
+            listen,
+            admin,
+        } => {
+            // Rendering needs the names of the secrets' env vars, not their values.
+            std::fs::read_to_string(&config)
+                .map_err(|e| format!("{}: {e}", config.display()))
+                .and_then(|text| {
+                    let placeholder = |_: &str| Some("unused".to_string());
+                    let c = Config::load(&text, &placeholder)
+                        .map_err(|e| format!("{}:\n{e}", config.display()))?;
+                    print!(
+                        "{}",
+                        envoy::render(&envoy::BootstrapOptions {
+                            config_text: &text,
+                            config: &c,
+                            wasm_path: &wasm,
+                            listen,
+                            admin
+                        })
+                    );
+                    Ok(())
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key(key: Option<String>) -> Result<(), String> {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            line
+        }
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("no key given: pass it on standard input".into());
+    }
+    println!("{}", KeyHash::of(key).to_hex());
+    Ok(())
+}
+
+fn new_key() -> Result<(), String> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+    let key = format!(
+        "tg-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    println!("key:    {key}\nsha256: {}", KeyHash::of(&key).to_hex());
+    Ok(())
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if std::env::var("TOLLGATE_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    init_logging();
+    let (_, config) = load(path)?;
+    let addr: SocketAddr = match listen {
+        Some(a) => a,
+        None => config
+            .server
+            .listen
+            .parse()
+            .map_err(|e| format!("server.listen: {e}"))?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listening on {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let gateway =
+            proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?;
+        tracing::info!(address = %local, "tollgate listening");
+        // One line on stdout, for scripts and tests that started us on port 0.
+        println!("listening on {local}");
+        let _ = std::io::stdout().flush();
+        server::serve(Arc::new(gateway), listener, server::shutdown_signal()).await;
+        Ok(())
+    })
+}

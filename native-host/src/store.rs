@@ -1,0 +1,98 @@
+//! The native host's `CounterStore`: an in-memory map of atomics shared by every connection
+//! task. Keys are bounded by the config (one per pool, later per bucket), not by traffic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use tollgate_core::store::{CounterStore, StoreError};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    counters: RwLock<HashMap<String, AtomicU64>>,
+}
+
+impl CounterStore for MemoryStore {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        {
+            let counters = self.counters.read().map_err(|_| poisoned())?;
+            if let Some(cell) = counters.get(key) {
+                let mut old = cell.load(Ordering::Acquire);
+                loop {
+                    let (out, new) = match f(Some(old)) {
+                        Ok(v) => v,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    match cell.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => return Ok(Ok(out)),
+                        Err(current) => old = current,
+                    }
+                }
+            }
+        }
+        // First write of this key: take the write lock, and look again in case another task
+        // inserted it in between.
+        let mut counters = self.counters.write().map_err(|_| poisoned())?;
+        let current = counters.get(key).map(|c| c.load(Ordering::Acquire));
+        Ok(f(current).map(|(out, new)| {
+            match counters.get(key) {
+                Some(cell) => cell.store(new, Ordering::Release),
+                None => {
+                    counters.insert(key.to_string(), AtomicU64::new(new));
+                }
+            }
+            out
+        }))
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Host("the counter map lock is poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_increments_are_not_lost() {
+        let store = Arc::new(MemoryStore::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        let r = store.measure_and_replace("k", |old| {
+                            Ok::<_, ()>(((), old.unwrap_or(0) + 1))
+                        });
+                        assert_eq!(r, Ok(Ok(())));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total = store.measure_and_replace("k", |old| Ok::<_, ()>((old, 0)));
+        assert_eq!(total, Ok(Ok(Some(40_000))));
+    }
+
+    #[test]
+    fn a_refusing_closure_writes_nothing() {
+        let store = MemoryStore::default();
+        assert_eq!(
+            store.measure_and_replace("k", |_| Err::<((), u64), _>("no")),
+            Ok(Err("no"))
+        );
+        assert_eq!(
+            store.measure_and_replace("k", |old| Ok::<_, ()>((old, 1))),
+            Ok(Ok(None))
+        );
+    }
+}

@@ -1,0 +1,549 @@
+//! The end-to-end scenarios of the request path, each run against both hosts: the native
+//! binary, and real Envoy (2 workers) loading the freshly built filter. Each scenario starts
+//! its own mock provider and gateway, and stops both, also when it fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tollgate_e2e::gateway::{Gateway, Host};
+use tollgate_e2e::mock_provider::{Fault, MockProvider, DEFAULT_CONTENT};
+
+const APP_KEY: &str = "tg-test-app-key";
+const LIMITED_KEY: &str = "tg-test-limited-key";
+const KEY_A: &str = "sk-test-provider-aaaa";
+const KEY_B: &str = "sk-test-provider-bbbb";
+const MAX_BODY: usize = 65_536;
+/// Long enough never to fire on a loaded CI machine, short enough for the timeout scenario.
+const UPSTREAM_TIMEOUT_MS: u64 = 3_000;
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A port nothing listens on: bound, then released.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn config(mock: &MockProvider) -> String {
+    format!(
+        r#"
+server:
+  listen: 127.0.0.1:0
+  max_body_bytes: {MAX_BODY}
+  upstream_timeout_ms: {UPSTREAM_TIMEOUT_MS}
+consumers:
+  - name: app
+    keys: [{{ sha256: {app} }}]
+    models: [gpt-4o-mini, fast, mock-gpt, unreachable]
+  - name: limited
+    keys: [{{ sha256: {limited} }}]
+    models: [mock-gpt]
+providers:
+  - name: upstream
+    kind: openai
+    base_url: {base}
+    keys:
+      - {{ id: key-a, secret_env: TG_TEST_KEY_A }}
+      - {{ id: key-b, secret_env: TG_TEST_KEY_B }}
+  - name: dead
+    kind: openai
+    base_url: http://127.0.0.1:{dead}/v1
+    keys: [{{ id: dead-1, secret_env: TG_TEST_KEY_A }}]
+  - name: mock
+    kind: mock
+models:
+  - {{ name: gpt-4o-mini, provider: upstream }}
+  - {{ name: fast, provider: upstream, upstream_model: gpt-4o-mini-2024-07-18 }}
+  - {{ name: mock-gpt, provider: mock }}
+  - {{ name: unreachable, provider: dead }}
+"#,
+        app = sha256_hex(APP_KEY),
+        limited = sha256_hex(LIMITED_KEY),
+        base = mock.base_url(),
+        dead = closed_port(),
+    )
+}
+
+struct Fixture {
+    mock: MockProvider,
+    gateway: Gateway,
+    http: reqwest::Client,
+}
+
+impl Fixture {
+    async fn start(host: Host) -> Fixture {
+        let mock = MockProvider::start().await;
+        let config = config(&mock);
+        let env = [("TG_TEST_KEY_A", KEY_A), ("TG_TEST_KEY_B", KEY_B)];
+        let gateway = tokio::task::spawn_blocking(move || Gateway::start(host, &config, &env))
+            .await
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Fixture {
+            mock,
+            gateway,
+            http,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway.base_url())
+    }
+
+    async fn chat(&self, key: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+        (status, v)
+    }
+
+    /// Checks that no secret reached the gateway's own log.
+    fn assert_no_secrets_logged(&self) {
+        let logs = self.gateway.logs();
+        for secret in [APP_KEY, LIMITED_KEY, KEY_A, KEY_B] {
+            assert!(!logs.contains(secret), "a secret reached the log:\n{logs}");
+        }
+    }
+}
+
+fn user(text: &str) -> Value {
+    json!([{ "role": "user", "content": text }])
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert_eq!(e["code"], want_code, "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].is_string(), "{body}");
+}
+
+/// Splits an SSE body into its `data:` payloads.
+fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn stream_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+// ---- scenarios ------------------------------------------------------------------------------
+
+async fn mock_kind_completion(host: Host) {
+    let f = Fixture::start(host).await;
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "mock-gpt", "messages": user("hello there") }),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "You said: hello there"
+    );
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"],
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(
+        f.mock.requests().is_empty(),
+        "the mock kind must not go upstream"
+    );
+    f.assert_no_secrets_logged();
+}
+
+async fn mock_kind_stream(host: Host) {
+    let f = Fixture::start(host).await;
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .header("x-api-key", APP_KEY)
+        .json(&json!({ "model": "mock-gpt", "stream": true, "stream_options": { "include_usage": true }, "messages": user("one two three") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let events = sse_data(&r.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(stream_text(&events), "You said: one two three");
+    assert!(
+        events.iter().any(|e| e.contains("\"usage\"")),
+        "usage chunk asked for"
+    );
+}
+
+async fn upstream_completion_with_model_rewrite(host: Host) {
+    let f = Fixture::start(host).await;
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "fast", "messages": user("hi"), "temperature": 0.5 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], DEFAULT_CONTENT);
+    let seen = f.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    let body = seen[0].json();
+    assert_eq!(
+        body["model"], "gpt-4o-mini-2024-07-18",
+        "upstream name sent upstream"
+    );
+    assert_eq!(body["temperature"], 0.5, "other fields pass through");
+}
+
+async fn upstream_stream_is_not_buffered(host: Host) {
+    let f = Fixture::start(host).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(
+            key,
+            Fault::HoldStream {
+                release: Arc::clone(&release),
+            },
+        );
+    }
+    let mut r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The mock holds the rest of the stream until released: the first event can only arrive
+    // if the gateway forwards it without waiting for the end.
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+        .await
+        .expect("the first event did not arrive before the stream ended: the gateway buffers")
+        .unwrap()
+        .unwrap();
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    assert!(text.starts_with("data: "), "{text:?}");
+    assert!(!text.contains("[DONE]"));
+    release.notify_one();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(stream_text(&events), DEFAULT_CONTENT);
+}
+
+async fn provider_key_injected_and_consumer_key_stripped(host: Host) {
+    let f = Fixture::start(host).await;
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {APP_KEY}"))
+        .header("x-api-key", APP_KEY)
+        .header("api-key", APP_KEY)
+        // A client must not be able to pick the provider route itself.
+        .header("x-tollgate-provider", "dead")
+        .json(&json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = f.mock.requests();
+    assert_eq!(seen.len(), 1);
+    let req = &seen[0];
+    let auth = req.header("authorization").unwrap();
+    assert!(
+        auth == format!("Bearer {KEY_A}") || auth == format!("Bearer {KEY_B}"),
+        "{auth}"
+    );
+    assert_eq!(req.header("x-api-key"), None);
+    assert_eq!(req.header("api-key"), None);
+    assert_eq!(
+        req.header("x-tollgate-provider"),
+        None,
+        "internal header leaked upstream"
+    );
+    for (name, value) in &req.headers {
+        assert!(
+            !value.contains(APP_KEY),
+            "consumer key reached upstream in {name}"
+        );
+    }
+    assert!(!String::from_utf8_lossy(&req.body).contains(APP_KEY));
+    f.assert_no_secrets_logged();
+}
+
+async fn keys_rotate_across_the_pool(host: Host) {
+    let f = Fixture::start(host).await;
+    for _ in 0..6 {
+        let (status, v) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let mut used: HashMap<String, usize> = HashMap::new();
+    for r in f.mock.requests() {
+        *used.entry(r.key.unwrap()).or_default() += 1;
+    }
+    assert_eq!(used.get(KEY_A), Some(&3), "{used:?}");
+    assert_eq!(used.get(KEY_B), Some(&3), "{used:?}");
+}
+
+async fn unknown_or_missing_consumer_key_is_401(host: Host) {
+    let f = Fixture::start(host).await;
+    let (status, v) = f
+        .chat(
+            "tg-wrong",
+            json!({ "model": "mock-gpt", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 401, "invalid_api_key");
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .json(&json!({ "model": "mock-gpt", "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_error(status, &r.json().await.unwrap(), 401, "missing_api_key");
+    assert!(f.mock.requests().is_empty());
+}
+
+async fn forbidden_model_is_403(host: Host) {
+    let f = Fixture::start(host).await;
+    let (status, v) = f
+        .chat(
+            LIMITED_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 403, "model_not_allowed");
+    let (status, v) = f
+        .chat(
+            LIMITED_KEY,
+            json!({ "model": "no-such-model", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 404, "model_not_found");
+    assert!(f.mock.requests().is_empty());
+}
+
+async fn malformed_body_is_400(host: Host) {
+    let f = Fixture::start(host).await;
+    for body in ["{not json", "[]", r#"{"model":"gpt-4o-mini"}"#, ""] {
+        let r = f
+            .http
+            .post(f.url("/v1/chat/completions"))
+            .bearer_auth(APP_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_error(
+            status,
+            &r.json().await.unwrap(),
+            400,
+            "invalid_request_body",
+        );
+    }
+    assert!(f.mock.requests().is_empty());
+}
+
+async fn oversized_body_is_413(host: Host) {
+    let f = Fixture::start(host).await;
+    let big = "x".repeat(MAX_BODY + 1);
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user(&big) }),
+        )
+        .await;
+    assert_error(status, &v, 413, "request_too_large");
+    assert!(f.mock.requests().is_empty());
+}
+
+async fn models_lists_exactly_the_allowed_models(host: Host) {
+    let f = Fixture::start(host).await;
+    for (key, want) in [
+        (
+            APP_KEY,
+            vec!["gpt-4o-mini", "fast", "mock-gpt", "unreachable"],
+        ),
+        (LIMITED_KEY, vec!["mock-gpt"]),
+    ] {
+        let r = f
+            .http
+            .get(f.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["object"], "list");
+        let ids: Vec<_> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, want);
+    }
+    let r = f
+        .http
+        .get(f.url("/v1/models"))
+        .bearer_auth("tg-wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+async fn unknown_path_is_404(host: Host) {
+    let f = Fixture::start(host).await;
+    let r = f
+        .http
+        .post(f.url("/v1/embeddings"))
+        .bearer_auth(APP_KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_error(status, &r.json().await.unwrap(), 404, "not_found");
+}
+
+async fn unreachable_provider_is_502(host: Host) {
+    let f = Fixture::start(host).await;
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "unreachable", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 502, "upstream_unavailable");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("`dead`"),
+        "{v}"
+    );
+    f.assert_no_secrets_logged();
+}
+
+async fn silent_provider_is_504(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(
+            key,
+            Fault::Slow {
+                delay_ms: UPSTREAM_TIMEOUT_MS + 3_000,
+            },
+        );
+    }
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 504, "upstream_timeout");
+}
+
+async fn provider_errors_pass_through(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(key, Fault::ServerError { status: 503 });
+    }
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+// ---- both hosts -----------------------------------------------------------------------------
+
+macro_rules! both_hosts {
+    ($($scenario:ident),* $(,)?) => {
+        mod native {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(Host::Native).await;
+                }
+            )*
+        }
+        mod envoy {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(Host::Envoy { workers: 2 }).await;
+                }
+            )*
+        }
+    };
+}
+
+both_hosts!(
+    mock_kind_completion,
+    mock_kind_stream,
+    upstream_completion_with_model_rewrite,
+    upstream_stream_is_not_buffered,
+    provider_key_injected_and_consumer_key_stripped,
+    keys_rotate_across_the_pool,
+    unknown_or_missing_consumer_key_is_401,
+    forbidden_model_is_403,
+    malformed_body_is_400,
+    oversized_body_is_413,
+    models_lists_exactly_the_allowed_models,
+    unknown_path_is_404,
+    unreachable_provider_is_502,
+    silent_provider_is_504,
+    provider_errors_pass_through,
+);
