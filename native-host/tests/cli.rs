@@ -1,0 +1,146 @@
+//! The command-line tools, run as a user runs them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn tollgate(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(workspace())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn check_accepts_the_default_config() {
+    let out = tollgate(&["check", "envoy-config/tollgate.yaml"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok (1 consumers, 1 providers, 1 models)"));
+}
+
+#[test]
+fn check_lists_every_problem_and_fails() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        "providers:\n  - { name: openai, kind: openai, base_url: 'https://api.openai.com/v1', keys: [{ id: k1, secret_env: TOLLGATE_TEST_UNSET_1 }, { id: k2, secret_env: TOLLGATE_TEST_UNSET_2 }] }\nmodels:\n  - { name: m, provider: nope }\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check", path.to_str().unwrap()], None);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(
+        err.contains("providers[0].keys[0].secret_env: env var TOLLGATE_TEST_UNSET_1 is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("providers[0].keys[1].secret_env: env var TOLLGATE_TEST_UNSET_2 is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("models[0].provider: no provider is named `nope`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hash_key_reads_stdin_and_matches_the_demo_key_in_the_default_config() {
+    let out = tollgate(&["hash-key"], Some("tg-demo-key\n"));
+    assert!(out.status.success());
+    let hash = text(&out.stdout).trim().to_string();
+    assert_eq!(hash.len(), 64);
+    let config = std::fs::read_to_string(workspace().join("envoy-config/tollgate.yaml")).unwrap();
+    assert!(
+        config.contains(&hash),
+        "the README's demo key must open the default config"
+    );
+    let out = tollgate(&["hash-key"], Some("\n"));
+    assert!(!out.status.success());
+}
+
+#[test]
+fn new_key_prints_a_key_and_its_hash() {
+    let out = tollgate(&["new-key"], None);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim();
+    let hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256:"))
+        .unwrap()
+        .trim();
+    assert!(key.starts_with("tg-") && key.len() == 51, "{key}");
+    let again = tollgate(&["hash-key"], Some(key));
+    assert_eq!(text(&again.stdout).trim(), hash);
+    assert_ne!(
+        text(&tollgate(&["new-key"], None).stdout),
+        stdout,
+        "keys are random"
+    );
+}
+
+/// The committed bootstraps are renderings of the default config: they must not go stale.
+#[test]
+fn committed_envoy_bootstraps_are_up_to_date() {
+    for (file, wasm, listen, admin) in [
+        (
+            "envoy-config/envoy.yaml",
+            "target/wasm32-wasip1/release/tollgate_filter.wasm",
+            "127.0.0.1:10000",
+            "127.0.0.1:9901",
+        ),
+        (
+            "envoy-config/envoy-docker.yaml",
+            "/etc/tollgate/tollgate_filter.wasm",
+            "0.0.0.0:10000",
+            "0.0.0.0:9901",
+        ),
+    ] {
+        let out = tollgate(
+            &[
+                "envoy-bootstrap",
+                "--config",
+                "envoy-config/tollgate.yaml",
+                "--wasm",
+                wasm,
+                "--listen",
+                listen,
+                "--admin",
+                admin,
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let committed = std::fs::read_to_string(workspace().join(file)).unwrap();
+        assert!(
+            text(&out.stdout) == committed,
+            "{file} is stale: run `make envoy-config`"
+        );
+    }
+}
