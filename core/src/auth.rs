@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use crate::http::HeaderLookup;
 
 /// SHA-256 of a consumer key. The config stores these, never the keys.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
@@ -21,20 +21,27 @@ impl KeyHash {
             return None;
         }
         let mut out = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            out[i] = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        for (slot, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+            let &[hi, lo] = pair else { return None };
+            *slot = (hex_digit(hi)? << 4) | hex_digit(lo)?;
         }
         Some(Self(out))
     }
 
     pub fn to_hex(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        use std::fmt::Write;
         let mut s = String::with_capacity(64);
         for b in self.0 {
-            s.push(DIGITS[(b >> 4) as usize] as char);
-            s.push(DIGITS[(b & 15) as usize] as char);
+            let _ = write!(s, "{b:02x}");
         }
         s
+    }
+
+    /// The first eight bytes, used to index stored hashes without comparing them whole.
+    pub fn prefix(&self) -> u64 {
+        let mut p = [0u8; 8];
+        p.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(p)
     }
 
     /// Equality whose running time does not depend on where the hashes differ.
@@ -51,7 +58,7 @@ impl KeyHash {
 impl std::fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // A hash is not a secret, but printing a prefix is enough to tell keys apart.
-        write!(f, "KeyHash({}…)", &self.to_hex()[..8])
+        write!(f, "KeyHash({:08x}…)", self.prefix() >> 32)
     }
 }
 
@@ -67,11 +74,12 @@ fn hex_digit(c: u8) -> Option<u8> {
 /// The consumer key a request presents: `Authorization: Bearer K`, else `x-api-key`, else
 /// `api-key` (the Azure OpenAI convention), so OpenAI, Anthropic and Azure SDKs all work.
 pub fn presented_key<H: HeaderLookup + ?Sized>(headers: &H) -> Option<&str> {
-    if let Some(v) = headers.header("authorization") {
-        let v = v.trim();
-        let scheme_len = "bearer ".len();
-        if v.len() > scheme_len && v[..scheme_len].eq_ignore_ascii_case("bearer ") {
-            return Some(v[scheme_len..].trim()).filter(|k| !k.is_empty());
+    if let Some((scheme, key)) = headers
+        .header("authorization")
+        .and_then(|v| v.trim().split_once(' '))
+    {
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(key.trim()).filter(|k| !k.is_empty());
         }
     }
     headers
@@ -131,6 +139,10 @@ mod tests {
             Some("k2")
         );
         assert_eq!(presented_key(&h(&[("authorization", "Bearer ")])), None);
+        // A multi-byte character where "Bearer " would end must not split a char.
+        assert_eq!(presented_key(&h(&[("authorization", "Beareré x")])), None);
+        assert_eq!(presented_key(&h(&[("authorization", "ééééé")])), None);
+        assert_eq!(presented_key(&h(&[("authorization", "Bearer")])), None);
         assert_eq!(presented_key(&h(&[])), None);
     }
 }

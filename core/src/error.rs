@@ -21,10 +21,19 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     /// No endpoint at this path.
     NotFound { path: String },
-    /// The endpoint exists but not for this method.
-    MethodNotAllowed { method: String, path: String },
+    /// The endpoint exists but not for this method; `allowed` is the one it takes.
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    /// The client did not send its request in time.
+    RequestTimeout,
     /// The provider could not be reached, or reset the connection before answering.
     UpstreamUnavailable { provider: String },
+    /// The provider refused the gateway's key (401/403). The client is not told the
+    /// provider's words: they may quote part of the key or name the account behind it.
+    UpstreamAuthFailed { provider: String },
     /// The provider did not answer within `server.upstream_timeout_ms`.
     UpstreamTimeout { provider: String },
     /// The request reached a part of the gateway that only the gateway itself may call
@@ -44,9 +53,10 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } | Self::NotRoutedByGateway => 403,
             Self::UnknownModel { .. } | Self::NotFound { .. } => 404,
             Self::MethodNotAllowed { .. } => 405,
+            Self::RequestTimeout => 408,
             Self::MalformedBody { .. } => 400,
             Self::BodyTooLarge { .. } => 413,
-            Self::UpstreamUnavailable { .. } => 502,
+            Self::UpstreamUnavailable { .. } | Self::UpstreamAuthFailed { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
             Self::Internal { .. } => 500,
             Self::UpstreamTimeout { .. } => 504,
@@ -76,6 +86,8 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NotFound { .. } => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
+            Self::UpstreamAuthFailed { .. } => "upstream_auth_failed",
             Self::UpstreamUnavailable { .. } => "upstream_unavailable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::NotRoutedByGateway => "not_routed_by_gateway",
@@ -103,7 +115,9 @@ impl GatewayError {
             Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
             Self::BodyTooLarge { limit } => format!("Request body is larger than the limit of {limit} bytes."),
             Self::NotFound { path } => format!("No endpoint at `{path}`."),
-            Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on `{path}`."),
+            Self::MethodNotAllowed { method, path, allowed } => format!("Method {method} is not allowed on `{path}`; use {allowed}."),
+            Self::RequestTimeout => "The request was not received in time.".into(),
+            Self::UpstreamAuthFailed { provider } => format!("The provider `{provider}` refused the gateway's credentials."),
             Self::UpstreamUnavailable { provider } => format!("The provider `{provider}` could not be reached."),
             Self::UpstreamTimeout { provider } => format!("The provider `{provider}` did not answer in time."),
             Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),
@@ -119,7 +133,11 @@ impl GatewayError {
 
     /// The whole response a host sends for this error.
     pub fn respond(&self) -> LocalResponse {
-        LocalResponse::json(self.status(), self.body())
+        let mut r = LocalResponse::json(self.status(), self.body());
+        if let Self::MethodNotAllowed { allowed, .. } = self {
+            r.headers.push(("allow", (*allowed).to_string()));
+        }
+        r
     }
 }
 

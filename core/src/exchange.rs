@@ -6,7 +6,7 @@
 //! ```text
 //! on_request_headers(now, head)   -> OnHeaders  (Respond | ReadBody)
 //! on_request_body(now, body)      -> OnBody     (Respond | Forward)
-//! on_response_headers(status, h)  -> ResponseEdits
+//! on_response_headers(status, h)  -> OnResponse (Relay | Replace)
 //! on_response_chunk(bytes, end)   -> Chunk      (bytes to emit)
 //! finish(now)                     -> Summary    (for the access log)
 //! ```
@@ -17,7 +17,8 @@ use crate::auth;
 use crate::config::{Config, ConsumerId, ModelId, ProviderId};
 use crate::error::GatewayError;
 use crate::http::{
-    HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS, PROVIDER_HEADER,
+    HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS, LOCAL_REPLY_HEADER,
+    PROVIDER_HEADER,
 };
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
 use crate::providers::{mock, ProviderKind};
@@ -56,16 +57,18 @@ pub struct Forward {
     pub remove_headers: &'static [&'static str],
     /// Header naming the provider (routes the request in Envoy, tells the key role its pool).
     pub route_header: (&'static str, String),
-    /// Whether the client asked for a stream.
-    pub stream: bool,
 }
 
-/// Edits to the provider's response head.
+/// What to do with the provider's response.
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
-pub struct ResponseEdits {
-    /// Response headers to remove before the client sees them.
-    pub remove_headers: &'static [&'static str],
+pub enum OnResponse {
+    /// Pass it on without these headers; its body goes through `on_response_chunk`.
+    Relay {
+        remove_headers: &'static [&'static str],
+    },
+    /// Send this instead, and drop the provider's body.
+    Replace(LocalResponse),
 }
 
 /// Response headers that identify the provider account behind a key, or try to set state on
@@ -166,10 +169,15 @@ impl Exchange {
                 self.status = Some(200);
                 OnHeaders::Respond(LocalResponse::json(200, list))
             }),
-            ("/healthz" | "/v1/chat/completions" | "/v1/models", method) => {
+            (known @ ("/healthz" | "/v1/chat/completions" | "/v1/models"), method) => {
                 Err(GatewayError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.to_string(),
+                    allowed: if known == "/v1/chat/completions" {
+                        "POST"
+                    } else {
+                        "GET"
+                    },
                 })
             }
             _ => Err(GatewayError::NotFound {
@@ -255,19 +263,35 @@ impl Exchange {
             body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
-            stream: self.stream,
         }))
     }
 
     pub fn on_response_headers<H: HeaderLookup + ?Sized>(
         &mut self,
         status: u16,
-        _headers: &H,
-    ) -> ResponseEdits {
+        headers: &H,
+    ) -> OnResponse {
         self.status = Some(status);
-        ResponseEdits {
+        if headers.header(LOCAL_REPLY_HEADER).is_some() {
+            // The key role's own refusal: already the error the client should see.
+            return OnResponse::Relay {
+                remove_headers: &[LOCAL_REPLY_HEADER],
+            };
+        }
+        if matches!(status, 401 | 403) {
+            // The gateway's key was refused: the client's own key is fine, and the
+            // provider's message may quote the key, so answer with our own error.
+            let provider = self.provider_name().unwrap_or_default();
+            return OnResponse::Replace(self.refuse(GatewayError::UpstreamAuthFailed { provider }));
+        }
+        OnResponse::Relay {
             remove_headers: &PROVIDER_ACCOUNT_HEADERS,
         }
+    }
+
+    fn provider_name(&self) -> Option<String> {
+        let model = self.config.model(self.model?)?;
+        Some(self.config.provider(model.provider)?.name.clone())
     }
 
     /// One chunk of the provider's response body, in order; `end_of_stream` on the last.
@@ -278,25 +302,20 @@ impl Exchange {
         Chunk::Unchanged
     }
 
-    /// The host's own failure to get a response (connect error, timeout): the error to send.
-    pub fn on_upstream_failure(&mut self, error: GatewayError) -> LocalResponse {
-        self.refuse(error)
-    }
-
     /// The exchange ended, however it ended (completed, refused, client gone, upstream reset).
     pub fn finish(&mut self, _now_ms: u64) -> Summary {
         self.stage = Stage::Done;
         let config = &self.config;
-        let model = self.model.and_then(|m| config.model(m));
         Summary {
             consumer: self
                 .consumer
                 .and_then(|c| config.consumer(c))
                 .map(|c| c.name.clone()),
-            model: model.map(|m| m.name.clone()),
-            provider: model
-                .and_then(|m| config.provider(m.provider))
-                .map(|p| p.name.clone()),
+            model: self
+                .model
+                .and_then(|m| config.model(m))
+                .map(|m| m.name.clone()),
+            provider: self.provider_name(),
             status: self.status,
             stream: self.stream,
         }
@@ -312,7 +331,9 @@ impl Exchange {
         Ok(())
     }
 
-    fn refuse(&mut self, e: GatewayError) -> LocalResponse {
+    /// Ends the exchange with an error of the gateway's own — the core's refusals, and the
+    /// hosts' (body too large or too slow, provider unreachable or silent): the response to send.
+    pub fn refuse(&mut self, e: GatewayError) -> LocalResponse {
         self.stage = Stage::Done;
         self.status = Some(e.status());
         e.respond()

@@ -6,18 +6,36 @@
 /// the gateway role always overwrites or removes it.
 pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
 
+/// Response header that marks a reply of the key role's own (in Envoy it travels back
+/// through the gateway role like a provider's response). Removed before the client sees it.
+pub const LOCAL_REPLY_HEADER: &str = "x-tollgate-local-reply";
+
 /// Request headers that carry a consumer's credential. Stripped before anything goes upstream.
 pub const CONSUMER_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
-/// Request headers removed before the request goes upstream: the consumer's credential, and
+/// Request headers removed before the request goes upstream: the consumer's credential;
 /// `accept-encoding`, because the gateway reads provider responses (usage, translation) and
-/// so asks for them uncompressed.
-pub const FORWARD_REMOVE_HEADERS: [&str; 4] = [
+/// so asks for them uncompressed; and OpenAI's account selectors, because the gateway's key
+/// decides which organization and project pay, not the client.
+pub const FORWARD_REMOVE_HEADERS: [&str; 6] = [
     CONSUMER_CREDENTIAL_HEADERS[0],
     CONSUMER_CREDENTIAL_HEADERS[1],
     CONSUMER_CREDENTIAL_HEADERS[2],
     "accept-encoding",
+    "openai-organization",
+    "openai-project",
 ];
+
+/// Request headers only the gateway may set: its routing header, and Envoy's router controls
+/// (`x-envoy-retry-on`, `x-envoy-upstream-rq-timeout-ms`, ...), which would let a client make
+/// the gateway retry on other keys or wait longer than configured. Removed from every client
+/// request in both hosts.
+pub fn is_gateway_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case(PROVIDER_HEADER)
+        || name
+            .get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-envoy-"))
+}
 
 /// Read access to a request's headers. Names are matched case-insensitively by the host.
 pub trait HeaderLookup {

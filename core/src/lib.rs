@@ -11,6 +11,17 @@
 //! - `roles`: the names of the gateway and key roles in Envoy.
 //! - `error`: every refusal, and its OpenAI-shaped body.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::string_slice
+    )
+)]
+
 pub mod auth;
 pub mod config;
 pub mod error;

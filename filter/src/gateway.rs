@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
-use tollgate_core::exchange::{Chunk, OnBody, OnHeaders};
-use tollgate_core::http::{LocalResponse, RequestHead, PROVIDER_HEADER};
+use tollgate_core::exchange::{Chunk, OnBody, OnHeaders, OnResponse};
+use tollgate_core::http::{is_gateway_header, LocalResponse, RequestHead};
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::host;
@@ -15,9 +15,14 @@ pub struct GatewayFlow {
     exchange: Exchange,
     /// Set while the request body is being read, to the largest size accepted.
     body_limit: Option<u64>,
+    /// Bytes of request body buffered so far.
+    body_size: usize,
     /// Whether the response body goes through the core (only for forwarded requests: local
     /// replies are already final).
     forwarded: bool,
+    /// A body that replaces the provider's; taken by the first body callback.
+    replacement: Option<Vec<u8>>,
+    replacing: bool,
 }
 
 impl GatewayFlow {
@@ -25,7 +30,10 @@ impl GatewayFlow {
         Self {
             exchange: Exchange::new(config),
             body_limit: None,
+            body_size: 0,
             forwarded: false,
+            replacement: None,
+            replacing: false,
         }
     }
 
@@ -38,14 +46,20 @@ impl GatewayFlow {
 
     fn fail(&mut self, error: GatewayError) -> Action {
         host::log(LogLevel::Error, &format!("tollgate gateway: {error}"));
-        let response = self.exchange.on_upstream_failure(error);
+        let response = self.exchange.refuse(error);
         self.respond(&response)
     }
 
     fn on_headers(&mut self, end_of_stream: bool) -> Result<Action, GatewayError> {
-        // A client must never pick a route itself: the header is ours alone.
-        host::remove_header(MapType::HttpRequestHeaders, PROVIDER_HEADER)?;
-        let headers = host::headers(MapType::HttpRequestHeaders)?;
+        let map = MapType::HttpRequestHeaders;
+        let mut headers = host::headers(map)?;
+        // A client must never pick a route itself, nor steer Envoy's router.
+        for (name, _) in &headers {
+            if is_gateway_header(name) {
+                host::remove_header(map, name)?;
+            }
+        }
+        headers.retain(|(name, _)| !is_gateway_header(name));
         let method = header_value(&headers, ":method");
         let path = header_value(&headers, ":path");
         let head = RequestHead {
@@ -111,10 +125,9 @@ impl HttpContext for GatewayFlow {
         let Some(limit) = self.body_limit else {
             return Action::Continue;
         };
+        self.body_size = body_size;
         if body_size as u64 > limit {
-            let response = self
-                .exchange
-                .on_upstream_failure(GatewayError::BodyTooLarge { limit });
+            let response = self.exchange.refuse(GatewayError::BodyTooLarge { limit });
             return self.respond(&response);
         }
         if !end_of_stream {
@@ -124,6 +137,15 @@ impl HttpContext for GatewayFlow {
         self.on_body(body_size).unwrap_or_else(|e| self.fail(e))
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A body followed by trailers ends here, not with an end-of-stream body callback.
+        if self.body_limit.is_none() {
+            return Action::Continue;
+        }
+        self.on_body(self.body_size)
+            .unwrap_or_else(|e| self.fail(e))
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if !self.forwarded {
             return Action::Continue;
@@ -131,9 +153,25 @@ impl HttpContext for GatewayFlow {
         let map = MapType::HttpResponseHeaders;
         let result = host::headers(map).and_then(|headers| {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
-            let edits = self.exchange.on_response_headers(status, &headers);
-            for name in edits.remove_headers {
-                host::remove_header(map, name)?;
+            match self.exchange.on_response_headers(status, &headers) {
+                OnResponse::Relay { remove_headers } => {
+                    for name in remove_headers {
+                        host::remove_header(map, name)?;
+                    }
+                }
+                OnResponse::Replace(response) => {
+                    for (name, _) in &headers {
+                        if !name.starts_with(':') {
+                            host::remove_header(map, name)?;
+                        }
+                    }
+                    host::set_header(map, ":status", &response.status.to_string())?;
+                    for (name, value) in &response.headers {
+                        host::set_header(map, name, value)?;
+                    }
+                    self.replacing = true;
+                    self.replacement = Some(response.body);
+                }
             }
             Ok(())
         });
@@ -147,7 +185,11 @@ impl HttpContext for GatewayFlow {
         if !self.forwarded {
             return Action::Continue;
         }
-        let result =
+        let result = if self.replacing {
+            // The provider's body is dropped; ours goes out in its place, once.
+            let ours = self.replacement.take().unwrap_or_default();
+            host::replace_body(BufferType::HttpResponseBody, body_size, &ours)
+        } else {
             host::body(BufferType::HttpResponseBody, body_size).and_then(|chunk| {
                 match self.exchange.on_response_chunk(&chunk, end_of_stream) {
                     Chunk::Unchanged => Ok(()),
@@ -155,7 +197,8 @@ impl HttpContext for GatewayFlow {
                         host::replace_body(BufferType::HttpResponseBody, body_size, &bytes)
                     }
                 }
-            });
+            })
+        };
         if let Err(e) = result {
             host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
         }

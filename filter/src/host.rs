@@ -1,5 +1,8 @@
-//! Host calls, wrapped so that a failure is a value, never a panic, and the shared-data
-//! implementation of the core's `CounterStore`.
+//! Host calls, wrapped so that a status the SDK reports is a value the caller handles, and
+//! the shared-data implementation of the core's `CounterStore`. Header values are read as
+//! bytes: Envoy accepts values that are not UTF-8, and the SDK's string getters would panic
+//! on them. (The SDK itself still panics on statuses the ABI does not define; Envoy does not
+//! return those.)
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
@@ -25,9 +28,9 @@ pub fn plugin_root_id() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The upstream cluster of the current request (set in upstream filters).
+/// The upstream cluster of the current request, as seen from an upstream filter.
 pub fn cluster_name() -> Option<String> {
-    let bytes = hostcalls::get_property(vec!["cluster_name"]).ok()??;
+    let bytes = hostcalls::get_property(vec!["xds", "cluster_name"]).ok()??;
     String::from_utf8(bytes).ok()
 }
 
@@ -44,12 +47,23 @@ fn internal(what: &str, status: Status) -> GatewayError {
     }
 }
 
+/// All headers of `map`; values that are not UTF-8 are kept, lossily, so that they can be
+/// seen but never match anything.
 pub fn headers(map: MapType) -> Result<Vec<(String, String)>, GatewayError> {
-    hostcalls::get_map(map).map_err(|s| internal("reading headers", s))
+    hostcalls::get_map_bytes(map)
+        .map(|pairs| {
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect()
+        })
+        .map_err(|s| internal("reading headers", s))
 }
 
 pub fn header(map: MapType, name: &str) -> Result<Option<String>, GatewayError> {
-    hostcalls::get_map_value(map, name).map_err(|s| internal("reading a header", s))
+    hostcalls::get_map_value_bytes(map, name)
+        .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        .map_err(|s| internal("reading a header", s))
 }
 
 pub fn set_header(map: MapType, name: &str, value: &str) -> Result<(), GatewayError> {

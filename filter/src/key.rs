@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
-use tollgate_core::http::PROVIDER_HEADER;
+use tollgate_core::http::{LOCAL_REPLY_HEADER, PROVIDER_HEADER};
 use tollgate_core::keys::{attempt_key, KeyAttempt};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
@@ -23,14 +23,15 @@ impl KeyFlow {
 
     fn inject(&self) -> Result<(), GatewayError> {
         let map = MapType::HttpRequestHeaders;
-        let provider = match host::header(map, PROVIDER_HEADER)? {
-            Some(p) => Some(p),
-            None => host::cluster_name()
-                .as_deref()
-                .and_then(provider_of_cluster)
-                .map(str::to_string),
-        };
-        let attempt = attempt_key(&self.config, provider.as_deref(), &SharedStore)?;
+        // The pool is the cluster's own; the gateway role's header must agree with it, so a
+        // route that skipped the gateway role (no header) never gets a key.
+        let cluster = host::cluster_name();
+        let pool = cluster.as_deref().and_then(provider_of_cluster);
+        let routed = host::header(map, PROVIDER_HEADER)?;
+        if routed.is_none() || routed.as_deref() != pool {
+            return Err(GatewayError::NotRoutedByGateway);
+        }
+        let attempt = attempt_key(&self.config, pool, &SharedStore)?;
         for name in KeyAttempt::REMOVE_HEADERS {
             host::remove_header(map, name)?;
         }
@@ -49,7 +50,12 @@ impl HttpContext for KeyFlow {
             Ok(()) => Action::Continue,
             Err(e) => {
                 host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
-                host::send(&e.respond());
+                let mut response = e.respond();
+                // Tells the gateway role this reply is ours, not the provider's.
+                response
+                    .headers
+                    .push((LOCAL_REPLY_HEADER, "key".to_string()));
+                host::send(&response);
                 Action::Pause
             }
         }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tollgate_core::http::PROVIDER_HEADER;
 use tollgate_core::providers::Scheme;
 use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX};
-use tollgate_core::Config;
+use tollgate_core::{Config, GatewayError};
 
 pub struct BootstrapOptions<'a> {
     /// The tollgate config as written; it becomes both roles' plugin configuration.
@@ -56,32 +56,30 @@ fn cluster_name(provider: &str) -> String {
     format!("{PROVIDER_CLUSTER_PREFIX}{provider}")
 }
 
-/// Maps Envoy's own upstream failures to the errors the native host gives for the same cases.
+/// Maps Envoy's own upstream failures to the errors the native host gives for the same cases,
+/// rendered by the core from the same `GatewayError`s. Routes are named after their provider.
 fn local_reply_config() -> Value {
-    let mapper = |flags: &[&str], status: u16, code: &str, message: &str| {
+    let mapper = |flags: &[&str], error: GatewayError| {
         json!({
             "filter": { "response_flag_filter": { "flags": flags } },
-            "status_code": status,
+            "status_code": error.status(),
             "body_format_override": {
                 "json_format": {
                     "error": {
-                        "message": message,
-                        "type": "api_error",
-                        "param": "",
-                        "code": code,
+                        "message": error.message(),
+                        "type": error.kind(),
+                        "param": null,
+                        "code": error.code(),
                     }
                 }
             },
         })
     };
-    // Routes are named after their provider.
-    let provider = "%ROUTE_NAME%";
+    let provider = || "%ROUTE_NAME%".to_string();
     json!({
         "mappers": [
-            mapper(&["UF", "UH", "UR", "UC", "URX", "UO", "NR"], 502, "upstream_unavailable",
-                   &format!("The provider `{provider}` could not be reached.")),
-            mapper(&["UT", "SI"], 504, "upstream_timeout",
-                   &format!("The provider `{provider}` did not answer in time.")),
+            mapper(&["UF", "UH", "UR", "UC", "URX", "UO", "NR"], GatewayError::UpstreamUnavailable { provider: provider() }),
+            mapper(&["UT", "SI"], GatewayError::UpstreamTimeout { provider: provider() }),
         ]
     })
 }
@@ -196,6 +194,9 @@ pub fn render(opts: &BootstrapOptions<'_>) -> String {
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "tollgate",
+                        // Trust the peer address, not `x-forwarded-for`, to tell internal
+                        // from external clients (external `x-envoy-*` headers are dropped).
+                        "use_remote_address": true,
                         "codec_type": "AUTO",
                         "route_config": {
                             "name": "tollgate",

@@ -13,8 +13,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate_core::exchange::{Forward, OnBody, OnHeaders};
-use tollgate_core::http::{HeaderLookup, LocalResponse, RequestHead};
+use tollgate_core::exchange::{Forward, OnBody, OnHeaders, OnResponse};
+use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
 use tollgate_core::keys::{attempt_key, KeyAttempt};
 use tollgate_core::providers::Scheme;
 use tollgate_core::{Config, Exchange, GatewayError};
@@ -60,18 +60,40 @@ impl HeaderLookup for Headers<'_> {
     }
 }
 
-/// Request headers that belong to one hop, never forwarded.
+/// Headers that belong to one hop (RFC 9110 §7.6.1), never relayed in either direction.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
     "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "host",
 ];
+
+/// Removes the hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+}
+
+/// How long a client may take to send its request body.
+const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
@@ -87,12 +109,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
         OnHeaders::Respond(r) => return answered(&mut exchange, r, started),
         OnHeaders::ReadBody { limit } => limit,
     };
-    let body = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
+    let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
+    let body = match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
             let error = if e.is::<http_body_util::LengthLimitError>() {
                 GatewayError::BodyTooLarge { limit }
             } else {
@@ -100,7 +120,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
                     detail: "the request body could not be read".into(),
                 }
             };
-            let r = exchange.on_upstream_failure(error);
+            let r = exchange.refuse(error);
+            return answered(&mut exchange, r, started);
+        }
+        Err(_) => {
+            let r = exchange.refuse(GatewayError::RequestTimeout);
             return answered(&mut exchange, r, started);
         }
     };
@@ -140,7 +164,7 @@ async fn forward_upstream(
 ) -> Response<GatewayBody> {
     let config = Arc::clone(exchange.config());
     let fail = |mut exchange: Exchange, error: GatewayError, key: Option<&str>| {
-        let r = exchange.on_upstream_failure(error);
+        let r = exchange.refuse(error);
         let summary = exchange.finish(crate::now_ms());
         access_log::record(&summary, key, started, Ending::UpstreamError);
         local(r)
@@ -150,7 +174,7 @@ async fn forward_upstream(
         Err(e) => return fail(exchange, e, None),
     };
     let key_id = attempt.key_id().map(str::to_string);
-    let request = match upstream_request(&attempt, client_headers, client_body, &forward) {
+    let request = match upstream_request(&attempt, client_headers, client_body, forward) {
         Ok(r) => r,
         Err(e) => return fail(exchange, e, key_id.as_deref()),
     };
@@ -175,12 +199,20 @@ async fn forward_upstream(
         }
     };
     let (mut parts, body) = response.into_parts();
-    let edits = exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers));
-    for name in edits.remove_headers.iter().chain(&HOP_BY_HOP) {
-        parts.headers.remove(*name);
+    match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
+        OnResponse::Relay { remove_headers } => {
+            strip_hop_by_hop(&mut parts.headers);
+            for name in remove_headers {
+                parts.headers.remove(*name);
+            }
+        }
+        OnResponse::Replace(r) => {
+            drop(body);
+            let summary = exchange.finish(crate::now_ms());
+            access_log::record(&summary, key_id.as_deref(), started, Ending::Answered);
+            return local(r);
+        }
     }
-    // The body may be rewritten frame by frame, so its length is the transport's business.
-    parts.headers.remove(hyper::header::CONTENT_LENGTH);
     let body = UpstreamBody::new(body, exchange, timeout, started, key_id);
     Response::from_parts(parts, GatewayBody::Upstream(Box::new(body)))
 }
@@ -191,7 +223,7 @@ fn upstream_request(
     attempt: &KeyAttempt<'_>,
     client_headers: &HeaderMap,
     client_body: Bytes,
-    forward: &Forward,
+    forward: Forward,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
     let internal = |detail: String| GatewayError::Internal { detail };
     let base = attempt.provider.base_url.as_ref().ok_or_else(|| {
@@ -207,13 +239,23 @@ fn upstream_request(
     let uri: Uri = format!("{scheme}://{}{}", base.authority(), forward.path)
         .parse()
         .map_err(|e| internal(format!("upstream URI: {e}")))?;
-    let body = forward.body.clone().map_or(client_body, Bytes::from);
+    let body = forward.body.map_or(client_body, Bytes::from);
     let mut headers = client_headers.clone();
-    for name in HOP_BY_HOP
+    strip_hop_by_hop(&mut headers);
+    let gateway_owned: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_gateway_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in gateway_owned {
+        headers.remove(name);
+    }
+    // `expect` was answered by this hop already; host and length are set below.
+    for name in forward
+        .remove_headers
         .iter()
-        .chain(forward.remove_headers)
         .chain(KeyAttempt::REMOVE_HEADERS.iter())
-        .chain(&["content-length"])
+        .chain(&["expect", "host", "content-length"])
     {
         headers.remove(*name);
     }

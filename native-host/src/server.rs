@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::proxy::{handle, Gateway};
+
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(30);
@@ -42,7 +45,13 @@ pub async fn serve(
                     let gw = Arc::clone(&gw);
                     async move { Ok::<_, Infallible>(handle(gw, req).await) }
                 });
-                let conn = auto::Builder::new(TokioExecutor::new())
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // A client that never finishes its request head must not hold a task forever.
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let conn = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
                 let conn = graceful.watch(conn);

@@ -154,10 +154,18 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         .stderr(log)
         .spawn()
         .expect("start tollgate");
-    // The first stdout line says where it listens.
+    // The first stdout line says where it listens; read it on a thread so that a gateway
+    // that never prints cannot hang the suite.
     let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    let read = BufReader::new(stdout).read_line(&mut line);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send((read.map_err(|e| e.to_string()), line));
+    });
+    let (read, line) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| (Err("timed out".into()), String::new()));
     let addr = line
         .trim()
         .strip_prefix("listening on ")

@@ -269,6 +269,50 @@ async fn upstream_stream_is_not_buffered(host: Host) {
     assert_eq!(stream_text(&events), DEFAULT_CONTENT);
 }
 
+/// A provider that drops the connection mid-stream: the client sees the stream end without
+/// `[DONE]` (an error, not a clean end), and the gateway keeps serving.
+async fn stream_cut_by_the_provider_reaches_the_client_as_an_error(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(key, Fault::CutStreamAfter { chunks: 2 });
+    }
+    let mut r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    let ended = loop {
+        match r.chunk().await {
+            Ok(Some(chunk)) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+            Ok(None) => break "clean end",
+            Err(_) => break "error",
+        }
+    };
+    assert_eq!(
+        ended, "error",
+        "a cut stream must not look complete: {text:?}"
+    );
+    assert!(!text.contains("[DONE]"));
+    // What the provider sent before the cut is relayed (the last event may be lost with the
+    // connection, as it is between any proxy and its client).
+    assert!((1..=2).contains(&sse_data(&text).len()), "{text:?}");
+    for key in [KEY_A, KEY_B] {
+        f.mock.clear_fault(key);
+    }
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}
+
 async fn provider_key_injected_and_consumer_key_stripped(host: Host) {
     let f = Fixture::start(host).await;
     let r = f
@@ -277,8 +321,11 @@ async fn provider_key_injected_and_consumer_key_stripped(host: Host) {
         .header("authorization", format!("Bearer {APP_KEY}"))
         .header("x-api-key", APP_KEY)
         .header("api-key", APP_KEY)
-        // A client must not be able to pick the provider route itself.
+        // A client must not be able to pick the provider route itself, nor the account that
+        // pays for the gateway's key.
         .header("x-tollgate-provider", "dead")
+        .header("openai-organization", "org-client-choice")
+        .header("openai-project", "proj-client-choice")
         .json(&json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
         .send()
         .await
@@ -490,6 +537,95 @@ async fn silent_provider_is_504(host: Host) {
     assert_error(status, &v, 504, "upstream_timeout");
 }
 
+/// Header values that are not UTF-8, or that put a multi-byte character where `Bearer `
+/// ends, are refused or ignored, and the gateway keeps serving.
+async fn hostile_headers_do_not_break_the_gateway(host: Host) {
+    use reqwest::header::HeaderValue;
+    let f = Fixture::start(host).await;
+    let body = json!({ "model": "mock-gpt", "messages": user("hi") });
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .header(
+            "x-junk",
+            HeaderValue::from_bytes(b"\xff\xfe not utf-8").unwrap(),
+        )
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for auth in [
+        &b"Bearer\xc3\xa9tg-test-app-key"[..],
+        b"\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9",
+        b"Bearer \xff",
+    ] {
+        let r = f
+            .http
+            .post(f.url("/v1/chat/completions"))
+            .header("authorization", HeaderValue::from_bytes(auth).unwrap())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+    }
+    let (status, v) = f.chat(APP_KEY, body).await;
+    assert_eq!(status, 200, "the gateway stopped serving: {v}");
+}
+
+/// Clients cannot make Envoy retry or re-time a request with `x-envoy-*` headers.
+async fn router_control_headers_from_clients_are_ignored(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(key, Fault::ServerError { status: 503 });
+    }
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-max-retries", "3")
+        .header("x-forwarded-for", "10.0.0.1")
+        .json(&json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        f.mock.requests().len(),
+        1,
+        "the client made the gateway retry"
+    );
+    assert!(f.mock.requests()[0]
+        .headers
+        .iter()
+        .all(|(k, _)| !k.starts_with("x-envoy-retry")));
+}
+
+/// A provider refusing the gateway's key is the gateway's problem, not the client's: 502,
+/// and nothing of the provider's message (which may quote the key) is relayed.
+async fn provider_refusing_the_key_is_502(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(key, Fault::Unauthorized);
+    }
+    let (status, v) = f
+        .chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    assert_error(status, &v, 502, "upstream_auth_failed");
+    let text = v.to_string();
+    assert!(
+        !text.contains("sk-test") && !text.contains("Incorrect"),
+        "{text}"
+    );
+    f.assert_no_secrets_logged();
+}
+
 async fn provider_errors_pass_through(host: Host) {
     let f = Fixture::start(host).await;
     for key in [KEY_A, KEY_B] {
@@ -652,6 +788,7 @@ both_hosts!(
     mock_kind_stream,
     upstream_completion_with_model_rewrite,
     upstream_stream_is_not_buffered,
+    stream_cut_by_the_provider_reaches_the_client_as_an_error,
     provider_key_injected_and_consumer_key_stripped,
     keys_rotate_across_the_pool,
     unknown_or_missing_consumer_key_is_401,
@@ -663,6 +800,9 @@ both_hosts!(
     unreachable_provider_is_502,
     silent_provider_is_504,
     provider_errors_pass_through,
+    hostile_headers_do_not_break_the_gateway,
+    router_control_headers_from_clients_are_ignored,
+    provider_refusing_the_key_is_502,
     openai_python_sdk,
 );
 

@@ -5,7 +5,7 @@
 
 pub mod raw;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -105,10 +105,11 @@ impl Consumer {
 pub struct Config {
     pub server: ServerSettings,
     consumers: Vec<Consumer>,
-    consumer_by_key: HashMap<KeyHash, ConsumerId>,
+    /// Stored key hashes by their first eight bytes (collisions share a list).
+    consumer_by_key: BTreeMap<u64, Vec<(KeyHash, ConsumerId)>>,
     providers: Vec<Provider>,
     models: Vec<Model>,
-    model_by_name: HashMap<String, ModelId>,
+    model_by_name: BTreeMap<String, ModelId>,
 }
 
 impl Config {
@@ -165,13 +166,21 @@ impl Config {
         self.consumers.get(id)
     }
 
-    /// The consumer a presented key belongs to. The lookup is by SHA-256 of the key, so its
-    /// timing tells an attacker only about hashes they cannot invert; the final comparison
-    /// is constant-time.
+    /// The consumer a presented key belongs to. The index is searched by the first eight
+    /// bytes of the key's SHA-256, so its timing tells an attacker only about hashes of
+    /// their own input; the whole hash is then compared in constant time.
     pub fn authenticate(&self, presented: &str) -> Option<ConsumerId> {
         let hash = KeyHash::of(presented);
-        let (stored, id) = self.consumer_by_key.get_key_value(&hash)?;
-        stored.ct_eq(&hash).then_some(*id)
+        self.consumer_by_key
+            .get(&hash.prefix())?
+            .iter()
+            .fold(None, |found, (stored, id)| {
+                if stored.ct_eq(&hash) {
+                    Some(*id)
+                } else {
+                    found
+                }
+            })
     }
 }
 
@@ -310,7 +319,7 @@ fn compile_providers(
     env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Errors,
 ) -> Vec<Provider> {
-    let mut names = HashSet::new();
+    let mut names = BTreeSet::new();
     let mut out = Vec::new();
     for (i, raw) in raws.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
@@ -356,7 +365,7 @@ fn compile_providers(
         if !kind.is_upstream() && !raw.keys.is_empty() {
             errors.at(format!("{path}.keys"), "the mock provider takes no keys");
         }
-        let mut ids = HashSet::new();
+        let mut ids = BTreeSet::new();
         let mut keys = Vec::new();
         for (j, k) in raw.keys.iter().enumerate() {
             let kpath = format!("{path}.keys[{j}]");
@@ -394,7 +403,7 @@ fn compile_models(
     providers: &[Provider],
     errors: &mut Errors,
 ) -> Vec<Model> {
-    let mut names = HashSet::new();
+    let mut names = BTreeSet::new();
     let mut out = Vec::new();
     for (i, raw) in raws.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
@@ -428,14 +437,17 @@ fn compile_models(
     out
 }
 
+type KeyIndex = BTreeMap<u64, Vec<(KeyHash, ConsumerId)>>;
+
 fn compile_consumers(
     raws: Vec<Option<RawConsumer>>,
     models: &[Model],
     providers: &[Provider],
     errors: &mut Errors,
-) -> (Vec<Consumer>, HashMap<KeyHash, usize>) {
-    let mut names = HashSet::new();
-    let mut by_key = HashMap::new();
+) -> (Vec<Consumer>, KeyIndex) {
+    let mut names = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut by_key = KeyIndex::new();
     let mut out = Vec::new();
     for (i, raw) in raws.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
@@ -451,7 +463,9 @@ fn compile_consumers(
             let kpath = format!("{path}.keys[{j}].sha256");
             match KeyHash::from_hex(&k.sha256) {
                 Some(h) => {
-                    if by_key.insert(h, out.len()).is_some() {
+                    if seen.insert(h) {
+                        by_key.entry(h.prefix()).or_default().push((h, out.len()));
+                    } else {
                         errors.at(
                             kpath,
                             "this key hash is listed twice (keys must be unique across consumers)",
@@ -464,9 +478,9 @@ fn compile_consumers(
         let mut allowed = vec![false; models.len()];
         for (j, pattern) in raw.models.iter().enumerate() {
             let mut matched = false;
-            for (m, model) in models.iter().enumerate() {
+            for (slot, model) in allowed.iter_mut().zip(models) {
                 if glob_match(pattern, &model.name) {
-                    allowed[m] = true;
+                    *slot = true;
                     matched = true;
                 }
             }
@@ -509,26 +523,32 @@ fn render_models_list(models: &[Model], providers: &[Provider], allowed: &[bool]
 
 /// `*` matches any run of characters (including none); everything else matches itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let p = pattern.as_bytes();
-    let n = name.as_bytes();
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
     let (mut pi, mut ni) = (0, 0);
+    // Where the last `*` was, and how much of the name it has taken so far.
     let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
+    while let Some(&c) = n.get(ni) {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&pc) if pc == c => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more character and try again after it.
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
         }
     }
-    p[pi..].iter().all(|&c| c == b'*')
+    p.get(pi..).unwrap_or_default().iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]

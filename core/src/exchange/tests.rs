@@ -60,7 +60,7 @@ fn run(events: &[Event]) -> Vec<String> {
             Event::Body(b) => match x.on_request_body(2_000, b.as_bytes()) {
                 OnBody::Respond(r) => respond(&r),
                 OnBody::Forward(f) => format!(
-                    "forward to provider {} at {} with {} body, {}={}, stream={}",
+                    "forward to provider {} at {} with {} body, {}={}",
                     f.provider,
                     f.path,
                     match &f.body {
@@ -69,13 +69,12 @@ fn run(events: &[Event]) -> Vec<String> {
                     },
                     f.route_header.0,
                     f.route_header.1,
-                    f.stream
                 ),
             },
-            Event::ResponseHead(s) => {
-                let edits = x.on_response_headers(*s, &Vec::new());
-                format!("remove {:?}", edits.remove_headers)
-            }
+            Event::ResponseHead(s) => match x.on_response_headers(*s, &Vec::new()) {
+                OnResponse::Relay { remove_headers } => format!("relay without {remove_headers:?}"),
+                OnResponse::Replace(r) => format!("replace with {}", respond(&r)),
+            },
             Event::Chunk(c, end) => format!("{:?}", x.on_response_chunk(c.as_bytes(), *end)),
             Event::Finish => format!("{:?}", x.finish(3_000)),
         })
@@ -111,8 +110,8 @@ fn forwarded_completion() {
         t,
         [
             "read body up to 200",
-            "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai, stream=false",
-            r#"remove ["openai-organization", "openai-project", "set-cookie"]"#,
+            "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai",
+            r#"relay without ["openai-organization", "openai-project", "set-cookie"]"#,
             "Unchanged",
             "Unchanged",
             r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false }"#,
@@ -130,7 +129,7 @@ fn upstream_model_name_is_rewritten_and_stream_flag_seen() {
     ]);
     assert_eq!(
         t[1],
-        r#"forward to provider 0 at /v1/chat/completions with {"messages":[{"content":"hi","role":"user"}],"model":"gpt-4o-mini-2024","stream":true} body, x-tollgate-provider=openai, stream=true"#
+        r#"forward to provider 0 at /v1/chat/completions with {"model":"gpt-4o-mini-2024","stream":true,"messages":[{"role":"user","content":"hi"}]} body, x-tollgate-provider=openai"#
     );
 }
 
@@ -214,6 +213,52 @@ fn refusals() {
         let t = run(events);
         assert_eq!(t.last().map(String::as_str), Some(*want), "{t:?}");
     }
+}
+
+#[test]
+fn a_provider_refusing_the_key_is_not_relayed() {
+    for status in [401, 403] {
+        let t = run(&[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]}"#),
+            Event::ResponseHead(status),
+            Event::Finish,
+        ]);
+        assert_eq!(t[2], "replace with respond 502 upstream_auth_failed");
+        assert!(t[3].contains("status: Some(502)"), "{}", t[3]);
+    }
+}
+
+#[test]
+fn gateway_headers_are_recognized_in_any_case() {
+    use crate::http::is_gateway_header;
+    for h in [
+        "x-tollgate-provider",
+        "X-Tollgate-Provider",
+        "x-envoy-retry-on",
+        "X-Envoy-Max-Retries",
+    ] {
+        assert!(is_gateway_header(h), "{h}");
+    }
+    for h in ["authorization", "x-envoy", "x-request-id", "é-envoy-x"] {
+        assert!(!is_gateway_header(h), "{h}");
+    }
+}
+
+#[test]
+fn method_not_allowed_says_which_is() {
+    let mut x = Exchange::new(config());
+    let headers: Vec<(String, String)> = vec![];
+    let head = RequestHead {
+        method: "DELETE",
+        path: "/v1/models",
+        headers: &headers,
+    };
+    let OnHeaders::Respond(r) = x.on_request_headers(0, &head) else {
+        panic!()
+    };
+    assert_eq!(r.status, 405);
+    assert!(r.headers.contains(&("allow", "GET".to_string())));
 }
 
 #[test]

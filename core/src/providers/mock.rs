@@ -109,11 +109,13 @@ fn words(text: &str) -> impl Iterator<Item = &str> {
         if rest.is_empty() {
             return None;
         }
-        let start = rest.len() - rest.trim_start().len();
-        let end = rest[start..]
+        let word = rest.trim_start();
+        let start = rest.len() - word.len();
+        let end = word
             .find(char::is_whitespace)
             .map_or(rest.len(), |i| start + i);
-        let (w, r) = rest.split_at(end);
+        // `end` is at a char boundary: the start of a whitespace char, or the end.
+        let (w, r) = rest.split_at_checked(end)?;
         rest = r;
         Some(w)
     })

@@ -127,18 +127,17 @@ impl BaseUrl {
                 "`{s}` must not have a query, fragment or user info"
             ));
         }
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
+        let (authority, path) = rest
+            .find('/')
+            .and_then(|i| rest.split_at_checked(i))
+            .unwrap_or((rest, ""));
         let default_port = if scheme == Scheme::Https { 443 } else { 80 };
         let (host, port) = if let Some(h) = authority.strip_prefix('[') {
             // IPv6 literal: [::1]:8080
-            let end = h
-                .find(']')
+            let (ip, after) = h
+                .split_once(']')
                 .ok_or_else(|| format!("`{s}` has an unclosed `[`"))?;
-            let port = parse_port(&h[end + 1..], default_port, s)?;
-            (format!("[{}]", &h[..end]), port)
+            (format!("[{ip}]"), parse_port(after, default_port, s)?)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (
