@@ -1,5 +1,7 @@
 //! Criterion benches of the core's hot paths. Run with `make bench`.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -7,10 +9,35 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tollgate_core::auth::KeyHash;
 use tollgate_core::exchange::{OnBody, OnHeaders};
 use tollgate_core::http::RequestHead;
+use tollgate_core::store::{CounterStore, StoreError};
 use tollgate_core::Config;
 use tollgate_core::Exchange;
 
 const KEY: &str = "tg-bench-consumer-key";
+
+/// A single-threaded store: the benches measure the core, not a host's shared memory.
+#[derive(Default)]
+struct CellStore(RefCell<BTreeMap<String, u64>>);
+
+impl CounterStore for CellStore {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        let old = self.0.borrow().get(key).copied();
+        Ok(f(old).map(|(out, new)| {
+            let mut map = self.0.borrow_mut();
+            match map.get_mut(key) {
+                Some(v) => *v = new,
+                None => {
+                    map.insert(key.to_string(), new);
+                }
+            }
+            out
+        }))
+    }
+}
 
 fn config() -> Arc<Config> {
     // 100 consumers, so that the lookup is not a one-entry map.
@@ -53,6 +80,7 @@ fn headers() -> Vec<(String, String)> {
 fn request_path(c: &mut Criterion) {
     let config = config();
     let headers = headers();
+    let store = CellStore::default();
     let mut group = c.benchmark_group("core");
 
     group.bench_function("authenticate", |b| {
@@ -74,16 +102,52 @@ fn request_path(c: &mut Criterion) {
                     OnHeaders::ReadBody { .. } => {}
                     OnHeaders::Respond(r) => panic!("refused: {}", r.status),
                 }
-                match x.on_request_body(2, black_box(&body)) {
+                match x.on_request_body(2, black_box(&body), &store) {
                     OnBody::Forward(f) => black_box(f.provider),
                     OnBody::Respond(r) => black_box(r.body.len()),
                 };
-                black_box(x.finish(3))
+                black_box(x.finish(3, &store))
             })
         });
     }
     group.finish();
 }
 
-criterion_group!(benches, request_path);
+/// Reserve then settle against a consumer's RPM + TPM + concurrency, in a single-threaded store
+/// (the cost of the limiter's math and bookkeeping, not of a host's atomics).
+fn limiter(c: &mut Criterion) {
+    use tollgate_core::limits::{admit, settle, Amounts};
+
+    let text = format!(
+        "consumers:\n  - {{ name: a, keys: [{{ sha256: {} }}], models: [m], limits: {{ requests_per_minute: 100000000, tokens_per_minute: 1000000000, concurrency: 1000 }} }}\n\
+         providers:\n  - {{ name: mock, kind: mock }}\nmodels:\n  - {{ name: m, provider: mock }}\n",
+        KeyHash::of(KEY).to_hex()
+    );
+    let config = Config::load(&text, &|_| None).expect("limiter config");
+    let limits: Vec<_> = config.limits_for(0, 0).cloned().collect();
+    let store = CellStore::default();
+    let amounts = Amounts {
+        requests: 1,
+        tokens: 1_000,
+        micro_usd: 0,
+    };
+    let used = Amounts {
+        requests: 1,
+        tokens: 700,
+        micro_usd: 0,
+    };
+    let mut now = 1_795_341_600_000u64;
+    let mut group = c.benchmark_group("limiter");
+    group.bench_function("admit+settle (rpm, tpm, concurrency)", |b| {
+        b.iter(|| {
+            now += 1;
+            let (reservation, headers) = admit(&limits, &store, now, amounts).expect("admitted");
+            black_box(headers);
+            settle(reservation, &store, now, used).expect("settled");
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_path, limiter);
 criterion_main!(benches);

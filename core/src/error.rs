@@ -39,6 +39,25 @@ pub enum GatewayError {
     /// The request reached a part of the gateway that only the gateway itself may call
     /// (Envoy's key role without the gateway role's routing header).
     NotRoutedByGateway,
+    /// A rate or concurrency limit is reached; it has room again after `retry_after_ms`.
+    RateLimited {
+        limit: &'static str,
+        scope: String,
+        retry_after_ms: u64,
+    },
+    /// A calendar token or cost allowance is spent; it renews after `retry_after_ms`.
+    QuotaExhausted {
+        limit: &'static str,
+        scope: String,
+        retry_after_ms: u64,
+    },
+    /// The request alone needs more than a limit will ever allow.
+    ExceedsLimit {
+        limit: &'static str,
+        scope: String,
+        requested: u64,
+        capacity: u64,
+    },
     /// Shared state (counters, key health) could not be updated; refusing beats guessing.
     SharedStateUnavailable { detail: String },
     /// The host failed an operation it should not fail (a bug or resource exhaustion).
@@ -54,7 +73,8 @@ impl GatewayError {
             Self::UnknownModel { .. } | Self::NotFound { .. } => 404,
             Self::MethodNotAllowed { .. } => 405,
             Self::RequestTimeout => 408,
-            Self::MalformedBody { .. } => 400,
+            Self::MalformedBody { .. } | Self::ExceedsLimit { .. } => 400,
+            Self::RateLimited { .. } | Self::QuotaExhausted { .. } => 429,
             Self::BodyTooLarge { .. } => 413,
             Self::UpstreamUnavailable { .. } | Self::UpstreamAuthFailed { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
@@ -83,6 +103,9 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::UnknownModel { .. } => "model_not_found",
             Self::MalformedBody { .. } => "invalid_request_body",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::QuotaExhausted { .. } => "quota_exhausted",
+            Self::ExceedsLimit { .. } => "request_exceeds_limit",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NotFound { .. } => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
@@ -103,6 +126,8 @@ impl GatewayError {
             Self::UpstreamUnavailable { .. }
                 | Self::UpstreamTimeout { .. }
                 | Self::SharedStateUnavailable { .. }
+                | Self::RateLimited { .. }
+                | Self::QuotaExhausted { .. }
         )
     }
 
@@ -113,6 +138,20 @@ impl GatewayError {
             Self::ModelNotAllowed { model } => format!("This API key may not use the model `{model}`."),
             Self::UnknownModel { model } => format!("The model `{model}` does not exist."),
             Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
+            Self::RateLimited { limit, scope, retry_after_ms } => format!(
+                "Rate limit reached: `{limit}` of {scope}. Retry after {}.",
+                crate::limits::format_duration(*retry_after_ms)
+            ),
+            Self::QuotaExhausted { limit, scope, retry_after_ms } => format!(
+                "Allowance spent: `{limit}` of {scope}. It renews in {}.",
+                crate::limits::format_duration(*retry_after_ms)
+            ),
+            Self::ExceedsLimit { limit, scope, requested, capacity } => {
+                let unit = if limit.contains("cost") { " millionths of a dollar" } else if limit.contains("token") { " tokens" } else { "" };
+                format!(
+                    "This request needs {requested}{unit} (prompt estimate plus max_tokens) but `{limit}` of {scope} allows {capacity}{unit}; lower max_tokens or shorten the prompt."
+                )
+            }
             Self::BodyTooLarge { limit } => format!("Request body is larger than the limit of {limit} bytes."),
             Self::NotFound { path } => format!("No endpoint at `{path}`."),
             Self::MethodNotAllowed { method, path, allowed } => format!("Method {method} is not allowed on `{path}`; use {allowed}."),
@@ -134,8 +173,18 @@ impl GatewayError {
     /// The whole response a host sends for this error.
     pub fn respond(&self) -> LocalResponse {
         let mut r = LocalResponse::json(self.status(), self.body());
-        if let Self::MethodNotAllowed { allowed, .. } = self {
-            r.headers.push(("allow", (*allowed).to_string()));
+        match self {
+            Self::MethodNotAllowed { allowed, .. } => {
+                r.headers.push(("allow", (*allowed).to_string()))
+            }
+            Self::RateLimited { retry_after_ms, .. }
+            | Self::QuotaExhausted { retry_after_ms, .. } => {
+                r.headers
+                    .push(("retry-after", retry_after_ms.div_ceil(1_000).to_string()));
+                r.headers
+                    .push(("retry-after-ms", retry_after_ms.to_string()));
+            }
+            _ => {}
         }
         r
     }
@@ -148,6 +197,46 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
         "error": { "message": message, "type": kind, "param": null, "code": code }
     });
     v.to_string().into_bytes()
+}
+
+impl From<crate::limits::Refusal> for GatewayError {
+    fn from(r: crate::limits::Refusal) -> Self {
+        use crate::limits::Refusal;
+        match r {
+            Refusal::NotNow {
+                limit,
+                scope,
+                retry_after_ms,
+            } => Self::RateLimited {
+                limit,
+                scope,
+                retry_after_ms,
+            },
+            Refusal::Exhausted {
+                limit,
+                scope,
+                retry_after_ms,
+            } => Self::QuotaExhausted {
+                limit,
+                scope,
+                retry_after_ms,
+            },
+            Refusal::Never {
+                limit,
+                scope,
+                requested,
+                capacity,
+            } => Self::ExceedsLimit {
+                limit,
+                scope,
+                requested,
+                capacity,
+            },
+            Refusal::Store(e) => Self::SharedStateUnavailable {
+                detail: e.to_string(),
+            },
+        }
+    }
 }
 
 impl std::fmt::Display for GatewayError {

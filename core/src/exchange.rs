@@ -4,11 +4,11 @@
 //! `now_ms` is passed in.
 //!
 //! ```text
-//! on_request_headers(now, head)   -> OnHeaders  (Respond | ReadBody)
-//! on_request_body(now, body)      -> OnBody     (Respond | Forward)
-//! on_response_headers(status, h)  -> OnResponse (Relay | Replace)
-//! on_response_chunk(bytes, end)   -> Chunk      (bytes to emit)
-//! finish(now)                     -> Summary    (for the access log)
+//! on_request_headers(now, head)       -> OnHeaders  (Respond | ReadBody)
+//! on_request_body(now, body, store)   -> OnBody     (Respond | Forward); limits reserved
+//! on_response_headers(status, h)      -> OnResponse (Relay | Replace)
+//! on_response_chunk(bytes, end)       -> Chunk      (bytes to emit); usage read
+//! finish(now, store)                  -> Summary    (for the access log); limits settled
 //! ```
 
 use std::sync::Arc;
@@ -20,8 +20,13 @@ use crate::http::{
     HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS, LOCAL_REPLY_HEADER,
     PROVIDER_HEADER,
 };
+use crate::limits::{self, Amounts, RateHeaders, Reservation};
+use crate::providers::openai::usage::{self, Usage};
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
 use crate::providers::{mock, ProviderKind};
+use crate::sse::SseParser;
+use crate::store::CounterStore;
+use crate::tokens;
 
 /// What to do after the request head.
 #[must_use]
@@ -63,9 +68,13 @@ pub struct Forward {
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
 pub enum OnResponse {
-    /// Pass it on without these headers; its body goes through `on_response_chunk`.
+    /// Pass it on without `remove_headers` and with `add_headers`; its body goes through
+    /// `on_response_chunk`. If `body_rewritten`, the body's length changes: drop the
+    /// provider's `content-length`.
     Relay {
         remove_headers: &'static [&'static str],
+        add_headers: Vec<(&'static str, String)>,
+        body_rewritten: bool,
     },
     /// Send this instead, and drop the provider's body.
     Replace(LocalResponse),
@@ -94,6 +103,21 @@ pub struct Summary {
     pub provider: Option<String>,
     pub status: Option<u16>,
     pub stream: bool,
+    /// What the limits were charged: tokens, and millionths of a dollar.
+    pub charged: Option<Amounts>,
+    /// Whether `charged` comes from the provider's usage (else it is estimated).
+    pub usage_reported: bool,
+}
+
+/// Largest non-streamed response body kept to read its usage; beyond it, usage is estimated.
+const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
+
+/// A request's standing with its limits, from admission to settlement.
+#[derive(Debug, Default)]
+struct Metering {
+    reservation: Reservation,
+    headers: RateHeaders,
+    prompt_estimate: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +137,16 @@ pub struct Exchange {
     stream: bool,
     /// The client's query string, kept for the upstream path.
     query: String,
+    metering: Option<Metering>,
+    /// The client did not ask for the usage chunk the gateway forced: drop it from the stream.
+    strip_usage_chunk: bool,
+    /// Streamed responses: events as they complete.
+    sse: Option<SseParser>,
+    /// Non-streamed responses: the body, to read its usage at the end.
+    body: Vec<u8>,
+    usage: Option<Usage>,
+    /// Estimated tokens of the text streamed so far, for a stream that ends without usage.
+    streamed_tokens: u64,
 }
 
 impl Exchange {
@@ -125,6 +159,12 @@ impl Exchange {
             status: None,
             stream: false,
             query: String::new(),
+            metering: None,
+            strip_usage_chunk: false,
+            sse: None,
+            body: Vec::new(),
+            usage: None,
+            streamed_tokens: 0,
         }
     }
 
@@ -187,20 +227,30 @@ impl Exchange {
         decision.unwrap_or_else(|e| OnHeaders::Respond(self.refuse(e)))
     }
 
-    pub fn on_request_body(&mut self, now_ms: u64, body: &[u8]) -> OnBody {
+    pub fn on_request_body(
+        &mut self,
+        now_ms: u64,
+        body: &[u8],
+        store: &impl CounterStore,
+    ) -> OnBody {
         if self.stage != Stage::Body {
             // A host bug, not a client's: answer rather than panic.
             return OnBody::Respond(self.refuse(GatewayError::MalformedBody {
                 detail: "the request has no body to read".into(),
             }));
         }
-        match self.route(now_ms, body) {
+        match self.route(now_ms, body, store) {
             Ok(decision) => decision,
             Err(e) => OnBody::Respond(self.refuse(e)),
         }
     }
 
-    fn route(&mut self, now_ms: u64, body: &[u8]) -> Result<OnBody, GatewayError> {
+    fn route(
+        &mut self,
+        now_ms: u64,
+        body: &[u8],
+        store: &impl CounterStore,
+    ) -> Result<OnBody, GatewayError> {
         let limit = self.config.server.max_body_bytes;
         if body.len() as u64 > limit {
             return Err(GatewayError::BodyTooLarge { limit });
@@ -234,14 +284,23 @@ impl Exchange {
                 model: req.model.to_string(),
             });
         };
+        self.admit(now_ms, &req, model_id, store)?;
+        let rate_headers = self.rate_headers();
         if provider.kind == ProviderKind::Mock {
             self.stage = Stage::Done;
             self.status = Some(200);
-            return Ok(OnBody::Respond(mock::respond(&req, &model.name, now_ms)));
+            self.usage = Some(mock::usage(&req, &mock::reply_text(&req)));
+            let mut response = mock::respond(&req, &model.name, now_ms);
+            response.headers.extend(rate_headers);
+            return Ok(OnBody::Respond(response));
         }
-        let body = if model.upstream_model != req.model {
+        // Streams report usage only when asked: ask, so that streams are charged what they
+        // really used, and hide the extra chunk from a client that did not ask.
+        self.strip_usage_chunk = req.is_stream() && !req.wants_stream_usage();
+        let rename = (model.upstream_model != req.model).then_some(model.upstream_model.as_str());
+        let body = if rename.is_some() || self.strip_usage_chunk {
             Some(
-                wire::with_model(body, &model.upstream_model)
+                wire::rewrite(body, rename, self.strip_usage_chunk)
                     .map_err(|detail| GatewayError::MalformedBody { detail })?,
             )
         } else {
@@ -266,6 +325,47 @@ impl Exchange {
         }))
     }
 
+    /// Reserves the request's estimated cost against every limit that applies.
+    fn admit(
+        &mut self,
+        now_ms: u64,
+        req: &wire::ChatRequest<'_>,
+        model_id: ModelId,
+        store: &impl CounterStore,
+    ) -> Result<(), GatewayError> {
+        let config = Arc::clone(&self.config);
+        let (Some(consumer), Some(model)) = (self.consumer, config.model(model_id)) else {
+            return Ok(());
+        };
+        let mut limits = config.limits_for(consumer, model_id).peekable();
+        if limits.peek().is_none() {
+            return Ok(());
+        }
+        let prompt = req.estimate_prompt_tokens();
+        let completion = req.max_output_tokens().unwrap_or(model.default_max_tokens);
+        let amounts = Amounts {
+            requests: 1,
+            tokens: prompt.saturating_add(completion),
+            micro_usd: model
+                .pricing
+                .map_or(0, |p| p.micro_usd(prompt, 0, completion)),
+        };
+        let (reservation, headers) = limits::admit(limits, store, now_ms, amounts)?;
+        self.metering = Some(Metering {
+            reservation,
+            headers,
+            prompt_estimate: prompt,
+        });
+        Ok(())
+    }
+
+    fn rate_headers(&self) -> Vec<(&'static str, String)> {
+        self.metering
+            .as_ref()
+            .map(|m| m.headers.to_headers())
+            .unwrap_or_default()
+    }
+
     pub fn on_response_headers<H: HeaderLookup + ?Sized>(
         &mut self,
         status: u16,
@@ -276,6 +376,8 @@ impl Exchange {
             // The key role's own refusal: already the error the client should see.
             return OnResponse::Relay {
                 remove_headers: &[LOCAL_REPLY_HEADER],
+                add_headers: self.rate_headers(),
+                body_rewritten: false,
             };
         }
         if matches!(status, 401 | 403) {
@@ -284,8 +386,14 @@ impl Exchange {
             let provider = self.provider_name().unwrap_or_default();
             return OnResponse::Replace(self.refuse(GatewayError::UpstreamAuthFailed { provider }));
         }
+        let success = (200..300).contains(&status);
+        if success && self.stream {
+            self.sse = Some(SseParser::new());
+        }
         OnResponse::Relay {
             remove_headers: &PROVIDER_ACCOUNT_HEADERS,
+            add_headers: self.rate_headers(),
+            body_rewritten: success && self.strip_usage_chunk,
         }
     }
 
@@ -295,16 +403,64 @@ impl Exchange {
     }
 
     /// One chunk of the provider's response body, in order; `end_of_stream` on the last.
-    pub fn on_response_chunk(&mut self, _chunk: &[u8], end_of_stream: bool) -> Chunk {
+    pub fn on_response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Chunk {
         if end_of_stream {
             self.stage = Stage::Done;
         }
-        Chunk::Unchanged
+        let Some(mut sse) = self.sse.take() else {
+            if self.metering.is_some()
+                && !self.stream
+                && self.body.len() + chunk.len() <= MAX_USAGE_BODY
+            {
+                self.body.extend_from_slice(chunk);
+                if end_of_stream {
+                    self.usage = usage::from_completion(&self.body);
+                }
+            }
+            return Chunk::Unchanged;
+        };
+        let strip = self.strip_usage_chunk;
+        let mut out = Vec::new();
+        let mut on_event = |event: crate::sse::SseEvent| {
+            let mut drop = false;
+            if let Some(info) = usage::inspect_chunk(&event.data) {
+                if info.usage.is_some() {
+                    self.usage = info.usage;
+                }
+                self.streamed_tokens += tokens::estimate_text(&info.text);
+                drop = strip && info.usage_only;
+            }
+            if strip && !drop {
+                out.extend_from_slice(&event.raw);
+            }
+        };
+        sse.feed(chunk, &mut on_event);
+        if end_of_stream {
+            let tail = sse.finish(&mut on_event);
+            if strip {
+                out.extend_from_slice(&tail);
+            }
+        } else {
+            self.sse = Some(sse);
+        }
+        if strip {
+            Chunk::Replace(out)
+        } else {
+            Chunk::Unchanged
+        }
     }
 
-    /// The exchange ended, however it ended (completed, refused, client gone, upstream reset).
-    pub fn finish(&mut self, _now_ms: u64) -> Summary {
+    /// The exchange ended, however it ended (completed, refused, client gone, upstream reset):
+    /// settles the limits on what was really used and frees concurrency slots.
+    pub fn finish(&mut self, now_ms: u64, store: &impl CounterStore) -> Summary {
         self.stage = Stage::Done;
+        let charged = self.metering.take().map(|m| {
+            let used = self.used(m.prompt_estimate);
+            // A store that fails now leaves counters high until their windows pass: the safe
+            // side. Nothing else can be done at the end of a request.
+            let _ = limits::settle(m.reservation, store, now_ms, used);
+            used
+        });
         let config = &self.config;
         Summary {
             consumer: self
@@ -318,6 +474,38 @@ impl Exchange {
             provider: self.provider_name(),
             status: self.status,
             stream: self.stream,
+            charged,
+            usage_reported: self.usage.is_some(),
+        }
+    }
+
+    /// What the request used, for settlement: the provider's usage when it reported it; an
+    /// estimate of what was streamed when it did not (a cut or abandoned stream); nothing when
+    /// no provider answered with success (providers do not bill refused or failed requests).
+    fn used(&self, prompt_estimate: u64) -> Amounts {
+        let succeeded = self.status.is_some_and(|s| (200..300).contains(&s));
+        if !succeeded {
+            return Amounts::default();
+        }
+        let usage = self.usage.unwrap_or(Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: self.streamed_tokens,
+            cached_prompt_tokens: 0,
+        });
+        let pricing = self
+            .model
+            .and_then(|m| self.config.model(m))
+            .and_then(|m| m.pricing);
+        Amounts {
+            requests: 1,
+            tokens: usage.total(),
+            micro_usd: pricing.map_or(0, |p| {
+                p.micro_usd(
+                    usage.prompt_tokens,
+                    usage.cached_prompt_tokens,
+                    usage.completion_tokens,
+                )
+            }),
         }
     }
 

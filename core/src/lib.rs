@@ -6,7 +6,9 @@
 //! - `auth`: consumer keys, held as SHA-256 hashes.
 //! - `exchange`: the gateway role's per-request state machine.
 //! - `keys`: the key role, which picks a provider key per upstream attempt.
+//! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
 //! - `providers`: one module per provider kind: wire types and pure translation.
+//! - `sse`: incremental Server-Sent Events parsing, keeping each event's exact bytes.
 //! - `store`: the shared-counter trait the hosts implement.
 //! - `roles`: the names of the gateway and key roles in Envoy.
 //! - `error`: every refusal, and its OpenAI-shaped body.
@@ -28,8 +30,10 @@ pub mod error;
 pub mod exchange;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod providers;
 pub mod roles;
+pub mod sse;
 pub mod store;
 pub mod tokens;
 

@@ -9,7 +9,7 @@ use tollgate_core::exchange::{Chunk, OnBody, OnHeaders, OnResponse};
 use tollgate_core::http::{is_gateway_header, LocalResponse, RequestHead};
 use tollgate_core::{Config, Exchange, GatewayError};
 
-use crate::host;
+use crate::host::{self, SharedStore};
 
 pub struct GatewayFlow {
     exchange: Exchange,
@@ -83,7 +83,10 @@ impl GatewayFlow {
 
     fn on_body(&mut self, size: usize) -> Result<Action, GatewayError> {
         let body = host::body(BufferType::HttpRequestBody, size)?;
-        match self.exchange.on_request_body(host::now_ms(), &body) {
+        match self
+            .exchange
+            .on_request_body(host::now_ms(), &body, &SharedStore)
+        {
             OnBody::Respond(r) => Ok(self.respond(&r)),
             OnBody::Forward(forward) => {
                 self.body_limit = None;
@@ -154,9 +157,19 @@ impl HttpContext for GatewayFlow {
         let result = host::headers(map).and_then(|headers| {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
             match self.exchange.on_response_headers(status, &headers) {
-                OnResponse::Relay { remove_headers } => {
+                OnResponse::Relay {
+                    remove_headers,
+                    add_headers,
+                    body_rewritten,
+                } => {
                     for name in remove_headers {
                         host::remove_header(map, name)?;
+                    }
+                    if body_rewritten {
+                        host::remove_header(map, "content-length")?;
+                    }
+                    for (name, value) in &add_headers {
+                        host::set_header(map, name, value)?;
                     }
                 }
                 OnResponse::Replace(response) => {
@@ -206,16 +219,21 @@ impl HttpContext for GatewayFlow {
     }
 
     fn on_log(&mut self) {
-        let summary = self.exchange.finish(host::now_ms());
+        // Called on every ending, client aborts and upstream resets included: settles the
+        // limits and frees concurrency slots.
+        let summary = self.exchange.finish(host::now_ms(), &SharedStore);
         host::log(
             LogLevel::Debug,
             &format!(
-                "tollgate: consumer={} model={} provider={} status={} stream={}",
+                "tollgate: consumer={} model={} provider={} status={} stream={} tokens={} cost_micro_usd={} usage={}",
                 summary.consumer.as_deref().unwrap_or("-"),
                 summary.model.as_deref().unwrap_or("-"),
                 summary.provider.as_deref().unwrap_or("-"),
                 summary.status.map_or("-".to_string(), |s| s.to_string()),
-                summary.stream
+                summary.stream,
+                summary.charged.map_or(0, |c| c.tokens),
+                summary.charged.map_or(0, |c| c.micro_usd),
+                if summary.usage_reported { "reported" } else { "estimated" },
             ),
         );
     }

@@ -102,6 +102,18 @@ pub fn send(response: &LocalResponse) {
     }
 }
 
+/// Creates absent counters with the value 0 (for every meter: a full bucket, an unused
+/// allowance, no request in flight). Shared data has no "create if absent" operation: a
+/// counter's first write is unconditional, so concurrent first writes could lose an update.
+/// Creating the counters when the config loads, before traffic, closes that window.
+pub fn create_counters<'a>(keys: impl Iterator<Item = &'a str>) {
+    for key in keys {
+        if let Ok((None, _)) = hostcalls::get_shared_data(key) {
+            let _ = hostcalls::set_shared_data(key, Some(&0u64.to_le_bytes()), None);
+        }
+    }
+}
+
 /// Bounded compare-and-swap attempts before an update is refused as contended.
 const CAS_ATTEMPTS: u32 = 32;
 

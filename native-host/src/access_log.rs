@@ -24,6 +24,14 @@ pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending:
         status = summary.status.unwrap_or(0),
         stream = summary.stream,
         ending = ?ending,
+        // Only requests under a limit are metered; "-" for the others.
+        tokens = %summary.charged.map_or("-".to_string(), |c| c.tokens.to_string()),
+        cost_micro_usd = %summary.charged.map_or("-".to_string(), |c| c.micro_usd.to_string()),
+        usage = match (summary.charged, summary.usage_reported) {
+            (None, _) => "-",
+            (Some(_), true) => "reported",
+            (Some(_), false) => "estimated",
+        },
         duration_ms = started.elapsed().as_millis() as u64,
     );
 }

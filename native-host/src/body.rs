@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use tollgate_core::exchange::Chunk;
 use tollgate_core::Exchange;
 
 use crate::access_log::{self, Ending};
+use crate::proxy::Gateway;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -62,6 +64,8 @@ impl Body for GatewayBody {
 pub struct UpstreamBody {
     inner: Incoming,
     exchange: Exchange,
+    /// For the store the exchange settles its limits in.
+    gateway: Arc<Gateway>,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     started: Instant,
@@ -73,6 +77,7 @@ impl UpstreamBody {
     pub fn new(
         inner: Incoming,
         exchange: Exchange,
+        gateway: Arc<Gateway>,
         idle: Duration,
         started: Instant,
         key_id: Option<String>,
@@ -80,6 +85,7 @@ impl UpstreamBody {
         Self {
             inner,
             exchange,
+            gateway,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             started,
@@ -91,7 +97,7 @@ impl UpstreamBody {
     fn end(&mut self, ending: Ending) {
         if !self.ended {
             self.ended = true;
-            let summary = self.exchange.finish(crate::now_ms());
+            let summary = self.exchange.finish(crate::now_ms(), &self.gateway.store);
             access_log::record(&summary, self.key_id.as_deref(), self.started, ending);
         }
     }
@@ -109,18 +115,25 @@ impl Body for UpstreamBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        // `ended` is only set with the last frame or an error, both returned already.
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let deadline = tokio::time::Instant::now() + this.idle;
                 this.timer.as_mut().reset(deadline);
+                // A body of known length is over with its last frame: hyper may never poll
+                // again once it has written that many bytes, so the end is handled here.
+                let last = this.inner.is_end_stream();
                 let frame = match frame.into_data() {
-                    Ok(data) => match this.exchange.on_response_chunk(&data, false) {
+                    Ok(data) => match this.exchange.on_response_chunk(&data, last) {
                         Chunk::Unchanged => Frame::data(data),
                         Chunk::Replace(bytes) => Frame::data(Bytes::from(bytes)),
                     },
                     // Trailers pass through untouched.
                     Err(frame) => frame,
                 };
+                if last {
+                    this.end(Ending::Completed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {

@@ -201,12 +201,40 @@ fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
             .map_err(|e| format!("listening on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         let gateway =
-            proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?;
+            Arc::new(proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?);
+        reload_on_sighup(Arc::clone(&gateway), path.to_path_buf());
         tracing::info!(address = %local, "tollgate listening");
         // One line on stdout, for scripts and tests that started us on port 0.
         println!("listening on {local}");
         let _ = std::io::stdout().flush();
-        server::serve(Arc::new(gateway), listener, server::shutdown_signal()).await;
+        server::serve(gateway, listener, server::shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// On SIGHUP, loads the config file again and, if it is valid, serves new requests with it.
+/// Counters are keyed by each limit's scope, name and value, so limits that did not change
+/// keep their state. An invalid file is reported and the running config kept.
+fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be handled: config reload is off");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match load(&path) {
+                Ok((_, config)) => {
+                    gateway.replace_config(config);
+                    tracing::info!(config = %path.display(), "config reloaded");
+                }
+                Err(errors) => {
+                    tracing::error!("config not reloaded, keeping the running one: {errors}")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (gateway, path);
 }

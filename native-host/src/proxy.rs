@@ -1,7 +1,7 @@
 //! The native host's request path: carries out the core's decisions for one request with
 //! hyper — read the body, call the provider with the chosen key, stream the answer back.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,12 +27,29 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// What every request shares.
 pub struct Gateway {
-    pub config: Arc<Config>,
+    /// Swapped whole on reload; requests keep the snapshot they started with.
+    config: RwLock<Arc<Config>>,
+    /// Counters outlive reloads: a limit that did not change keeps its key, so its state.
     pub store: MemoryStore,
     pub client: UpstreamClient,
 }
 
 impl Gateway {
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn replace_config(&self, config: Config) {
+        let config = Arc::new(config);
+        match self.config.write() {
+            Ok(mut c) => *c = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
     pub fn new(config: Arc<Config>) -> Result<Self, rustls::Error> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
@@ -44,7 +61,7 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
         Ok(Self {
-            config,
+            config: RwLock::new(config),
             store: MemoryStore::default(),
             client,
         })
@@ -97,7 +114,7 @@ const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
-    let mut exchange = Exchange::new(Arc::clone(&gw.config));
+    let mut exchange = Exchange::new(gw.config());
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let head = RequestHead {
@@ -106,7 +123,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
         headers: &Headers(&parts.headers),
     };
     let limit = match exchange.on_request_headers(crate::now_ms(), &head) {
-        OnHeaders::Respond(r) => return answered(&mut exchange, r, started),
+        OnHeaders::Respond(r) => {
+            return conclude(&gw, exchange, r, None, started, Ending::Answered)
+        }
         OnHeaders::ReadBody { limit } => limit,
     };
     let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
@@ -121,24 +140,32 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
                 }
             };
             let r = exchange.refuse(error);
-            return answered(&mut exchange, r, started);
+            return conclude(&gw, exchange, r, None, started, Ending::Answered);
         }
         Err(_) => {
             let r = exchange.refuse(GatewayError::RequestTimeout);
-            return answered(&mut exchange, r, started);
+            return conclude(&gw, exchange, r, None, started, Ending::Answered);
         }
     };
-    match exchange.on_request_body(crate::now_ms(), &body) {
-        OnBody::Respond(r) => answered(&mut exchange, r, started),
+    match exchange.on_request_body(crate::now_ms(), &body, &gw.store) {
+        OnBody::Respond(r) => conclude(&gw, exchange, r, None, started, Ending::Answered),
         OnBody::Forward(forward) => {
             forward_upstream(&gw, exchange, &parts.headers, body, forward, started).await
         }
     }
 }
 
-fn answered(exchange: &mut Exchange, r: LocalResponse, started: Instant) -> Response<GatewayBody> {
-    let summary = exchange.finish(crate::now_ms());
-    access_log::record(&summary, None, started, Ending::Answered);
+/// Ends an exchange with a response of the gateway's own: settles its limits, logs it.
+fn conclude(
+    gw: &Gateway,
+    mut exchange: Exchange,
+    r: LocalResponse,
+    key: Option<&str>,
+    started: Instant,
+    ending: Ending,
+) -> Response<GatewayBody> {
+    let summary = exchange.finish(crate::now_ms(), &gw.store);
+    access_log::record(&summary, key, started, ending);
     local(r)
 }
 
@@ -155,7 +182,7 @@ fn local(r: LocalResponse) -> Response<GatewayBody> {
 }
 
 async fn forward_upstream(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     mut exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
@@ -165,9 +192,7 @@ async fn forward_upstream(
     let config = Arc::clone(exchange.config());
     let fail = |mut exchange: Exchange, error: GatewayError, key: Option<&str>| {
         let r = exchange.refuse(error);
-        let summary = exchange.finish(crate::now_ms());
-        access_log::record(&summary, key, started, Ending::UpstreamError);
-        local(r)
+        conclude(gw, exchange, r, key, started, Ending::UpstreamError)
     };
     let attempt = match attempt_key(&config, Some(&forward.route_header.1), &gw.store) {
         Ok(a) => a,
@@ -200,20 +225,37 @@ async fn forward_upstream(
     };
     let (mut parts, body) = response.into_parts();
     match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
-        OnResponse::Relay { remove_headers } => {
+        OnResponse::Relay {
+            remove_headers,
+            add_headers,
+            body_rewritten,
+        } => {
             strip_hop_by_hop(&mut parts.headers);
             for name in remove_headers {
                 parts.headers.remove(*name);
             }
+            if body_rewritten {
+                parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            }
+            for (name, value) in add_headers {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    parts.headers.insert(name, v);
+                }
+            }
         }
         OnResponse::Replace(r) => {
             drop(body);
-            let summary = exchange.finish(crate::now_ms());
-            access_log::record(&summary, key_id.as_deref(), started, Ending::Answered);
-            return local(r);
+            return conclude(
+                gw,
+                exchange,
+                r,
+                key_id.as_deref(),
+                started,
+                Ending::Answered,
+            );
         }
     }
-    let body = UpstreamBody::new(body, exchange, timeout, started, key_id);
+    let body = UpstreamBody::new(body, exchange, Arc::clone(gw), timeout, started, key_id);
     Response::from_parts(parts, GatewayBody::Upstream(Box::new(body)))
 }
 

@@ -86,6 +86,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     child: Child,
     log_path: PathBuf,
+    config_path: PathBuf,
     _dir: TempDir,
 }
 
@@ -117,6 +118,37 @@ impl Gateway {
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Native host: writes a new config and sends SIGHUP; returns once the log says whether
+    /// it was reloaded (`true`) or refused (`false`).
+    pub fn reload(&self, config: &str) -> bool {
+        assert_eq!(
+            self.host,
+            Host::Native,
+            "only the native host reloads on SIGHUP"
+        );
+        let count = |logs: &str, what: &str| logs.matches(what).count();
+        let before = self.logs();
+        let (ok0, err0) = (
+            count(&before, "config reloaded"),
+            count(&before, "config not reloaded"),
+        );
+        std::fs::write(&self.config_path, config).expect("write config");
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-HUP", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let logs = self.logs();
+            if count(&logs, "config reloaded") > ok0 {
+                return true;
+            }
+            if count(&logs, "config not reloaded") > err0 {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no reload logged after SIGHUP:\n{}", self.logs());
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns whether it exited 0.
@@ -183,6 +215,7 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         addr,
         child,
         log_path,
+        config_path: config.to_path_buf(),
         _dir: dir,
     })
 }
@@ -240,6 +273,7 @@ fn start_envoy(
         addr: "127.0.0.1:0".parse().expect("addr"),
         child,
         log_path,
+        config_path: config.to_path_buf(),
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(60);

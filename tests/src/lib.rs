@@ -3,3 +3,4 @@
 
 pub mod gateway;
 pub mod mock_provider;
+pub mod scenario;

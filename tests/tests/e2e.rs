@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{Fault, MockProvider, DEFAULT_CONTENT};
+use tollgate_e2e::scenario::{assert_error, closed_port, sha256_hex, sse_data, stream_text, user};
 
 const APP_KEY: &str = "tg-test-app-key";
 const LIMITED_KEY: &str = "tg-test-limited-key";
@@ -18,19 +19,6 @@ const KEY_B: &str = "sk-test-provider-bbbb";
 const MAX_BODY: usize = 65_536;
 /// Long enough never to fire on a loaded CI machine, short enough for the timeout scenario.
 const UPSTREAM_TIMEOUT_MS: u64 = 3_000;
-
-fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A port nothing listens on: bound, then released.
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 fn config(mock: &MockProvider) -> String {
     format!(
@@ -123,41 +111,6 @@ impl Fixture {
             assert!(!logs.contains(secret), "a secret reached the log:\n{logs}");
         }
     }
-}
-
-fn user(text: &str) -> Value {
-    json!([{ "role": "user", "content": text }])
-}
-
-fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
-    assert_eq!(status, want_status, "{body}");
-    let e = &body["error"];
-    assert_eq!(e["code"], want_code, "{body}");
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(e["type"].is_string(), "{body}");
-}
-
-/// Splits an SSE body into its `data:` payloads.
-fn sse_data(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_string))
-        .collect()
-}
-
-fn stream_text(events: &[String]) -> String {
-    events
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
 }
 
 // ---- scenarios ------------------------------------------------------------------------------
@@ -759,29 +712,6 @@ async fn envoy_rejects_an_invalid_config(host: Host) {
 }
 
 // ---- both hosts -----------------------------------------------------------------------------
-
-macro_rules! both_hosts {
-    ($($scenario:ident),* $(,)?) => {
-        mod native {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(Host::Native).await;
-                }
-            )*
-        }
-        mod envoy {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(Host::Envoy { workers: 2 }).await;
-                }
-            )*
-        }
-    };
-}
 
 both_hosts!(
     mock_kind_completion,

@@ -3,7 +3,10 @@
 //! problem is reported at once, each with its path. Environment variables are read through a
 //! lookup the host passes in, never directly.
 
+mod limits;
 pub mod raw;
+
+pub use limits::Pricing;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,12 +14,15 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::auth::KeyHash;
+use crate::limits::{Limit, Unit};
 use crate::providers::{BaseUrl, Provider, ProviderKey, ProviderKind, Secret};
 use raw::{RawConsumer, RawModel, RawProvider, RawServer};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 120_000;
+/// Completion tokens reserved for a request that names no maximum, unless the model says.
+pub const DEFAULT_MAX_TOKENS: u64 = 4_096;
 
 /// One problem in a config, at a path such as `providers[1].keys[0].secret_env`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +84,10 @@ pub struct Model {
     pub name: String,
     pub provider: ProviderId,
     pub upstream_model: String,
+    /// Limits across all consumers.
+    pub limits: Vec<Limit>,
+    pub default_max_tokens: u64,
+    pub pricing: Option<Pricing>,
 }
 
 /// A client of the gateway, known by the hashes of its keys.
@@ -88,6 +98,9 @@ pub struct Consumer {
     allowed_models: Vec<bool>,
     /// The `GET /v1/models` answer for this consumer, rendered once.
     models_list: Vec<u8>,
+    pub limits: Vec<Limit>,
+    /// This consumer's limits on one model.
+    pub model_limits: BTreeMap<ModelId, Vec<Limit>>,
 }
 
 impl Consumer {
@@ -164,6 +177,30 @@ impl Config {
 
     pub fn consumer(&self, id: ConsumerId) -> Option<&Consumer> {
         self.consumers.get(id)
+    }
+
+    /// Every limit in the config: the counters a host may create up front.
+    pub fn all_limits(&self) -> impl Iterator<Item = &Limit> {
+        let consumers = self
+            .consumers
+            .iter()
+            .flat_map(|c| c.limits.iter().chain(c.model_limits.values().flatten()));
+        consumers.chain(self.models.iter().flat_map(|m| m.limits.iter()))
+    }
+
+    /// Every limit a request of `consumer` to `model` counts against.
+    pub fn limits_for(&self, consumer: ConsumerId, model: ModelId) -> impl Iterator<Item = &Limit> {
+        let c = self.consumer(consumer);
+        let own = c.map(|c| c.limits.as_slice()).unwrap_or_default();
+        let on_model = c
+            .and_then(|c| c.model_limits.get(&model))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let model = self
+            .model(model)
+            .map(|m| m.limits.as_slice())
+            .unwrap_or_default();
+        own.iter().chain(on_model).chain(model)
     }
 
     /// The consumer a presented key belongs to. The index is searched by the first eight
@@ -427,11 +464,41 @@ fn compile_models(
             );
             continue;
         };
-        let upstream_model = raw.upstream_model.unwrap_or_else(|| raw.name.clone());
+        let upstream_model = raw
+            .upstream_model
+            .clone()
+            .unwrap_or_else(|| raw.name.clone());
+        let pricing = raw
+            .pricing
+            .as_ref()
+            .map(|p| limits::compile_pricing(p, &format!("{path}.pricing"), errors));
+        let model_limits = raw.limits.as_ref().map_or_else(Vec::new, |l| {
+            let scope = format!("model `{}`", raw.name);
+            limits::compile_limits(
+                l,
+                &format!("{path}.limits"),
+                &scope,
+                &format!("m/{}", raw.name),
+                errors,
+            )
+        });
+        if pricing.is_none() && model_limits.iter().any(|l| l.unit == Unit::MicroUsd) {
+            errors.at(
+                format!("{path}.limits"),
+                "cost limits need the model's `pricing`",
+            );
+        }
+        let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        if default_max_tokens == 0 {
+            errors.at(format!("{path}.default_max_tokens"), "must be at least 1");
+        }
         out.push(Model {
             name: raw.name,
             provider,
             upstream_model,
+            limits: model_limits,
+            default_max_tokens,
+            pricing,
         });
     }
     out
@@ -492,10 +559,50 @@ fn compile_consumers(
             }
         }
         let models_list = render_models_list(models, providers, &allowed);
+        let scope = format!("consumer `{}`", raw.name);
+        let own_limits = raw.limits.as_ref().map_or_else(Vec::new, |l| {
+            limits::compile_limits(
+                l,
+                &format!("{path}.limits"),
+                &scope,
+                &format!("c/{}", raw.name),
+                errors,
+            )
+        });
+        let mut model_limits = BTreeMap::new();
+        for (name, l) in &raw.model_limits {
+            let lpath = format!("{path}.model_limits.{name}");
+            let Some(m) = models.iter().position(|m| &m.name == name) else {
+                errors.at(lpath, format!("no model is named `{name}`"));
+                continue;
+            };
+            let scope = format!("consumer `{}` on model `{name}`", raw.name);
+            let key = format!("cm/{}/{name}", raw.name);
+            model_limits.insert(m, limits::compile_limits(l, &lpath, &scope, &key, errors));
+        }
+        // A cost budget that some allowed model cannot be priced against would never trip.
+        let has_budget = own_limits.iter().any(|l| l.unit == Unit::MicroUsd);
+        for (m, model) in models.iter().enumerate() {
+            let budget_on_model = model_limits
+                .get(&m)
+                .is_some_and(|ls: &Vec<Limit>| ls.iter().any(|l| l.unit == Unit::MicroUsd));
+            let ok = allowed.get(m).copied().unwrap_or(false);
+            if (has_budget || budget_on_model) && ok && model.pricing.is_none() {
+                errors.at(
+                    format!("{path}.limits"),
+                    format!(
+                        "a cost limit applies to model `{}`, which has no `pricing`",
+                        model.name
+                    ),
+                );
+            }
+        }
         out.push(Consumer {
             name: raw.name,
             allowed_models: allowed,
             models_list,
+            limits: own_limits,
+            model_limits,
         });
     }
     (out, by_key)

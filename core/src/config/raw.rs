@@ -23,6 +23,11 @@ pub struct RawConsumer {
     /// Public model names or `*` globs this consumer may call.
     #[serde(default)]
     pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    /// Limits of this consumer on one model, by public model name.
+    #[serde(default)]
+    pub model_limits: std::collections::BTreeMap<String, RawLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,4 +64,43 @@ pub struct RawModel {
     pub provider: String,
     /// Name the provider knows the model by; defaults to `name`.
     pub upstream_model: Option<String>,
+    /// Limits of the model across all consumers.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    /// Completion tokens reserved when a request sets neither `max_tokens` nor
+    /// `max_completion_tokens`.
+    pub default_max_tokens: Option<u64>,
+    pub pricing: Option<RawPricing>,
+}
+
+/// Limits of one scope (a consumer, a consumer on one model, or a model across consumers).
+/// Every field is optional; what is set applies.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub requests_per_second: Option<u64>,
+    pub requests_per_minute: Option<u64>,
+    pub requests_per_hour: Option<u64>,
+    pub requests_per_day: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_hour: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u64>,
+    /// Tokens per calendar day / month (UTC); resets at the boundary.
+    pub daily_tokens: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+    /// Spend per calendar day / month (UTC) in US dollars, from the models' `pricing`.
+    pub daily_cost_usd: Option<f64>,
+    pub monthly_cost_usd: Option<f64>,
+}
+
+/// A model's price in US dollars per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+    /// Prompt tokens the provider served from its cache; defaults to the input price.
+    pub cached_input_per_million: Option<f64>,
 }

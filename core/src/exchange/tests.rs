@@ -38,7 +38,11 @@ enum Event<'a> {
 }
 
 fn run(events: &[Event]) -> Vec<String> {
-    let mut x = Exchange::new(config());
+    run_with(config(), &CellStore::default(), events)
+}
+
+fn run_with(config: Arc<Config>, store: &CellStore, events: &[Event]) -> Vec<String> {
+    let mut x = Exchange::new(config);
     events
         .iter()
         .map(|e| match e {
@@ -57,7 +61,7 @@ fn run(events: &[Event]) -> Vec<String> {
                     OnHeaders::ReadBody { limit } => format!("read body up to {limit}"),
                 }
             }
-            Event::Body(b) => match x.on_request_body(2_000, b.as_bytes()) {
+            Event::Body(b) => match x.on_request_body(2_000, b.as_bytes(), store) {
                 OnBody::Respond(r) => respond(&r),
                 OnBody::Forward(f) => format!(
                     "forward to provider {} at {} with {} body, {}={}",
@@ -72,11 +76,28 @@ fn run(events: &[Event]) -> Vec<String> {
                 ),
             },
             Event::ResponseHead(s) => match x.on_response_headers(*s, &Vec::new()) {
-                OnResponse::Relay { remove_headers } => format!("relay without {remove_headers:?}"),
+                OnResponse::Relay {
+                    remove_headers,
+                    add_headers,
+                    body_rewritten,
+                } => {
+                    let mut line = format!("relay without {remove_headers:?}");
+                    for (k, v) in add_headers {
+                        line.push_str(&format!(", {k}: {v}"));
+                    }
+                    if body_rewritten {
+                        line.push_str(", body rewritten");
+                    }
+                    line
+                }
                 OnResponse::Replace(r) => format!("replace with {}", respond(&r)),
             },
-            Event::Chunk(c, end) => format!("{:?}", x.on_response_chunk(c.as_bytes(), *end)),
-            Event::Finish => format!("{:?}", x.finish(3_000)),
+            Event::Chunk(c, end) => match x.on_response_chunk(c.as_bytes(), *end) {
+                Chunk::Unchanged => "Unchanged".to_string(),
+                Chunk::Replace(b) => format!("Replace({:?})", String::from_utf8_lossy(&b)),
+            },
+            // The same instant as the body: no refill in between, so figures are exact.
+            Event::Finish => format!("{:?}", x.finish(2_000, store)),
         })
         .collect()
 }
@@ -114,7 +135,7 @@ fn forwarded_completion() {
             r#"relay without ["openai-organization", "openai-project", "set-cookie"]"#,
             "Unchanged",
             "Unchanged",
-            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false }"#,
+            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
         ]
     );
 }
@@ -129,7 +150,7 @@ fn upstream_model_name_is_rewritten_and_stream_flag_seen() {
     ]);
     assert_eq!(
         t[1],
-        r#"forward to provider 0 at /v1/chat/completions with {"model":"gpt-4o-mini-2024","stream":true,"messages":[{"role":"user","content":"hi"}]} body, x-tollgate-provider=openai"#
+        r#"forward to provider 0 at /v1/chat/completions with {"model":"gpt-4o-mini-2024","stream":true,"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}} body, x-tollgate-provider=openai"#
     );
 }
 
@@ -269,7 +290,7 @@ fn a_refusal_is_summarized_with_its_status() {
     ]);
     assert_eq!(
         t[1],
-        "Summary { consumer: None, model: None, provider: None, status: Some(401), stream: false }"
+        "Summary { consumer: None, model: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
     );
 }
 
@@ -340,4 +361,305 @@ fn key_role_injects_keys_in_turn_and_refuses_unrouted_requests() {
     );
     assert!(KeyAttempt::REMOVE_HEADERS.contains(&"x-tollgate-provider"));
     assert!(KeyAttempt::REMOVE_HEADERS.contains(&"x-api-key"));
+}
+
+// ---- limits -----------------------------------------------------------------------------
+
+fn limited_config(limits: &str, pricing: &str) -> Arc<Config> {
+    let text = format!(
+        r#"
+consumers:
+  - name: app
+    keys: [{{ sha256: {} }}]
+    models: ["*"]
+    limits: {limits}
+providers:
+  - {{ name: openai, kind: openai, base_url: "http://127.0.0.1:9/v1", keys: [{{ id: a, secret_env: A }}] }}
+  - {{ name: mock, kind: mock }}
+models:
+  - {{ name: gpt-4o-mini, provider: openai, default_max_tokens: 100 {pricing} }}
+  - {{ name: mock-gpt, provider: mock, default_max_tokens: 100 {pricing} }}
+"#,
+        KeyHash::of("tg-app").to_hex()
+    );
+    Arc::new(Config::load(&text, &|_| Some("sk".into())).unwrap())
+}
+
+const SMALL: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Estimated prompt tokens of SMALL.
+fn prompt_hi() -> u64 {
+    use crate::tokens::*;
+    PER_REQUEST_OVERHEAD + PER_MESSAGE_OVERHEAD + estimate_text("hi")
+}
+
+/// What SMALL reserves: its prompt estimate and its max_tokens.
+fn reserved_small() -> u64 {
+    prompt_hi() + 20
+}
+
+#[test]
+fn tokens_are_reserved_then_settled_on_reported_usage() {
+    let config = limited_config("{ tokens_per_minute: 1000, requests_per_minute: 10 }", "");
+    let store = CellStore::default();
+    let completion =
+        r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}"#;
+    let t = run_with(
+        Arc::clone(&config),
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(200),
+            Event::Chunk(completion, true),
+            Event::Finish,
+        ],
+    );
+    let r = reserved_small();
+    assert!(
+        t[2].contains(&format!(
+            "x-ratelimit-limit-tokens: 1000, x-ratelimit-remaining-tokens: {}",
+            1000 - r
+        )),
+        "{}",
+        t[2]
+    );
+    assert!(
+        t[2].contains("x-ratelimit-remaining-requests: 9"),
+        "{}",
+        t[2]
+    );
+    assert!(t[4].contains("charged: Some(Amounts { requests: 1, tokens: 10, micro_usd: 0 }), usage_reported: true"), "{}", t[4]);
+    // Settled on 10: the next request sees 1000 - 10 - its own reservation left.
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(200),
+        ],
+    );
+    assert!(
+        t[2].contains(&format!("x-ratelimit-remaining-tokens: {}", 1000 - 10 - r)),
+        "{}",
+        t[2]
+    );
+}
+
+#[test]
+fn a_request_that_does_not_fit_now_gets_429_and_one_that_never_fits_400() {
+    // Room for one SMALL, not two.
+    let config = limited_config(
+        &format!("{{ tokens_per_minute: {} }}", 2 * reserved_small() - 1),
+        "",
+    );
+    let store = CellStore::default();
+    let first = run_with(
+        Arc::clone(&config),
+        &store,
+        &[Event::Head("POST", CHAT, &[AUTH]), Event::Body(SMALL)],
+    );
+    assert!(first[1].starts_with("forward"), "{first:?}");
+    let second = run_with(
+        Arc::clone(&config),
+        &store,
+        &[Event::Head("POST", CHAT, &[AUTH]), Event::Body(SMALL)],
+    );
+    assert_eq!(second[1], "respond 429 rate_limit_exceeded");
+    let huge =
+        r#"{"model":"gpt-4o-mini","max_tokens":5000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let third = run_with(
+        config,
+        &store,
+        &[Event::Head("POST", CHAT, &[AUTH]), Event::Body(huge)],
+    );
+    assert_eq!(third[1], "respond 400 request_exceeds_limit");
+}
+
+#[test]
+fn the_429_says_when_to_retry_from_the_bucket() {
+    let r = reserved_small();
+    let limit = 2 * r - 1;
+    let config = limited_config(&format!("{{ tokens_per_minute: {limit} }}"), "");
+    let store = CellStore::default();
+    let mut x = Exchange::new(Arc::clone(&config));
+    let headers: Vec<(String, String)> = vec![("authorization".into(), "Bearer tg-app".into())];
+    let head = RequestHead {
+        method: "POST",
+        path: CHAT,
+        headers: &headers,
+    };
+    let _ = x.on_request_headers(0, &head);
+    let _ = x.on_request_body(0, SMALL.as_bytes(), &store);
+    let mut y = Exchange::new(config);
+    let _ = y.on_request_headers(0, &head);
+    let OnBody::Respond(resp) = y.on_request_body(0, SMALL.as_bytes(), &store) else {
+        panic!()
+    };
+    // One reservation of r is taken from 2r - 1: the next fits once one more token has
+    // refilled, i.e. after a minute / limit, rounded up to the millisecond.
+    let wait_ms = (60_000u64 * 1_000_000).div_ceil(limit).div_ceil(1_000_000);
+    let get = |n: &str| {
+        resp.headers
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.clone())
+    };
+    let resp = &resp;
+    assert_eq!(resp.status, 429);
+    let got: u64 = get("retry-after-ms").unwrap().parse().unwrap();
+    assert!(got.abs_diff(wait_ms) <= 1, "{got} vs {wait_ms}");
+    assert_eq!(get("retry-after").unwrap(), got.div_ceil(1_000).to_string());
+}
+
+#[test]
+fn a_stream_is_charged_its_usage_and_the_forced_usage_chunk_is_hidden() {
+    let config = limited_config("{ tokens_per_minute: 1000 }", "");
+    let store = CellStore::default();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+    let content =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n";
+    let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n";
+    let usage_split = usage.split_at(30);
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(body),
+            Event::ResponseHead(200),
+            Event::Chunk(content, false),
+            Event::Chunk(usage_split.0, false),
+            Event::Chunk(usage_split.1, false),
+            Event::Chunk("data: [DONE]\n\n", true),
+            Event::Finish,
+        ],
+    );
+    assert!(
+        t[1].contains(r#""stream_options":{"include_usage":true}"#),
+        "{}",
+        t[1]
+    );
+    assert!(t[2].ends_with("body rewritten"), "{}", t[2]);
+    assert_eq!(t[3], format!("Replace({content:?})"));
+    assert_eq!(t[4], "Replace(\"\")");
+    assert_eq!(t[5], "Replace(\"\")", "the usage chunk is dropped");
+    assert_eq!(t[6], "Replace(\"data: [DONE]\\n\\n\")");
+    assert!(t[7].contains("tokens: 9"), "{}", t[7]);
+}
+
+#[test]
+fn a_stream_cut_before_its_usage_is_charged_what_was_streamed() {
+    let config = limited_config("{ tokens_per_minute: 1000 }", "");
+    let store = CellStore::default();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let text = "a".repeat(40);
+    let content =
+        format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(body),
+            Event::ResponseHead(200),
+            Event::Chunk(&content, false),
+            Event::Finish,
+        ],
+    );
+    assert_eq!(
+        t[3], "Unchanged",
+        "the client asked for usage: nothing to hide"
+    );
+    // Prompt estimate (3 + 3 + 1) plus the streamed text's estimate.
+    let streamed = crate::tokens::estimate_text(&text);
+    assert!(
+        t[4].contains(&format!("tokens: {}", 7 + streamed)),
+        "{}",
+        t[4]
+    );
+    assert!(t[4].contains("usage_reported: false"), "{}", t[4]);
+}
+
+#[test]
+fn failed_requests_are_refunded_and_free_their_slot() {
+    let config = limited_config("{ tokens_per_minute: 1000, concurrency: 1 }", "");
+    let store = CellStore::default();
+    let t = run_with(
+        Arc::clone(&config),
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(503),
+            Event::Finish,
+        ],
+    );
+    assert!(t[3].contains("tokens: 0"), "{}", t[3]);
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(200),
+        ],
+    );
+    assert!(
+        t[2].contains(&format!(
+            "x-ratelimit-remaining-tokens: {}",
+            1000 - reserved_small()
+        )),
+        "{}",
+        t[2]
+    );
+}
+
+#[test]
+fn a_daily_cost_budget_runs_out_at_the_right_request() {
+    // $1 per million input and output tokens: 27 reserved tokens cost 27 millionths.
+    let config = limited_config(
+        "{ daily_cost_usd: 0.0001 }",
+        ", pricing: { input_per_million: 1.0, output_per_million: 1.0 }",
+    );
+    let store = CellStore::default();
+    let mock =
+        r#"{"model":"mock-gpt","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let t = run_with(
+            Arc::clone(&config),
+            &store,
+            &[
+                Event::Head("POST", CHAT, &[AUTH]),
+                Event::Body(mock),
+                Event::Finish,
+            ],
+        );
+        statuses.push(if t[1].starts_with("respond 200") {
+            200
+        } else {
+            429
+        });
+        if statuses.last() == Some(&429) {
+            assert_eq!(t[1], "respond 429 quota_exhausted");
+            break;
+        }
+    }
+    // At $1 per million tokens a token costs one millionth. The mock bills its prompt
+    // estimate plus "You said: hi"; each request reserves the prompt estimate plus 20.
+    // Requests are admitted while what was billed plus one reservation fits in 100.
+    let billed = prompt_hi() + crate::tokens::estimate_text("You said: hi").max(1);
+    let reserved = reserved_small();
+    let mut expected = 0;
+    while expected * billed + reserved <= 100 {
+        expected += 1;
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count() as u64,
+        expected,
+        "{statuses:?}"
+    );
 }

@@ -4,6 +4,7 @@
 
 use serde_json::json;
 
+use super::openai::usage::Usage;
 use super::openai::wire::ChatRequest;
 use crate::http::LocalResponse;
 use crate::tokens;
@@ -26,26 +27,23 @@ pub fn reply_text(req: &ChatRequest) -> String {
 }
 
 /// Usage as the mock bills it: the prompt estimate plus the reply estimate.
-pub fn usage(req: &ChatRequest, reply: &str) -> (u64, u64) {
-    let prompt = tokens::PER_REQUEST_OVERHEAD
-        + req
-            .messages
-            .iter()
-            .map(|m| {
-                tokens::PER_MESSAGE_OVERHEAD
-                    + m.content
-                        .as_ref()
-                        .map_or(0, |c| tokens::estimate_text(&c.text()))
-            })
-            .sum::<u64>();
-    (prompt, tokens::estimate_text(reply).max(1))
+pub fn usage(req: &ChatRequest, reply: &str) -> Usage {
+    Usage {
+        prompt_tokens: req.estimate_prompt_tokens(),
+        completion_tokens: tokens::estimate_text(reply).max(1),
+        cached_prompt_tokens: 0,
+    }
 }
 
 /// The whole response to a chat request. `model` is the public model name; `now_ms` stamps
 /// `created`.
 pub fn respond(req: &ChatRequest, model: &str, now_ms: u64) -> LocalResponse {
     let text = reply_text(req);
-    let (prompt, completion) = usage(req, &text);
+    let Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        ..
+    } = usage(req, &text);
     let usage = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -5,6 +5,8 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::tokens;
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest<'a> {
     #[serde(borrow)]
@@ -15,9 +17,33 @@ pub struct ChatRequest<'a> {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
 }
 
 impl ChatRequest<'_> {
+    /// The most completion tokens the client allows, if it says.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Estimated prompt tokens: each message's text plus OpenAI's per-message framing.
+    pub fn estimate_prompt_tokens(&self) -> u64 {
+        tokens::PER_REQUEST_OVERHEAD
+            + self
+                .messages
+                .iter()
+                .map(|m| {
+                    tokens::PER_MESSAGE_OVERHEAD
+                        + m.content
+                            .as_ref()
+                            .map_or(0, |c| tokens::estimate_text(&c.text()))
+                })
+                .sum::<u64>()
+    }
+
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
@@ -99,11 +125,30 @@ fn describe(e: &serde_json::Error) -> String {
     }
 }
 
-/// Returns the body with `model` replaced, every other field kept as sent.
-pub fn with_model(body: &[u8], model: &str) -> Result<Vec<u8>, String> {
-    let mut v: serde_json::Map<String, serde_json::Value> =
+/// Returns the body with `model` replaced (if given) and, if `force_stream_usage`,
+/// `stream_options.include_usage` set, every other field kept as sent.
+pub fn rewrite(
+    body: &[u8],
+    model: Option<&str>,
+    force_stream_usage: bool,
+) -> Result<Vec<u8>, String> {
+    use serde_json::Value;
+    let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| describe(&e))?;
-    v.insert("model".into(), serde_json::Value::String(model.to_string()));
+    if let Some(model) = model {
+        v.insert("model".into(), Value::String(model.to_string()));
+    }
+    if force_stream_usage {
+        let options = v
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !options.is_object() {
+            *options = Value::Object(Default::default());
+        }
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
     serde_json::to_vec(&v).map_err(|e| e.to_string())
 }
 
@@ -145,10 +190,30 @@ mod tests {
     }
 
     #[test]
-    fn model_rewrite_keeps_other_fields() {
-        let out = with_model(br#"{"model":"a","messages":[],"x":{"y":1}}"#, "b").unwrap();
+    fn rewrite_keeps_other_fields() {
+        let out = rewrite(
+            br#"{"model":"a","messages":[],"x":{"y":1}}"#,
+            Some("b"),
+            false,
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "b");
         assert_eq!(v["x"]["y"], 1);
+        assert!(v.get("stream_options").is_none());
+        let out = rewrite(br#"{"model":"a","stream_options":{"other":1}}"#, None, true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "a");
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"other": 1, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn max_tokens_and_prompt_estimate() {
+        let r = parse_chat_request(br#"{"model":"m","max_tokens":10,"max_completion_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(r.max_output_tokens(), Some(20));
+        assert!(r.estimate_prompt_tokens() > tokens::PER_REQUEST_OVERHEAD);
     }
 }

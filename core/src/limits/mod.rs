@@ -1,0 +1,325 @@
+//! Token-aware limits: what each configured limit counts, how a request reserves against all
+//! that apply before it goes upstream, and how the reservation is settled on real usage.
+//! State lives in the host's `CounterStore`, one integer per limit; the math is in `gcra`
+//! (rates), `quota` (calendar allowances) and here (concurrency).
+
+pub mod gcra;
+pub mod quota;
+
+use std::sync::Arc;
+
+use crate::store::{CounterStore, StoreError};
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    Tokens,
+    /// Millionths of a US dollar.
+    MicroUsd,
+}
+
+/// How a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meter {
+    Rate(gcra::Rate),
+    Quota(quota::Quota),
+    /// Requests in flight.
+    Concurrency(u64),
+}
+
+/// One configured limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// The config field, e.g. `tokens_per_minute`.
+    pub name: &'static str,
+    /// Whose limit it is, e.g. ``consumer `team-a` ``. Shared, so that a reservation's copy
+    /// of the limit costs no allocation.
+    pub scope: Arc<str>,
+    pub unit: Unit,
+    pub meter: Meter,
+    /// Its counter in the store. It names the limit's value too, so a reload that changes
+    /// the limit starts afresh while unchanged limits keep their counters.
+    pub store_key: Arc<str>,
+}
+
+/// What one request costs in each unit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub requests: u64,
+    pub tokens: u64,
+    pub micro_usd: u64,
+}
+
+impl Amounts {
+    fn of(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => self.requests,
+            Unit::Tokens => self.tokens,
+            Unit::MicroUsd => self.micro_usd,
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Try again after this long.
+    NotNow {
+        limit: &'static str,
+        scope: String,
+        retry_after_ms: u64,
+    },
+    /// A calendar allowance is spent until `retry_after_ms` from now.
+    Exhausted {
+        limit: &'static str,
+        scope: String,
+        retry_after_ms: u64,
+    },
+    /// The request alone is larger than the limit.
+    Never {
+        limit: &'static str,
+        scope: String,
+        requested: u64,
+        capacity: u64,
+    },
+    Store(StoreError),
+}
+
+/// What a request took from each limit, to be settled when it ends.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reservation {
+    taken: Vec<(Limit, u64)>,
+}
+
+/// The tightest limit of a unit after admission, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headroom {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// Headroom per unit that OpenAI-style headers report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<Headroom>,
+    pub tokens: Option<Headroom>,
+}
+
+impl RateHeaders {
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as OpenAI sends them.
+    pub fn to_headers(self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut add = |h: Option<Headroom>, names: [&'static str; 3]| {
+            if let Some(h) = h {
+                out.push((names[0], h.limit.to_string()));
+                out.push((names[1], h.remaining.to_string()));
+                out.push((names[2], format_duration(h.reset_ms)));
+            }
+        };
+        add(
+            self.requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        );
+        add(
+            self.tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        );
+        out
+    }
+}
+
+/// A duration the way OpenAI writes it: `250ms`, `1s`, `1.5s`, `6m0s`, `2h3m4s`.
+pub fn format_duration(ms: u64) -> String {
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let (s, frac) = (rest / 1_000, rest % 1_000);
+    let secs = if frac == 0 {
+        format!("{s}s")
+    } else {
+        format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+const NS_PER_MS: u64 = 1_000_000;
+
+impl Limit {
+    fn reserve(&self, state: Option<u64>, now_ms: u64, units: u64) -> Result<u64, Refusal> {
+        let never = |capacity| Refusal::Never {
+            limit: self.name,
+            scope: self.scope.to_string(),
+            requested: units,
+            capacity,
+        };
+        match self.meter {
+            Meter::Rate(rate) => rate
+                .reserve(state, now_ms.saturating_mul(NS_PER_MS), units)
+                .map_err(|r| match r {
+                    gcra::Refusal::Never => never(rate.limit),
+                    gcra::Refusal::NotNow { retry_after_ns } => Refusal::NotNow {
+                        limit: self.name,
+                        scope: self.scope.to_string(),
+                        retry_after_ms: retry_after_ns.div_ceil(NS_PER_MS),
+                    },
+                }),
+            Meter::Quota(q) => q.reserve(state, now_ms, units).map_err(|r| match r {
+                quota::Refusal::Never => never(q.limit),
+                quota::Refusal::Exhausted { reset_ms } => Refusal::Exhausted {
+                    limit: self.name,
+                    scope: self.scope.to_string(),
+                    retry_after_ms: reset_ms.saturating_sub(now_ms),
+                },
+            }),
+            Meter::Concurrency(max) => {
+                let in_flight = state.unwrap_or(0);
+                if in_flight < max {
+                    Ok(in_flight + 1)
+                } else {
+                    // A slot frees when some request in flight ends, which no state predicts;
+                    // one second is the shortest honest answer.
+                    Err(Refusal::NotNow {
+                        limit: self.name,
+                        scope: self.scope.to_string(),
+                        retry_after_ms: 1_000,
+                    })
+                }
+            }
+        }
+    }
+
+    fn settle(&self, state: Option<u64>, now_ms: u64, reserved: u64, used: u64) -> u64 {
+        match self.meter {
+            Meter::Rate(rate) => {
+                rate.settle(state, now_ms.saturating_mul(NS_PER_MS), reserved, used)
+            }
+            Meter::Quota(q) => q.settle(state, now_ms, reserved, used),
+            // The slot is given back, whatever was used.
+            Meter::Concurrency(_) => state.unwrap_or(0).saturating_sub(1),
+        }
+    }
+
+    fn headroom(&self, state: Option<u64>, now_ms: u64) -> Option<Headroom> {
+        match self.meter {
+            Meter::Rate(rate) => {
+                let now_ns = now_ms.saturating_mul(NS_PER_MS);
+                Some(Headroom {
+                    limit: rate.limit,
+                    remaining: rate.remaining(state, now_ns),
+                    reset_ms: rate.reset_ns(state, now_ns).div_ceil(NS_PER_MS),
+                })
+            }
+            Meter::Quota(q) => Some(Headroom {
+                limit: q.limit,
+                remaining: q.remaining(state, now_ms),
+                reset_ms: q.reset_ms(now_ms),
+            }),
+            Meter::Concurrency(_) => None,
+        }
+    }
+}
+
+/// Reserves `amounts` against every limit in `limits`, all or nothing: if one refuses, what
+/// the others took is given back. Returns the reservation and the headroom left.
+pub fn admit<'a>(
+    limits: impl IntoIterator<Item = &'a Limit>,
+    store: &impl CounterStore,
+    now_ms: u64,
+    amounts: Amounts,
+) -> Result<(Reservation, RateHeaders), Refusal> {
+    let mut reservation = Reservation::default();
+    let mut headers = RateHeaders::default();
+    for limit in limits {
+        let units = amounts.of(limit.unit);
+        let outcome = store.measure_and_replace(&limit.store_key, |state| {
+            limit
+                .reserve(state, now_ms, units)
+                .map(|new| (limit.headroom(Some(new), now_ms), new))
+        });
+        let refusal = match outcome {
+            Ok(Ok(headroom)) => {
+                let slot = match limit.unit {
+                    Unit::Requests => Some(&mut headers.requests),
+                    Unit::Tokens => Some(&mut headers.tokens),
+                    Unit::MicroUsd => None,
+                };
+                if let (Some(slot), Some(h)) = (slot, headroom) {
+                    if slot.is_none_or(|s| h.remaining < s.remaining) {
+                        *slot = Some(h);
+                    }
+                }
+                reservation.taken.push((limit.clone(), units));
+                continue;
+            }
+            Ok(Err(refusal)) => refusal,
+            Err(e) => Refusal::Store(e),
+        };
+        // Give back all that the limits before this one took, the request included. A store
+        // failure here leaves a counter high until its window passes: the safe side.
+        let _ = give_back(reservation, store, now_ms, Amounts::default(), false);
+        return Err(refusal);
+    }
+    Ok((reservation, headers))
+}
+
+/// Settles a reservation on what the request really used (zero for a request that never
+/// reached a provider or was refused by it): refunds or charges each limit the difference,
+/// and frees concurrency slots.
+pub fn settle(
+    reservation: Reservation,
+    store: &impl CounterStore,
+    now_ms: u64,
+    used: Amounts,
+) -> Result<(), StoreError> {
+    give_back(reservation, store, now_ms, used, true)
+}
+
+fn give_back(
+    reservation: Reservation,
+    store: &impl CounterStore,
+    now_ms: u64,
+    used: Amounts,
+    request_was_made: bool,
+) -> Result<(), StoreError> {
+    let mut result = Ok(());
+    for (limit, reserved) in reservation.taken {
+        let used = match limit.unit {
+            // A request that was made counts, answered or not; concurrency frees its slot
+            // regardless.
+            Unit::Requests if request_was_made => reserved,
+            unit => used.of(unit),
+        };
+        let outcome = store.measure_and_replace(&limit.store_key, |state| {
+            Ok::<_, std::convert::Infallible>(((), limit.settle(state, now_ms, reserved, used)))
+        });
+        if let Err(e) = outcome {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+impl Reservation {
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+use super::*;
+use crate::store::tests::CellStore;
+
+const NOW: u64 = 1_795_341_600_000;
+
+fn rate(name: &'static str, unit: Unit, limit: u64, window_ms: u64) -> Limit {
+    Limit {
+        name,
+        scope: "consumer `app`".into(),
+        unit,
+        meter: Meter::Rate(gcra::Rate {
+            limit,
+            window_ns: window_ms * 1_000_000,
+        }),
+        store_key: format!("{name}/{limit}").into(),
+    }
+}
+
+fn concurrency(max: u64) -> Limit {
+    Limit {
+        name: "concurrency",
+        scope: "consumer `app`".into(),
+        unit: Unit::Requests,
+        meter: Meter::Concurrency(max),
+        store_key: "concurrency".into(),
+    }
+}
+
+fn req(tokens: u64) -> Amounts {
+    Amounts {
+        requests: 1,
+        tokens,
+        micro_usd: 0,
+    }
+}
+
+#[test]
+fn admission_is_all_or_nothing() {
+    let store = CellStore::default();
+    let limits = [
+        rate("requests_per_minute", Unit::Requests, 10, 60_000),
+        rate("tokens_per_minute", Unit::Tokens, 100, 60_000),
+    ];
+    let (r, _) = admit(&limits, &store, NOW, req(80)).unwrap();
+    // The token limit refuses the second request; its request must not stay counted.
+    let refusal = admit(&limits, &store, NOW, req(80)).unwrap_err();
+    assert!(
+        matches!(
+            refusal,
+            Refusal::NotNow {
+                limit: "tokens_per_minute",
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+    let (_, h) = admit(&limits, &store, NOW, req(10)).unwrap();
+    assert_eq!(
+        h.requests.unwrap().remaining,
+        8,
+        "the refused request was given back"
+    );
+    settle(r, &store, NOW, req(80)).unwrap();
+}
+
+#[test]
+fn retry_after_comes_from_the_bucket() {
+    let store = CellStore::default();
+    let limits = [rate("tokens_per_minute", Unit::Tokens, 600, 60_000)];
+    admit(&limits, &store, NOW, req(600)).unwrap();
+    let Err(Refusal::NotNow { retry_after_ms, .. }) = admit(&limits, &store, NOW, req(60)) else {
+        panic!()
+    };
+    assert_eq!(retry_after_ms, 6_000);
+    assert!(admit(&limits, &store, NOW + 6_000, req(60)).is_ok());
+}
+
+#[test]
+fn a_request_larger_than_a_limit_never_fits() {
+    let store = CellStore::default();
+    let refusal = admit(
+        &[rate("tokens_per_minute", Unit::Tokens, 100, 60_000)],
+        &store,
+        NOW,
+        req(101),
+    )
+    .unwrap_err();
+    assert_eq!(
+        refusal,
+        Refusal::Never {
+            limit: "tokens_per_minute",
+            scope: "consumer `app`".into(),
+            requested: 101,
+            capacity: 100
+        }
+    );
+}
+
+#[test]
+fn settling_refunds_tokens_and_frees_concurrency() {
+    let store = CellStore::default();
+    let limits = [
+        rate("tokens_per_minute", Unit::Tokens, 1_000, 60_000),
+        concurrency(1),
+    ];
+    let (r, h) = admit(&limits, &store, NOW, req(800)).unwrap();
+    assert_eq!(h.tokens.unwrap().remaining, 200);
+    assert!(matches!(
+        admit(&limits, &store, NOW, req(1)),
+        Err(Refusal::NotNow {
+            limit: "concurrency",
+            ..
+        })
+    ));
+    settle(r, &store, NOW, req(100)).unwrap();
+    let (_, h) = admit(&limits, &store, NOW, req(100)).unwrap();
+    assert_eq!(
+        h.tokens.unwrap().remaining,
+        800,
+        "700 refunded, 100 more taken"
+    );
+}
+
+#[test]
+fn headers_report_the_tightest_limit() {
+    let store = CellStore::default();
+    let limits = [
+        rate("tokens_per_minute", Unit::Tokens, 1_000, 60_000),
+        rate("tokens_per_day", Unit::Tokens, 5_000, 86_400_000),
+        rate("requests_per_minute", Unit::Requests, 3, 60_000),
+    ];
+    admit(&limits, &store, NOW, req(900)).unwrap();
+    let (_, h) = admit(&limits, &store, NOW, req(50)).unwrap();
+    let headers = h.to_headers();
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(get("x-ratelimit-limit-tokens"), "1000");
+    assert_eq!(get("x-ratelimit-remaining-tokens"), "50");
+    assert_eq!(get("x-ratelimit-limit-requests"), "3");
+    assert_eq!(get("x-ratelimit-remaining-requests"), "1");
+    assert_eq!(get("x-ratelimit-reset-requests"), "40s");
+}
+
+#[test]
+fn durations_read_like_openais() {
+    assert_eq!(format_duration(0), "0ms");
+    assert_eq!(format_duration(250), "250ms");
+    assert_eq!(format_duration(1_000), "1s");
+    assert_eq!(format_duration(1_500), "1.5s");
+    assert_eq!(format_duration(360_000), "6m0s");
+    assert_eq!(format_duration(7_384_020), "2h3m4.02s");
+}
