@@ -1,7 +1,5 @@
 //! Criterion benches of the core's hot paths. Run with `make bench`.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -9,35 +7,11 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tollgate_core::auth::KeyHash;
 use tollgate_core::exchange::{OnBody, OnHeaders};
 use tollgate_core::http::RequestHead;
-use tollgate_core::store::{CounterStore, StoreError};
+use tollgate_core::store::LocalStore;
 use tollgate_core::Config;
 use tollgate_core::Exchange;
 
 const KEY: &str = "tg-bench-consumer-key";
-
-/// A single-threaded store: the benches measure the core, not a host's shared memory.
-#[derive(Default)]
-struct CellStore(RefCell<BTreeMap<String, u64>>);
-
-impl CounterStore for CellStore {
-    fn measure_and_replace<T, E>(
-        &self,
-        key: &str,
-        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
-    ) -> Result<Result<T, E>, StoreError> {
-        let old = self.0.borrow().get(key).copied();
-        Ok(f(old).map(|(out, new)| {
-            let mut map = self.0.borrow_mut();
-            match map.get_mut(key) {
-                Some(v) => *v = new,
-                None => {
-                    map.insert(key.to_string(), new);
-                }
-            }
-            out
-        }))
-    }
-}
 
 fn config() -> Arc<Config> {
     // 100 consumers, so that the lookup is not a one-entry map.
@@ -80,7 +54,7 @@ fn headers() -> Vec<(String, String)> {
 fn request_path(c: &mut Criterion) {
     let config = config();
     let headers = headers();
-    let store = CellStore::default();
+    let store = LocalStore::default();
     let mut group = c.benchmark_group("core");
 
     group.bench_function("authenticate", |b| {
@@ -125,7 +99,7 @@ fn limiter(c: &mut Criterion) {
     );
     let config = Config::load(&text, &|_| None).expect("limiter config");
     let limits: Vec<_> = config.limits_for(0, 0).cloned().collect();
-    let store = CellStore::default();
+    let store = LocalStore::default();
     let amounts = Amounts {
         requests: 1,
         tokens: 1_000,

@@ -38,27 +38,33 @@ pub trait CounterStore {
     ) -> Result<Result<T, E>, StoreError>;
 }
 
+/// A single-threaded store: for the core's tests and benches, and any host that runs one
+/// request at a time.
+#[derive(Debug, Default)]
+pub struct LocalStore(std::cell::RefCell<std::collections::BTreeMap<String, u64>>);
+
+impl CounterStore for LocalStore {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        let old = self.0.borrow().get(key).copied();
+        Ok(f(old).map(|(out, new)| {
+            let mut map = self.0.borrow_mut();
+            match map.get_mut(key) {
+                Some(v) => *v = new,
+                None => {
+                    map.insert(key.to_string(), new);
+                }
+            }
+            out
+        }))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    /// Single-threaded store for core tests.
-    #[derive(Default)]
-    pub struct CellStore(RefCell<HashMap<String, u64>>);
-
-    impl CounterStore for CellStore {
-        fn measure_and_replace<T, E>(
-            &self,
-            key: &str,
-            mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
-        ) -> Result<Result<T, E>, StoreError> {
-            let old = self.0.borrow().get(key).copied();
-            Ok(f(old).map(|(out, new)| {
-                self.0.borrow_mut().insert(key.to_string(), new);
-                out
-            }))
-        }
-    }
+    /// The core's tests use the local store.
+    pub type CellStore = super::LocalStore;
 }

@@ -183,7 +183,7 @@ fn local(r: LocalResponse) -> Response<GatewayBody> {
 
 async fn forward_upstream(
     gw: &Arc<Gateway>,
-    mut exchange: Exchange,
+    exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
     forward: Forward,
@@ -205,7 +205,24 @@ async fn forward_upstream(
     };
     let provider = attempt.provider.name.clone();
     let timeout = Duration::from_millis(config.server.upstream_timeout_ms);
-    let response = match tokio::time::timeout(timeout, gw.client.request(request)).await {
+    // If the client goes away while the provider thinks, this future is dropped here: the
+    // guard settles the exchange (frees its slot, refunds its tokens) all the same.
+    let mut guard = InFlight {
+        exchange: Some(exchange),
+        gateway: Arc::clone(gw),
+        started,
+    };
+    let sent = tokio::time::timeout(timeout, gw.client.request(request)).await;
+    let Some(exchange) = guard.exchange.take() else {
+        return local(
+            GatewayError::Internal {
+                detail: "the exchange was lost".into(),
+            }
+            .respond(),
+        );
+    };
+    let mut exchange = exchange;
+    let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
@@ -257,6 +274,23 @@ async fn forward_upstream(
     }
     let body = UpstreamBody::new(body, exchange, Arc::clone(gw), timeout, started, key_id);
     Response::from_parts(parts, GatewayBody::Upstream(Box::new(body)))
+}
+
+/// Holds an exchange across the wait for the provider, and settles it if that wait is
+/// abandoned (the request future dropped because the client left).
+struct InFlight {
+    exchange: Option<Exchange>,
+    gateway: Arc<Gateway>,
+    started: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut exchange) = self.exchange.take() {
+            let summary = exchange.finish(crate::now_ms(), &self.gateway.store);
+            access_log::record(&summary, None, self.started, Ending::ClientGone);
+        }
+    }
 }
 
 /// Builds one attempt's request: the client's headers minus the hop's and the consumer's,

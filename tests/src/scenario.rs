@@ -1,6 +1,8 @@
 //! Helpers the end-to-end suites share: request bodies, SSE splitting, error checks.
 
 use serde_json::{json, Value};
+
+use crate::gateway::{Gateway, Host};
 use sha2::{Digest, Sha256};
 
 /// The SHA-256 hex a config stores for a consumer key.
@@ -74,4 +76,15 @@ macro_rules! both_hosts {
             )*
         }
     };
+}
+
+/// Starts a gateway from an async test (the start itself blocks while the process comes up).
+pub async fn start_gateway(
+    host: Host,
+    config: String,
+    env: Vec<(&'static str, &'static str)>,
+) -> Gateway {
+    tokio::task::spawn_blocking(move || Gateway::start(host, &config, &env))
+        .await
+        .expect("the gateway start panicked")
 }

@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{Fault, MockProvider, DEFAULT_CONTENT};
-use tollgate_e2e::scenario::{assert_error, closed_port, sha256_hex, sse_data, stream_text, user};
+use tollgate_e2e::scenario::{
+    assert_error, closed_port, sha256_hex, sse_data, start_gateway, stream_text, user,
+};
 
 const APP_KEY: &str = "tg-test-app-key";
 const LIMITED_KEY: &str = "tg-test-limited-key";
@@ -70,10 +72,8 @@ impl Fixture {
     async fn start(host: Host) -> Fixture {
         let mock = MockProvider::start().await;
         let config = config(&mock);
-        let env = [("TG_TEST_KEY_A", KEY_A), ("TG_TEST_KEY_B", KEY_B)];
-        let gateway = tokio::task::spawn_blocking(move || Gateway::start(host, &config, &env))
-            .await
-            .unwrap();
+        let env = vec![("TG_TEST_KEY_A", KEY_A), ("TG_TEST_KEY_B", KEY_B)];
+        let gateway = start_gateway(host, config, env).await;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
@@ -83,6 +83,29 @@ impl Fixture {
             gateway,
             http,
         }
+    }
+
+    fn fault_all_keys(&self, fault: Fault) {
+        for key in [KEY_A, KEY_B] {
+            self.mock.set_fault(key, fault.clone());
+        }
+    }
+
+    fn clear_all_faults(&self) {
+        for key in [KEY_A, KEY_B] {
+            self.mock.clear_fault(key);
+        }
+    }
+
+    /// Sends a chat request as the `app` consumer.
+    async fn post(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(APP_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     fn url(&self, path: &str) -> String {
@@ -186,22 +209,12 @@ async fn upstream_completion_with_model_rewrite(host: Host) {
 async fn upstream_stream_is_not_buffered(host: Host) {
     let f = Fixture::start(host).await;
     let release = Arc::new(tokio::sync::Notify::new());
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(
-            key,
-            Fault::HoldStream {
-                release: Arc::clone(&release),
-            },
-        );
-    }
+    f.fault_all_keys(Fault::HoldStream {
+        release: Arc::clone(&release),
+    });
     let mut r = f
-        .http
-        .post(f.url("/v1/chat/completions"))
-        .bearer_auth(APP_KEY)
-        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
-        .send()
-        .await
-        .unwrap();
+        .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .await;
     assert_eq!(r.status(), 200);
     // The mock holds the rest of the stream until released: the first event can only arrive
     // if the gateway forwards it without waiting for the end.
@@ -226,17 +239,10 @@ async fn upstream_stream_is_not_buffered(host: Host) {
 /// `[DONE]` (an error, not a clean end), and the gateway keeps serving.
 async fn stream_cut_by_the_provider_reaches_the_client_as_an_error(host: Host) {
     let f = Fixture::start(host).await;
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(key, Fault::CutStreamAfter { chunks: 2 });
-    }
+    f.fault_all_keys(Fault::CutStreamAfter { chunks: 2 });
     let mut r = f
-        .http
-        .post(f.url("/v1/chat/completions"))
-        .bearer_auth(APP_KEY)
-        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
-        .send()
-        .await
-        .unwrap();
+        .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .await;
     assert_eq!(r.status(), 200);
     let mut text = String::new();
     let ended = loop {
@@ -254,9 +260,7 @@ async fn stream_cut_by_the_provider_reaches_the_client_as_an_error(host: Host) {
     // What the provider sent before the cut is relayed (the last event may be lost with the
     // connection, as it is between any proxy and its client).
     assert!((1..=2).contains(&sse_data(&text).len()), "{text:?}");
-    for key in [KEY_A, KEY_B] {
-        f.mock.clear_fault(key);
-    }
+    f.clear_all_faults();
     let (status, v) = f
         .chat(
             APP_KEY,
@@ -473,14 +477,9 @@ async fn unreachable_provider_is_502(host: Host) {
 
 async fn silent_provider_is_504(host: Host) {
     let f = Fixture::start(host).await;
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(
-            key,
-            Fault::Slow {
-                delay_ms: UPSTREAM_TIMEOUT_MS + 3_000,
-            },
-        );
-    }
+    f.fault_all_keys(Fault::Slow {
+        delay_ms: UPSTREAM_TIMEOUT_MS + 3_000,
+    });
     let (status, v) = f
         .chat(
             APP_KEY,
@@ -531,9 +530,7 @@ async fn hostile_headers_do_not_break_the_gateway(host: Host) {
 /// Clients cannot make Envoy retry or re-time a request with `x-envoy-*` headers.
 async fn router_control_headers_from_clients_are_ignored(host: Host) {
     let f = Fixture::start(host).await;
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(key, Fault::ServerError { status: 503 });
-    }
+    f.fault_all_keys(Fault::ServerError { status: 503 });
     let r = f
         .http
         .post(f.url("/v1/chat/completions"))
@@ -561,9 +558,7 @@ async fn router_control_headers_from_clients_are_ignored(host: Host) {
 /// and nothing of the provider's message (which may quote the key) is relayed.
 async fn provider_refusing_the_key_is_502(host: Host) {
     let f = Fixture::start(host).await;
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(key, Fault::Unauthorized);
-    }
+    f.fault_all_keys(Fault::Unauthorized);
     let (status, v) = f
         .chat(
             APP_KEY,
@@ -581,9 +576,7 @@ async fn provider_refusing_the_key_is_502(host: Host) {
 
 async fn provider_errors_pass_through(host: Host) {
     let f = Fixture::start(host).await;
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(key, Fault::ServerError { status: 503 });
-    }
+    f.fault_all_keys(Fault::ServerError { status: 503 });
     let (status, v) = f
         .chat(
             APP_KEY,
@@ -636,22 +629,12 @@ async fn openai_python_sdk(host: Host) {
 async fn graceful_shutdown_finishes_requests_in_flight(host: Host) {
     let f = Fixture::start(host).await;
     let release = Arc::new(tokio::sync::Notify::new());
-    for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(
-            key,
-            Fault::HoldStream {
-                release: Arc::clone(&release),
-            },
-        );
-    }
+    f.fault_all_keys(Fault::HoldStream {
+        release: Arc::clone(&release),
+    });
     let mut r = f
-        .http
-        .post(f.url("/v1/chat/completions"))
-        .bearer_auth(APP_KEY)
-        .json(&json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
-        .send()
-        .await
-        .unwrap();
+        .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+        .await;
     let first = r.chunk().await.unwrap().unwrap();
     let Fixture {
         mock,

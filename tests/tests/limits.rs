@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{Fault, MockProvider, MockUsage};
-use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, user};
+use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, start_gateway, user};
 
 const APP_KEY: &str = "tg-limits-app-key";
 const KEY_A: &str = "sk-limits-provider-a";
@@ -24,11 +24,7 @@ struct Fixture {
 async fn start(host: Host, limits: &str) -> Fixture {
     let mock = MockProvider::start().await;
     let config = config(&mock, limits, "");
-    let gateway = tokio::task::spawn_blocking(move || {
-        Gateway::start(host, &config, &[("TG_LIMITS_KEY_A", KEY_A)])
-    })
-    .await
-    .unwrap();
+    let gateway = start_gateway(host, config, vec![("TG_LIMITS_KEY_A", KEY_A)]).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -215,6 +211,35 @@ async fn a_client_that_disconnects_frees_its_slot_and_is_charged_what_was_stream
     );
 }
 
+/// A client that gives up while the provider is still thinking frees its slot too.
+async fn a_client_that_leaves_before_the_answer_frees_its_slot(host: Host) {
+    let f = start(host, "{ concurrency: 1 }").await;
+    f.mock.set_fault(KEY_A, Fault::Slow { delay_ms: 1_500 });
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/v1/chat/completions", f.gateway.base_url()))
+        .bearer_auth(APP_KEY)
+        .json(&chat(10))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client should have timed out");
+    f.mock.clear_fault(KEY_A);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if f.send(chat(10)).await.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot of the client that left was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A 429 says when to come back, from the bucket's state; a request sent after that delay
 /// is admitted.
 async fn the_429_retry_after_is_honest(host: Host) {
@@ -359,6 +384,7 @@ both_hosts!(
     concurrent_clients_stay_within_the_token_limit,
     streams_are_charged_their_real_usage,
     a_client_that_disconnects_frees_its_slot_and_is_charged_what_was_streamed,
+    a_client_that_leaves_before_the_answer_frees_its_slot,
     the_429_retry_after_is_honest,
     headers_show_the_remaining_budget_decreasing,
     a_daily_cost_budget_runs_out_at_the_right_request,
