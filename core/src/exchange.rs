@@ -17,9 +17,10 @@ use crate::auth;
 use crate::config::{Config, ConsumerId, ModelId, ProviderId};
 use crate::error::GatewayError;
 use crate::http::{
-    HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS, LOCAL_REPLY_HEADER,
-    PROVIDER_HEADER,
+    HeaderLookup, LocalResponse, RequestHead, DEMAND_HEADER, FORWARD_REMOVE_HEADERS,
+    LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
+use crate::keys::{taken_over, KEY_RESERVATION_HEADER};
 use crate::limits::{self, Amounts, RateHeaders, Reservation};
 use crate::providers::openai::usage::{self, Usage};
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
@@ -62,6 +63,10 @@ pub struct Forward {
     pub remove_headers: &'static [&'static str],
     /// Header naming the provider (routes the request in Envoy, tells the key role its pool).
     pub route_header: (&'static str, String),
+    /// What the request reserves, for the chosen key's own limits (`keys::attempt_key`); in
+    /// Envoy it travels to the key role as `demand_header`.
+    pub demand: Amounts,
+    pub demand_header: (&'static str, String),
 }
 
 /// What to do with the provider's response.
@@ -80,10 +85,14 @@ pub enum OnResponse {
     Replace(LocalResponse),
 }
 
-/// Response headers that identify the provider account behind a key, or try to set state on
-/// the client: none of them is the client's business.
-pub const PROVIDER_ACCOUNT_HEADERS: [&str; 3] =
-    ["openai-organization", "openai-project", "set-cookie"];
+/// Response headers the client does not see: those that identify the provider account behind
+/// a key or try to set state on the client, and the key role's internal handover.
+pub const RELAY_REMOVE_HEADERS: [&str; 4] = [
+    "openai-organization",
+    "openai-project",
+    "set-cookie",
+    KEY_RESERVATION_HEADER,
+];
 
 /// What to emit for one chunk of the provider's response body.
 #[must_use]
@@ -284,7 +293,7 @@ impl Exchange {
                 model: req.model.to_string(),
             });
         };
-        self.admit(now_ms, &req, model_id, store)?;
+        let demand = self.admit(now_ms, &req, model_id, provider.has_key_limits(), store)?;
         let rate_headers = self.rate_headers();
         if provider.kind == ProviderKind::Mock {
             self.stage = Stage::Done;
@@ -322,24 +331,32 @@ impl Exchange {
             body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
+            demand,
+            demand_header: (DEMAND_HEADER, demand.tokens.to_string()),
         }))
     }
 
-    /// Reserves the request's estimated cost against every limit that applies.
+    /// Reserves the request's estimated cost against every limit that applies, and returns
+    /// it (the key role reserves it again against the chosen key). Requests under no limit,
+    /// to a pool without key limits, skip the estimate.
     fn admit(
         &mut self,
         now_ms: u64,
         req: &wire::ChatRequest<'_>,
         model_id: ModelId,
+        key_limits: bool,
         store: &impl CounterStore,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Amounts, GatewayError> {
         let config = Arc::clone(&self.config);
         let (Some(consumer), Some(model)) = (self.consumer, config.model(model_id)) else {
-            return Ok(());
+            return Ok(Amounts::default());
         };
         let mut limits = config.limits_for(consumer, model_id).peekable();
-        if limits.peek().is_none() {
-            return Ok(());
+        if limits.peek().is_none() && !key_limits {
+            return Ok(Amounts {
+                requests: 1,
+                ..Amounts::default()
+            });
         }
         let prompt = req.estimate_prompt_tokens();
         let completion = req.max_output_tokens().unwrap_or(model.default_max_tokens);
@@ -356,7 +373,24 @@ impl Exchange {
             headers,
             prompt_estimate: prompt,
         });
-        Ok(())
+        Ok(amounts)
+    }
+
+    /// Adds what the key role reserved against the chosen key, to be settled with the rest.
+    pub fn attach_key_reservation(&mut self, reservation: Reservation) {
+        if reservation.is_empty() {
+            return;
+        }
+        match &mut self.metering {
+            Some(m) => m.reservation.merge(reservation),
+            // Unreachable in practice: key limits always make the request metered.
+            None => {
+                self.metering = Some(Metering {
+                    reservation,
+                    ..Metering::default()
+                })
+            }
+        }
     }
 
     fn rate_headers(&self) -> Vec<(&'static str, String)> {
@@ -372,10 +406,15 @@ impl Exchange {
         headers: &H,
     ) -> OnResponse {
         self.status = Some(status);
+        if let Some(handover) = headers.header(KEY_RESERVATION_HEADER) {
+            if let Some(r) = taken_over(&self.config, handover) {
+                self.attach_key_reservation(r);
+            }
+        }
         if headers.header(LOCAL_REPLY_HEADER).is_some() {
             // The key role's own refusal: already the error the client should see.
             return OnResponse::Relay {
-                remove_headers: &[LOCAL_REPLY_HEADER],
+                remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
                 add_headers: self.rate_headers(),
                 body_rewritten: false,
             };
@@ -391,7 +430,7 @@ impl Exchange {
             self.sse = Some(SseParser::new());
         }
         OnResponse::Relay {
-            remove_headers: &PROVIDER_ACCOUNT_HEADERS,
+            remove_headers: &RELAY_REMOVE_HEADERS,
             add_headers: self.rate_headers(),
             body_rewritten: success && self.strip_usage_chunk,
         }

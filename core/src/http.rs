@@ -6,6 +6,10 @@
 /// the gateway role always overwrites or removes it.
 pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
 
+/// Request header by which Envoy's gateway role tells the key role the tokens a request
+/// reserves, so that the key role can reserve them against the chosen key's own limits.
+pub const DEMAND_HEADER: &str = "x-tollgate-demand";
+
 /// Response header that marks a reply of the key role's own (in Envoy it travels back
 /// through the gateway role like a provider's response). Removed before the client sees it.
 pub const LOCAL_REPLY_HEADER: &str = "x-tollgate-local-reply";
@@ -26,15 +30,16 @@ pub const FORWARD_REMOVE_HEADERS: [&str; 6] = [
     "openai-project",
 ];
 
-/// Request headers only the gateway may set: its routing header, and Envoy's router controls
+/// Request headers only the gateway may set: its own `x-tollgate-*` headers, and Envoy's router controls
 /// (`x-envoy-retry-on`, `x-envoy-upstream-rq-timeout-ms`, ...), which would let a client make
 /// the gateway retry on other keys or wait longer than configured. Removed from every client
 /// request in both hosts.
 pub fn is_gateway_header(name: &str) -> bool {
-    name.eq_ignore_ascii_case(PROVIDER_HEADER)
-        || name
-            .get(..8)
-            .is_some_and(|p| p.eq_ignore_ascii_case("x-envoy-"))
+    let has_prefix = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    has_prefix("x-tollgate-") || has_prefix("x-envoy-")
 }
 
 /// Read access to a request's headers. Names are matched case-insensitively by the host.

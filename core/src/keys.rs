@@ -1,12 +1,18 @@
-//! The key role: for one upstream attempt, pick a key from the provider's pool and say how to
-//! present it. In Envoy this runs in each provider cluster's upstream filter, once per attempt;
-//! the native host calls it before each attempt.
+//! The key role: for one upstream attempt, pick a key from the provider's pool — in turn,
+//! skipping keys that have no room left under their own limits — and say how to present it.
+//! In Envoy this runs in each provider cluster's upstream filter, once per attempt; the
+//! native host calls it before each attempt.
 
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::http::{CONSUMER_CREDENTIAL_HEADERS, PROVIDER_HEADER};
+use crate::http::{CONSUMER_CREDENTIAL_HEADERS, DEMAND_HEADER, PROVIDER_HEADER};
+use crate::limits::{self, Amounts, Refusal, Reservation};
 use crate::providers::{Provider, ProviderKey};
 use crate::store::CounterStore;
+
+/// Response header by which Envoy's key role hands a key's reservation to the gateway role,
+/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens`.
+pub const KEY_RESERVATION_HEADER: &str = "x-tollgate-key-reservation";
 
 /// The key chosen for one attempt, and the header edits that present it.
 #[derive(Debug)]
@@ -14,17 +20,34 @@ pub struct KeyAttempt<'c> {
     pub provider: &'c Provider,
     /// `None` when the provider takes no key.
     pub key: Option<&'c ProviderKey>,
+    /// What the attempt took from the key's own limits; settle it when the exchange ends.
+    pub reservation: Reservation,
+    /// What was reserved, for handing the reservation over (`handover`).
+    pub demand: Amounts,
 }
 
 impl KeyAttempt<'_> {
-    /// Headers to remove from the attempt: the routing header (internal) and any consumer
+    /// Headers to remove from the attempt: the gateway's internal headers and any consumer
     /// credential that is still there, before the key's own header is set.
-    pub const REMOVE_HEADERS: [&'static str; 4] = [
+    pub const REMOVE_HEADERS: [&'static str; 5] = [
         PROVIDER_HEADER,
+        DEMAND_HEADER,
         CONSUMER_CREDENTIAL_HEADERS[0],
         CONSUMER_CREDENTIAL_HEADERS[1],
         CONSUMER_CREDENTIAL_HEADERS[2],
     ];
+
+    /// The value of `KEY_RESERVATION_HEADER` that hands this attempt's reservation over, if
+    /// it took any.
+    pub fn handover(&self) -> Option<String> {
+        let key = self.key?;
+        (!self.reservation.is_empty()).then(|| {
+            format!(
+                "{}/{}/{}/{}",
+                self.provider.name, key.id, self.demand.requests, self.demand.tokens
+            )
+        })
+    }
 
     /// The header to set, if any.
     pub fn header(&self) -> Option<(&'static str, &str)> {
@@ -37,20 +60,118 @@ impl KeyAttempt<'_> {
     }
 }
 
-/// Picks the key for an attempt on the provider named by the gateway role's routing header.
+/// The reservation a handover header describes, to be settled by the gateway role.
+pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
+    let mut parts = handover.split('/');
+    let (provider, key) = (parts.next()?, parts.next()?);
+    let requests = parts.next()?.parse().ok()?;
+    let tokens = parts.next()?.parse().ok()?;
+    let key = config
+        .provider_by_name(provider)?
+        .keys
+        .iter()
+        .find(|k| k.id == key)?;
+    let demand = Amounts {
+        requests,
+        tokens,
+        micro_usd: 0,
+    };
+    Some(Reservation::of(&key.limits, demand))
+}
+
+/// Picks the key for an attempt on the provider named by the gateway role's routing header:
+/// the next in turn that has room for `demand` under its own limits. When none has, the
+/// request waits for the first key to have room (429) or can never fit (400).
 pub fn attempt_key<'c>(
     config: &'c Config,
     provider_header: Option<&str>,
     store: &impl CounterStore,
+    now_ms: u64,
+    demand: Amounts,
 ) -> Result<KeyAttempt<'c>, GatewayError> {
     let provider = provider_header
         .and_then(|name| config.provider_by_name(name))
         .filter(|p| p.kind.is_upstream())
         .ok_or(GatewayError::NotRoutedByGateway)?;
-    let key = provider
-        .select_key(store)
-        .map_err(|e| GatewayError::SharedStateUnavailable {
-            detail: e.to_string(),
-        })?;
-    Ok(KeyAttempt { provider, key })
+    let store_error = |e: crate::store::StoreError| GatewayError::SharedStateUnavailable {
+        detail: e.to_string(),
+    };
+    let attempt = |key, reservation| KeyAttempt {
+        provider,
+        key,
+        reservation,
+        demand,
+    };
+    if provider.keys.is_empty() {
+        return Ok(attempt(None, Reservation::default()));
+    }
+    let turn = provider.next_turn(store).map_err(store_error)?;
+    // The refusal to report if every key refuses: the soonest retry, else the largest key.
+    let mut best: Option<Refusal> = None;
+    for key in provider.keys_from(turn) {
+        if key.limits.is_empty() {
+            return Ok(attempt(Some(key), Reservation::default()));
+        }
+        match limits::admit(&key.limits, store, now_ms, demand) {
+            Ok((reservation, _)) => return Ok(attempt(Some(key), reservation)),
+            Err(Refusal::Store(e)) => return Err(store_error(e)),
+            Err(refusal) => {
+                if better(&refusal, best.as_ref()) {
+                    best = Some(refusal);
+                }
+            }
+        }
+    }
+    let scope = format!("every key of provider `{}`", provider.name);
+    Err(match best {
+        Some(Refusal::NotNow {
+            limit,
+            retry_after_ms,
+            ..
+        }) => GatewayError::RateLimited {
+            limit,
+            scope,
+            retry_after_ms,
+        },
+        Some(Refusal::Exhausted {
+            limit,
+            retry_after_ms,
+            ..
+        }) => GatewayError::QuotaExhausted {
+            limit,
+            scope,
+            retry_after_ms,
+        },
+        Some(Refusal::Never {
+            limit,
+            requested,
+            capacity,
+            ..
+        }) => GatewayError::ExceedsLimit {
+            limit,
+            scope,
+            requested,
+            capacity,
+        },
+        Some(Refusal::Store(e)) => store_error(e),
+        None => GatewayError::Internal {
+            detail: "a pool with keys refused without a reason".into(),
+        },
+    })
+}
+
+/// Whether `new` is the refusal to report rather than `old`: a wait beats "never", and a
+/// shorter wait a longer one.
+fn better(new: &Refusal, old: Option<&Refusal>) -> bool {
+    let wait = |r: &Refusal| match r {
+        Refusal::NotNow { retry_after_ms, .. } | Refusal::Exhausted { retry_after_ms, .. } => {
+            Some(*retry_after_ms)
+        }
+        _ => None,
+    };
+    match (old, wait(new)) {
+        (None, _) => true,
+        (Some(old), Some(n)) => wait(old).is_none_or(|o| n < o),
+        (Some(_), None) => false,
+    }
 }

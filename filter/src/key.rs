@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
-use tollgate_core::http::{LOCAL_REPLY_HEADER, PROVIDER_HEADER};
+use tollgate_core::http::{DEMAND_HEADER, LOCAL_REPLY_HEADER, PROVIDER_HEADER};
+use tollgate_core::keys::KEY_RESERVATION_HEADER;
 use tollgate_core::keys::{attempt_key, KeyAttempt};
+use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
 
@@ -14,14 +16,22 @@ use crate::host::{self, SharedStore};
 
 pub struct KeyFlow {
     config: Arc<Config>,
+    /// What this attempt took from the key's own limits, until it is handed to the gateway
+    /// role (with a successful response) or given back (on any other ending).
+    reservation: Reservation,
+    handover: Option<String>,
 }
 
 impl KeyFlow {
     pub fn new(config: Arc<Config>) -> Self {
-        Self { config }
+        Self {
+            config,
+            reservation: Reservation::default(),
+            handover: None,
+        }
     }
 
-    fn inject(&self) -> Result<(), GatewayError> {
+    fn inject(&mut self) -> Result<(), GatewayError> {
         let map = MapType::HttpRequestHeaders;
         // The pool is the cluster's own; the gateway role's header must agree with it, so a
         // route that skipped the gateway role (no header) never gets a key.
@@ -31,7 +41,17 @@ impl KeyFlow {
         if routed.is_none() || routed.as_deref() != pool {
             return Err(GatewayError::NotRoutedByGateway);
         }
-        let attempt = attempt_key(&self.config, pool, &SharedStore)?;
+        let tokens = host::header(map, DEMAND_HEADER)?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let demand = Amounts {
+            requests: 1,
+            tokens,
+            micro_usd: 0,
+        };
+        let mut attempt = attempt_key(&self.config, pool, &SharedStore, host::now_ms(), demand)?;
+        self.handover = attempt.handover();
+        self.reservation = std::mem::take(&mut attempt.reservation);
         for name in KeyAttempt::REMOVE_HEADERS {
             host::remove_header(map, name)?;
         }
@@ -58,6 +78,35 @@ impl HttpContext for KeyFlow {
                 host::send(&response);
                 Action::Pause
             }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let map = MapType::HttpResponseHeaders;
+        let success = host::header(map, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u16>().ok())
+            .is_some_and(|s| (200..300).contains(&s));
+        // A successful response reaches the gateway role, which sees its usage: hand it the
+        // reservation to settle. Anything else (a retry, an error) is settled here.
+        if let (true, Some(handover)) = (success, self.handover.take()) {
+            if host::set_header(map, KEY_RESERVATION_HEADER, &handover).is_ok() {
+                self.reservation = Reservation::default();
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let reservation = std::mem::take(&mut self.reservation);
+        if !reservation.is_empty() {
+            let _ = limits::settle(
+                reservation,
+                &SharedStore,
+                host::now_ms(),
+                Amounts::default(),
+            );
         }
     }
 }

@@ -183,7 +183,7 @@ fn local(r: LocalResponse) -> Response<GatewayBody> {
 
 async fn forward_upstream(
     gw: &Arc<Gateway>,
-    exchange: Exchange,
+    mut exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
     forward: Forward,
@@ -194,10 +194,19 @@ async fn forward_upstream(
         let r = exchange.refuse(error);
         conclude(gw, exchange, r, key, started, Ending::UpstreamError)
     };
-    let attempt = match attempt_key(&config, Some(&forward.route_header.1), &gw.store) {
+    let now = crate::now_ms();
+    let mut attempt = match attempt_key(
+        &config,
+        Some(&forward.route_header.1),
+        &gw.store,
+        now,
+        forward.demand,
+    ) {
         Ok(a) => a,
         Err(e) => return fail(exchange, e, None),
     };
+    // Settled with the exchange, whatever becomes of the attempt.
+    exchange.attach_key_reservation(std::mem::take(&mut attempt.reservation));
     let key_id = attempt.key_id().map(str::to_string);
     let request = match upstream_request(&attempt, client_headers, client_body, forward) {
         Ok(r) => r,

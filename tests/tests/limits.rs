@@ -12,6 +12,7 @@ use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, start_gateway, 
 
 const APP_KEY: &str = "tg-limits-app-key";
 const KEY_A: &str = "sk-limits-provider-a";
+const KEY_B: &str = "sk-limits-provider-b";
 
 struct Fixture {
     mock: MockProvider,
@@ -37,6 +38,15 @@ async fn start(host: Host, limits: &str) -> Fixture {
 }
 
 fn config(mock: &MockProvider, limits: &str, more_consumers: &str) -> String {
+    config_with_keys(
+        mock,
+        limits,
+        more_consumers,
+        "[{ id: key-a, secret_env: TG_LIMITS_KEY_A }]",
+    )
+}
+
+fn config_with_keys(mock: &MockProvider, limits: &str, more_consumers: &str, keys: &str) -> String {
     format!(
         r#"
 consumers:
@@ -48,7 +58,7 @@ providers:
   - name: upstream
     kind: openai
     base_url: {base}
-    keys: [{{ id: key-a, secret_env: TG_LIMITS_KEY_A }}]
+    keys: {keys}
 models:
   - name: gpt-4o-mini
     provider: upstream
@@ -56,6 +66,7 @@ models:
 "#,
         app = sha256_hex(APP_KEY),
         base = mock.base_url(),
+        keys = keys,
     )
     .replace("providers:", &format!("{more_consumers}providers:"))
 }
@@ -337,6 +348,78 @@ async fn a_daily_cost_budget_runs_out_at_the_right_request(host: Host) {
     assert_eq!(f.mock.requests().len(), 5);
 }
 
+async fn start_with_keys(host: Host, keys: &str) -> Fixture {
+    let mock = MockProvider::start().await;
+    let config = config_with_keys(&mock, "{}", "", keys);
+    let env = vec![("TG_LIMITS_KEY_A", KEY_A), ("TG_LIMITS_KEY_B", KEY_B)];
+    let gateway = start_gateway(host, config, env).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    Fixture {
+        mock,
+        gateway,
+        http,
+    }
+}
+
+/// A key is never sent more than its own limit: its turn goes to a key with room.
+async fn a_key_at_its_own_limit_is_skipped(host: Host) {
+    let f = start_with_keys(
+        host,
+        "[{ id: key-a, secret_env: TG_LIMITS_KEY_A, limits: { requests_per_minute: 2 } }, { id: key-b, secret_env: TG_LIMITS_KEY_B }]",
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(f.send(chat(10)).await.status(), 200);
+    }
+    let used = |key: &str| {
+        f.mock
+            .requests()
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(key))
+            .count()
+    };
+    assert_eq!((used(KEY_A), used(KEY_B)), (2, 4));
+}
+
+/// A key's token limit is settled on the provider's reported usage (in Envoy the key role
+/// hands its reservation to the gateway role, which sees the usage); when every key is full,
+/// the client gets 429 naming the provider's pool, and no call goes out.
+async fn key_token_limits_settle_on_usage_and_a_full_pool_is_429(host: Host) {
+    let f = start_with_keys(
+        host,
+        "[{ id: key-a, secret_env: TG_LIMITS_KEY_A, limits: { tokens_per_minute: 250 } }]",
+    )
+    .await;
+    f.mock.set_reply(
+        "ok",
+        MockUsage {
+            prompt_tokens: 50,
+            completion_tokens: 50,
+        },
+    );
+    // Each request reserves ~20 tokens and is charged 100: three fit in 250 (the third
+    // goes into debt), the fourth does not. Charged only its reservations, the key would
+    // take a dozen.
+    for i in 0..3 {
+        assert_eq!(f.send(chat(10)).await.status(), 200, "request {i}");
+    }
+    let r = f.send(chat(10)).await;
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(status, &v, 429, "rate_limit_exceeded");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("every key of provider `upstream`"),
+        "{v}"
+    );
+    assert_eq!(f.mock.requests().len(), 3);
+}
+
 /// SIGHUP reloads the config; limits that did not change keep their counters, a changed
 /// limit starts afresh, and an invalid file is refused with the running config kept.
 async fn reload_keeps_the_counters_of_unchanged_limits(host: Host) {
@@ -385,6 +468,8 @@ both_hosts!(
     streams_are_charged_their_real_usage,
     a_client_that_disconnects_frees_its_slot_and_is_charged_what_was_streamed,
     a_client_that_leaves_before_the_answer_frees_its_slot,
+    a_key_at_its_own_limit_is_skipped,
+    key_token_limits_settle_on_usage_and_a_full_pool_is_429,
     the_429_retry_after_is_honest,
     headers_show_the_remaining_budget_decreasing,
     a_daily_cost_budget_runs_out_at_the_right_request,

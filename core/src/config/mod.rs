@@ -185,7 +185,13 @@ impl Config {
             .consumers
             .iter()
             .flat_map(|c| c.limits.iter().chain(c.model_limits.values().flatten()));
-        consumers.chain(self.models.iter().flat_map(|m| m.limits.iter()))
+        let keys = self
+            .providers
+            .iter()
+            .flat_map(|p| p.keys.iter().flat_map(|k| k.limits.iter()));
+        consumers
+            .chain(self.models.iter().flat_map(|m| m.limits.iter()))
+            .chain(keys)
     }
 
     /// Every limit a request of `consumer` to `model` counts against.
@@ -413,12 +419,24 @@ fn compile_providers(
                     format!("key id `{}` is used twice in this provider", k.id),
                 );
             }
+            let key_limits = k.limits.as_ref().map_or_else(Vec::new, |l| {
+                let scope = format!("key `{}` of provider `{}`", k.id, raw.name);
+                let store_key = format!("k/{}/{}", raw.name, k.id);
+                limits::compile_limits(l, &format!("{kpath}.limits"), &scope, &store_key, errors)
+            });
+            if key_limits.iter().any(|l| l.unit == Unit::MicroUsd) {
+                errors.at(
+                    format!("{kpath}.limits"),
+                    "a key takes request and token limits; put cost budgets on consumers or models",
+                );
+            }
             match env(&k.secret_env) {
                 Some(s) if !s.trim().is_empty() => keys.push(ProviderKey::new(
                     kind,
                     k.id.clone(),
                     k.secret_env.clone(),
                     &Secret::new(s.trim().to_string()),
+                    key_limits,
                 )),
                 Some(_) => errors.at(
                     format!("{kpath}.secret_env"),

@@ -54,6 +54,10 @@ pub struct RawProviderKey {
     pub id: String,
     /// Environment variable that holds the secret. Secrets never live in the file.
     pub secret_env: String,
+    /// The key's own limits at the provider (requests and tokens; no cost budgets): the
+    /// gateway never sends a key more than these.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
 }
 
 #[derive(Debug, Deserialize)]

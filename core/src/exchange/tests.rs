@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::auth::KeyHash;
-use crate::keys::{attempt_key, KeyAttempt};
+use crate::keys::KEY_RESERVATION_HEADER;
+use crate::keys::{attempt_key, taken_over, KeyAttempt};
+use crate::limits::Amounts;
 use crate::store::tests::CellStore;
 
 fn config() -> Arc<Config> {
@@ -132,7 +134,7 @@ fn forwarded_completion() {
         [
             "read body up to 200",
             "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai",
-            r#"relay without ["openai-organization", "openai-project", "set-cookie"]"#,
+            r#"relay without ["openai-organization", "openai-project", "set-cookie", "x-tollgate-key-reservation"]"#,
             "Unchanged",
             "Unchanged",
             r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
@@ -330,7 +332,7 @@ fn key_role_injects_keys_in_turn_and_refuses_unrouted_requests() {
     let store = CellStore::default();
     let picks: Vec<_> = (0..4)
         .map(|_| {
-            let a = attempt_key(&c, Some("openai"), &store).unwrap();
+            let a = attempt_key(&c, Some("openai"), &store, 0, Amounts::default()).unwrap();
             (
                 a.key_id().unwrap().to_string(),
                 a.header().unwrap().1.to_string(),
@@ -347,16 +349,16 @@ fn key_role_injects_keys_in_turn_and_refuses_unrouted_requests() {
         ]
     );
     assert_eq!(
-        attempt_key(&c, None, &store).unwrap_err(),
+        attempt_key(&c, None, &store, 0, Amounts::default()).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     assert_eq!(
-        attempt_key(&c, Some("nope"), &store).unwrap_err(),
+        attempt_key(&c, Some("nope"), &store, 0, Amounts::default()).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     // The mock provider never goes upstream, so the key role has nothing to do for it.
     assert_eq!(
-        attempt_key(&c, Some("mock"), &store).unwrap_err(),
+        attempt_key(&c, Some("mock"), &store, 0, Amounts::default()).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     assert!(KeyAttempt::REMOVE_HEADERS.contains(&"x-tollgate-provider"));
@@ -662,4 +664,129 @@ fn a_daily_cost_budget_runs_out_at_the_right_request() {
         expected,
         "{statuses:?}"
     );
+}
+
+#[test]
+fn keys_with_no_room_are_skipped_and_a_full_pool_says_when_to_retry() {
+    let text = format!(
+        r#"
+consumers: [{{ name: app, keys: [{{ sha256: {} }}], models: ["*"] }}]
+providers:
+  - name: openai
+    kind: openai
+    base_url: "http://127.0.0.1:9/v1"
+    keys:
+      - {{ id: a, secret_env: A, limits: {{ tokens_per_minute: 100 }} }}
+      - {{ id: b, secret_env: B, limits: {{ tokens_per_minute: 300 }} }}
+models: [{{ name: m, provider: openai }}]
+"#,
+        KeyHash::of("tg-app").to_hex()
+    );
+    let c = Config::load(&text, &|_| Some("sk".into())).unwrap();
+    let store = CellStore::default();
+    let demand = |tokens| Amounts {
+        requests: 1,
+        tokens,
+        micro_usd: 0,
+    };
+    let pick = |tokens| {
+        attempt_key(&c, Some("openai"), &store, 0, demand(tokens))
+            .map(|a| a.key_id().map(str::to_string))
+    };
+    // Turns alternate a, b; a has room for one 80-token request only.
+    assert_eq!(pick(80).unwrap().as_deref(), Some("a"));
+    assert_eq!(pick(80).unwrap().as_deref(), Some("b"));
+    assert_eq!(
+        pick(80).unwrap().as_deref(),
+        Some("b"),
+        "a is full: its turn goes to b"
+    );
+    assert_eq!(pick(80).unwrap().as_deref(), Some("b"));
+    let Err(GatewayError::RateLimited {
+        scope,
+        retry_after_ms,
+        ..
+    }) = pick(80)
+    else {
+        panic!()
+    };
+    assert!(scope.contains("every key of provider `openai`"));
+    // Key a (100/min) has 20 left and needs 60 more: 36 s; b (300/min) needs 20: 4 s.
+    assert_eq!(retry_after_ms, 4_000);
+    assert!(matches!(
+        pick(500),
+        Err(GatewayError::ExceedsLimit { capacity: 300, .. })
+    ));
+}
+
+#[test]
+fn a_key_reservation_handed_over_is_settled_with_the_exchange() {
+    let text = format!(
+        r#"
+consumers: [{{ name: app, keys: [{{ sha256: {} }}], models: ["*"] }}]
+providers:
+  - {{ name: openai, kind: openai, base_url: "http://127.0.0.1:9/v1", keys: [{{ id: a, secret_env: A, limits: {{ tokens_per_minute: 1000 }} }}] }}
+models: [{{ name: gpt-4o-mini, provider: openai }}]
+"#,
+        KeyHash::of("tg-app").to_hex()
+    );
+    let c = Arc::new(Config::load(&text, &|_| Some("sk".into())).unwrap());
+    let store = CellStore::default();
+    // The gateway role: the request is estimated although the consumer has no limits.
+    let mut x = Exchange::new(Arc::clone(&c));
+    let headers: Vec<(String, String)> = vec![("authorization".into(), "Bearer tg-app".into())];
+    let _ = x.on_request_headers(
+        0,
+        &RequestHead {
+            method: "POST",
+            path: CHAT,
+            headers: &headers,
+        },
+    );
+    let OnBody::Forward(f) = x.on_request_body(0, SMALL.as_bytes(), &store) else {
+        panic!()
+    };
+    assert_eq!(f.demand.tokens, reserved_small());
+    assert_eq!(
+        f.demand_header,
+        ("x-tollgate-demand", reserved_small().to_string())
+    );
+    // The key role reserves on key a and hands the reservation over in a response header.
+    let a = attempt_key(&c, Some("openai"), &store, 0, f.demand).unwrap();
+    let handover = a.handover().unwrap();
+    assert_eq!(handover, format!("openai/a/1/{}", reserved_small()));
+    assert!(taken_over(&c, "openai/zz/1/5").is_none());
+    let response = vec![(KEY_RESERVATION_HEADER.to_string(), handover)];
+    let OnResponse::Relay { remove_headers, .. } = x.on_response_headers(200, &response) else {
+        panic!()
+    };
+    assert!(remove_headers.contains(&KEY_RESERVATION_HEADER));
+    let usage = r#"{"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+    let _ = x.on_response_chunk(usage.as_bytes(), true);
+    let _ = x.finish(0, &store);
+    // Key a was charged 10 tokens in all: 990 left for the next demand.
+    let next = attempt_key(
+        &c,
+        Some("openai"),
+        &store,
+        0,
+        Amounts {
+            requests: 1,
+            tokens: 990,
+            micro_usd: 0,
+        },
+    );
+    assert!(next.is_ok());
+    let full = attempt_key(
+        &c,
+        Some("openai"),
+        &store,
+        0,
+        Amounts {
+            requests: 1,
+            tokens: 1,
+            micro_usd: 0,
+        },
+    );
+    assert!(full.is_err());
 }

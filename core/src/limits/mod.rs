@@ -319,6 +319,22 @@ impl Reservation {
     pub fn is_empty(&self) -> bool {
         self.taken.is_empty()
     }
+
+    /// The reservation `admit` made of `amounts` against `limits` (which all admitted it):
+    /// lets one host role settle what another reserved.
+    pub fn of(limits: &[Limit], amounts: Amounts) -> Self {
+        Self {
+            taken: limits
+                .iter()
+                .map(|l| (l.clone(), amounts.of(l.unit)))
+                .collect(),
+        }
+    }
+
+    /// Adds another reservation's takings, to be settled together.
+    pub fn merge(&mut self, other: Reservation) {
+        self.taken.extend(other.taken);
+    }
 }
 
 #[cfg(test)]

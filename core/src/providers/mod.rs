@@ -4,6 +4,7 @@
 pub mod mock;
 pub mod openai;
 
+use crate::limits::Limit;
 use crate::store::{CounterStore, StoreError};
 
 /// The protocol a provider speaks, which decides how a key is presented and how requests and
@@ -77,16 +78,25 @@ pub struct ProviderKey {
     header_name: &'static str,
     /// The full header value (`Bearer sk-...`), built once at load time.
     header_value: Secret,
+    /// The key's own limits at the provider.
+    pub limits: Vec<Limit>,
 }
 
 impl ProviderKey {
-    pub fn new(kind: ProviderKind, id: String, secret_env: String, secret: &Secret) -> Self {
+    pub fn new(
+        kind: ProviderKind,
+        id: String,
+        secret_env: String,
+        secret: &Secret,
+        limits: Vec<Limit>,
+    ) -> Self {
         let (header_name, value) = kind.key_header(secret.expose());
         Self {
             id,
             secret_env,
             header_name,
             header_value: Secret::new(value),
+            limits,
         }
     }
 
@@ -218,15 +228,11 @@ impl Provider {
         }
     }
 
-    /// Picks the key for one upstream attempt: round-robin over the pool, with the cursor in
-    /// the shared store so every worker takes turns with the others. `None` when the provider
-    /// needs no key (an empty pool, e.g. a local OpenAI-compatible server).
-    pub fn select_key(
-        &self,
-        store: &impl CounterStore,
-    ) -> Result<Option<&ProviderKey>, StoreError> {
+    /// Where this attempt starts in the pool: round-robin, with the cursor in the shared
+    /// store so every worker takes turns with the others.
+    pub fn next_turn(&self, store: &impl CounterStore) -> Result<usize, StoreError> {
         if self.keys.len() <= 1 {
-            return Ok(self.keys.first());
+            return Ok(0);
         }
         let turn = store.measure_and_replace(&self.cursor_key, |old| {
             let turn = old.unwrap_or(0);
@@ -236,8 +242,17 @@ impl Provider {
             Ok(t) => t,
             Err(never) => match never {},
         };
-        // The modulo keeps the index in range, so indexing cannot fail.
-        Ok(self.keys.get((turn % self.keys.len() as u64) as usize))
+        Ok((turn % self.keys.len() as u64) as usize)
+    }
+
+    /// The pool in the order an attempt tries it, starting at `turn`.
+    pub fn keys_from(&self, turn: usize) -> impl Iterator<Item = &ProviderKey> {
+        self.keys.iter().cycle().skip(turn).take(self.keys.len())
+    }
+
+    /// Whether any key has limits of its own (so requests need a token estimate).
+    pub fn has_key_limits(&self) -> bool {
+        self.keys.iter().any(|k| !k.limits.is_empty())
     }
 }
 
@@ -278,6 +293,7 @@ mod tests {
             "a".into(),
             "A".into(),
             &Secret::new("sk-123".into()),
+            Vec::new(),
         );
         let dbg = format!("{k:?}");
         assert!(!dbg.contains("sk-123"), "{dbg}");
@@ -295,13 +311,17 @@ mod tests {
                     id.to_string(),
                     String::new(),
                     &Secret::new(format!("sk-{id}")),
+                    Vec::new(),
                 )
             })
             .collect();
         let p = Provider::new("p".into(), kind, None, keys);
         let store = CellStore::default();
         let picked: Vec<_> = (0..6)
-            .map(|_| p.select_key(&store).unwrap().unwrap().id.clone())
+            .map(|_| {
+                let turn = p.next_turn(&store).unwrap();
+                p.keys_from(turn).next().unwrap().id.clone()
+            })
             .collect();
         assert_eq!(picked, ["a", "b", "c", "a", "b", "c"]);
     }
