@@ -17,7 +17,20 @@ pub struct BootstrapOptions<'a> {
     pub wasm_path: &'a str,
     pub listen: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    /// Serve the listener and clusters from files in this directory (Envoy's file-based
+    /// xDS), so that rewriting them reloads the config in a running Envoy.
+    pub xds_dir: Option<&'a std::path::Path>,
 }
+
+/// A rendered bootstrap, and with `xds_dir` the resource files it points to.
+pub struct Rendered {
+    pub bootstrap: String,
+    /// (`lds.yaml`, `cds.yaml`) contents.
+    pub xds: Option<(String, String)>,
+}
+
+pub const LDS_FILE: &str = "lds.yaml";
+pub const CDS_FILE: &str = "cds.yaml";
 
 pub const VM_ID: &str = "tollgate";
 
@@ -84,7 +97,7 @@ fn local_reply_config() -> Value {
     })
 }
 
-pub fn render(opts: &BootstrapOptions<'_>) -> String {
+pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config
         .providers()
@@ -180,42 +193,82 @@ pub fn render(opts: &BootstrapOptions<'_>) -> String {
         })
         .collect();
 
-    let bootstrap = json!({
-        "admin": { "address": socket_address(&opts.admin) },
-        "static_resources": {
-            "listeners": [{
-                "name": "tollgate",
-                "address": socket_address(&opts.listen),
-                // Room for the largest body the gateway role accepts, so that it (not Envoy's
-                // buffer limit) answers oversized bodies, with an OpenAI-shaped 413.
-                "per_connection_buffer_limit_bytes": config.server.max_body_bytes + 64 * 1024,
-                "filter_chains": [{ "filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "tollgate",
-                        // Trust the peer address, not `x-forwarded-for`, to tell internal
-                        // from external clients (external `x-envoy-*` headers are dropped).
-                        "use_remote_address": true,
-                        "codec_type": "AUTO",
-                        "route_config": {
-                            "name": "tollgate",
-                            "virtual_hosts": [{ "name": "providers", "domains": ["*"], "routes": routes }],
-                        },
-                        "http_filters": [
-                            wasm_filter(opts, GATEWAY_ROOT_ID, &env_keys),
-                            { "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } },
-                        ],
-                        "local_reply_config": local_reply_config(),
-                    },
-                }]}],
-            }],
-            "clusters": clusters,
-        },
+    let listener = json!({
+        "name": "tollgate",
+        "address": socket_address(&opts.listen),
+        // Room for the largest body the gateway role accepts, so that it (not Envoy's
+        // buffer limit) answers oversized bodies, with an OpenAI-shaped 413.
+        "per_connection_buffer_limit_bytes": config.server.max_body_bytes + 64 * 1024,
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "tollgate",
+                // Trust the peer address, not `x-forwarded-for`, to tell internal
+                // from external clients (external `x-envoy-*` headers are dropped).
+                "use_remote_address": true,
+                "codec_type": "AUTO",
+                "route_config": {
+                    "name": "tollgate",
+                    "virtual_hosts": [{ "name": "providers", "domains": ["*"], "routes": routes }],
+                },
+                "http_filters": [
+                    wasm_filter(opts, GATEWAY_ROOT_ID, &env_keys),
+                    { "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } },
+                ],
+                "local_reply_config": local_reply_config(),
+            },
+        }]}],
     });
+    let yaml = |v: &Value| serde_yaml::to_string(v).unwrap_or_default();
     let header = "# Envoy bootstrap for tollgate, rendered by `tollgate envoy-bootstrap`.\n";
-    format!(
-        "{header}{}",
-        serde_yaml::to_string(&bootstrap).unwrap_or_default()
-    )
+    let admin = json!({ "address": socket_address(&opts.admin) });
+    let Some(dir) = opts.xds_dir else {
+        let bootstrap = json!({
+            "admin": admin,
+            "static_resources": { "listeners": [listener], "clusters": clusters },
+        });
+        return Rendered {
+            bootstrap: format!("{header}{}", yaml(&bootstrap)),
+            xds: None,
+        };
+    };
+    let source = |file: &str| {
+        json!({
+            "path_config_source": {
+                "path": dir.join(file).display().to_string(),
+                "watched_directory": { "path": dir.display().to_string() },
+            },
+            "resource_api_version": "V3",
+        })
+    };
+    let bootstrap = json!({
+        // xDS needs a node identity, even from files.
+        "node": { "id": "tollgate", "cluster": "tollgate" },
+        "admin": admin,
+        "dynamic_resources": { "lds_config": source(LDS_FILE), "cds_config": source(CDS_FILE) },
+    });
+    let resources = |type_url: &str, items: Vec<Value>| {
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|mut v| {
+                v["@type"] = Value::String(type_url.to_string());
+                v
+            })
+            .collect();
+        yaml(&json!({ "resources": items }))
+    };
+    Rendered {
+        bootstrap: format!("{header}{}", yaml(&bootstrap)),
+        xds: Some((
+            resources(
+                "type.googleapis.com/envoy.config.listener.v3.Listener",
+                vec![listener],
+            ),
+            resources(
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                clusters,
+            ),
+        )),
+    }
 }

@@ -57,6 +57,12 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Put the listener and clusters in DIR/lds.yaml and DIR/cds.yaml (file-based xDS)
+        /// instead of the bootstrap. Running the command again with a changed config
+        /// rewrites them, and a running Envoy reloads them: counters of unchanged limits
+        /// are kept.
+        #[arg(long, value_name = "DIR")]
+        xds_dir: Option<PathBuf>,
     },
 }
 
@@ -104,6 +110,7 @@ fn main() -> ExitCode {
             wasm,
             listen,
             admin,
+            xds_dir,
         } => {
             // Rendering needs the names of the secrets' env vars, not their values.
             std::fs::read_to_string(&config)
@@ -112,16 +119,20 @@ fn main() -> ExitCode {
                     let placeholder = |_: &str| Some("unused".to_string());
                     let c = Config::load(&text, &placeholder)
                         .map_err(|e| format!("{}:\n{e}", config.display()))?;
-                    print!(
-                        "{}",
-                        envoy::render(&envoy::BootstrapOptions {
-                            config_text: &text,
-                            config: &c,
-                            wasm_path: &wasm,
-                            listen,
-                            admin
-                        })
-                    );
+                    let rendered = envoy::render(&envoy::BootstrapOptions {
+                        config_text: &text,
+                        config: &c,
+                        wasm_path: &wasm,
+                        listen,
+                        admin,
+                        xds_dir: xds_dir.as_deref(),
+                    });
+                    if let (Some(dir), Some((lds, cds))) = (&xds_dir, &rendered.xds) {
+                        // Clusters first, so a new listener never routes to a missing one.
+                        write_atomically(&dir.join(envoy::CDS_FILE), cds)?;
+                        write_atomically(&dir.join(envoy::LDS_FILE), lds)?;
+                    }
+                    print!("{}", rendered.bootstrap);
                     Ok(())
                 })
         }
@@ -133,6 +144,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Envoy reloads a watched file when it is moved into place, never half-written.
+fn write_atomically(path: &Path, content: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn hash_key(key: Option<String>) -> Result<(), String> {

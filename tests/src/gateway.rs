@@ -87,7 +87,14 @@ pub struct Gateway {
     child: Child,
     log_path: PathBuf,
     config_path: PathBuf,
+    /// Envoy serving its listener and clusters from files (see `start_envoy_with_xds`).
+    xds: Option<Xds>,
     _dir: TempDir,
+}
+
+struct Xds {
+    dir: PathBuf,
+    admin: String,
 }
 
 impl Gateway {
@@ -107,7 +114,7 @@ impl Gateway {
         std::fs::write(&config_path, config).expect("write config");
         match host {
             Host::Native => start_native(dir, &config_path, env),
-            Host::Envoy { workers } => start_envoy(dir, &config_path, env, workers),
+            Host::Envoy { workers } => start_envoy(dir, &config_path, env, workers, false),
         }
     }
 
@@ -120,13 +127,26 @@ impl Gateway {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Native host: writes a new config and sends SIGHUP; returns once the log says whether
-    /// it was reloaded (`true`) or refused (`false`).
+    /// Starts Envoy with its listener and clusters in watched files (file-based xDS), so that
+    /// `reload` can change the config of the running process.
+    pub fn start_envoy_with_xds(config: &str, env: &[(&str, &str)], workers: u32) -> Gateway {
+        let dir = TempDir::new("envoy-xds");
+        let config_path = dir.path().join("tollgate.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        start_envoy(dir, &config_path, env, workers, true).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Writes a new config and has the running gateway load it: SIGHUP for the native host,
+    /// new xDS files for Envoy. Returns once the gateway says whether it took the config
+    /// (`true`) or refused it (`false`).
     pub fn reload(&self, config: &str) -> bool {
+        if let Some(xds) = &self.xds {
+            return self.reload_envoy(xds, config);
+        }
         assert_eq!(
             self.host,
             Host::Native,
-            "only the native host reloads on SIGHUP"
+            "Envoy reloads only when started with start_envoy_with_xds"
         );
         let count = |logs: &str, what: &str| logs.matches(what).count();
         let before = self.logs();
@@ -149,6 +169,47 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("no reload logged after SIGHUP:\n{}", self.logs());
+    }
+
+    fn reload_envoy(&self, xds: &Xds, config: &str) -> bool {
+        let stat = |name: &str| -> u64 {
+            admin_get(&xds.admin, &format!("/stats?filter={name}"))
+                .and_then(|b| {
+                    b.lines().find_map(|l| {
+                        l.strip_prefix(&format!("{name}: "))
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                })
+                .unwrap_or(0)
+        };
+        let (ok0, bad0) = (
+            stat("listener_manager.lds.update_success"),
+            stat("listener_manager.lds.update_rejected"),
+        );
+        std::fs::write(&self.config_path, config).expect("write config");
+        if render(
+            &self.config_path,
+            &self.addr.to_string(),
+            "127.0.0.1:0",
+            Some(&xds.dir),
+        )
+        .is_err()
+        {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if stat("listener_manager.lds.update_rejected") > bad0 {
+                return false;
+            }
+            if stat("listener_manager.lds.update_success") > ok0
+                && stat("listener_manager.total_listeners_warming") == 0
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("Envoy did not take the new listener:\n{}", self.logs());
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns whether it exited 0.
@@ -216,8 +277,36 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         child,
         log_path,
         config_path: config.to_path_buf(),
+        xds: None,
         _dir: dir,
     })
+}
+
+/// Runs `tollgate envoy-bootstrap`; with `xds_dir` it also (re)writes the resource files.
+fn render(
+    config: &Path,
+    listen: &str,
+    admin: &str,
+    xds_dir: Option<&Path>,
+) -> Result<Vec<u8>, String> {
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["envoy-bootstrap", "--config"])
+        .arg(config)
+        .arg("--wasm")
+        .arg(wasm_path())
+        .args(["--listen", listen, "--admin", admin]);
+    if let Some(dir) = xds_dir {
+        cmd.arg("--xds-dir").arg(dir);
+    }
+    let rendered = cmd.output().expect("run tollgate envoy-bootstrap");
+    if rendered.status.success() {
+        Ok(rendered.stdout)
+    } else {
+        Err(format!(
+            "envoy-bootstrap failed: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        ))
+    }
 }
 
 fn start_envoy(
@@ -225,23 +314,27 @@ fn start_envoy(
     config: &Path,
     env: &[(&str, &str)],
     workers: u32,
+    xds: bool,
 ) -> Result<Gateway, String> {
     let bootstrap = dir.path().join("envoy.yaml");
-    let rendered = Command::new(tollgate_bin())
-        .args(["envoy-bootstrap", "--config"])
-        .arg(config)
-        .arg("--wasm")
-        .arg(wasm_path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .output()
-        .expect("run tollgate envoy-bootstrap");
-    if !rendered.status.success() {
-        return Err(format!(
-            "envoy-bootstrap failed: {}",
-            String::from_utf8_lossy(&rendered.stderr)
-        ));
+    // A listener served over xDS keeps its address across updates: give it a fixed port.
+    let listen = if xds {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe a port");
+        probe.local_addr().expect("probed port").to_string()
+    } else {
+        "127.0.0.1:0".to_string()
+    };
+    let xds_dir = dir.path().join("xds");
+    if xds {
+        std::fs::create_dir_all(&xds_dir).expect("create xds dir");
     }
-    std::fs::write(&bootstrap, &rendered.stdout).expect("write bootstrap");
+    let rendered = render(
+        config,
+        &listen,
+        "127.0.0.1:0",
+        xds.then_some(xds_dir.as_path()),
+    )?;
+    std::fs::write(&bootstrap, &rendered).expect("write bootstrap");
 
     let admin_path = dir.path().join("admin-address");
     let log_path = dir.path().join("envoy.log");
@@ -274,6 +367,7 @@ fn start_envoy(
         child,
         log_path,
         config_path: config.to_path_buf(),
+        xds: None,
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -306,6 +400,12 @@ fn start_envoy(
             match addr {
                 Some(addr) => {
                     gateway.addr = addr;
+                    if xds {
+                        gateway.xds = Some(Xds {
+                            dir: xds_dir,
+                            admin: admin.to_string(),
+                        });
+                    }
                     return Ok(gateway);
                 }
                 None => return fail(&gateway, &format!("no tollgate listener in {listeners:?}")),

@@ -420,10 +420,33 @@ async fn key_token_limits_settle_on_usage_and_a_full_pool_is_429(host: Host) {
     assert_eq!(f.mock.requests().len(), 3);
 }
 
-/// SIGHUP reloads the config; limits that did not change keep their counters, a changed
-/// limit starts afresh, and an invalid file is refused with the running config kept.
+/// A reload (SIGHUP to the native host; new xDS files for Envoy) keeps the counters of
+/// limits that did not change, starts a changed limit afresh, and refuses an invalid file
+/// with the running config kept.
 async fn reload_keeps_the_counters_of_unchanged_limits(host: Host) {
-    let f = start(host, "{ requests_per_minute: 2 }").await;
+    let f = match host {
+        Host::Native => start(host, "{ requests_per_minute: 2 }").await,
+        Host::Envoy { workers } => {
+            let mock = MockProvider::start().await;
+            let config = config(&mock, "{ requests_per_minute: 2 }", "");
+            let gateway = tokio::task::spawn_blocking(move || {
+                Gateway::start_envoy_with_xds(&config, &[("TG_LIMITS_KEY_A", KEY_A)], workers)
+            })
+            .await
+            .unwrap();
+            // No pooled connections: after a reload, new connections meet the new config.
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            Fixture {
+                mock,
+                gateway,
+                http,
+            }
+        }
+    };
     for _ in 0..2 {
         assert_eq!(f.send(chat(10)).await.status(), 200);
     }
@@ -470,6 +493,7 @@ both_hosts!(
     a_client_that_leaves_before_the_answer_frees_its_slot,
     a_key_at_its_own_limit_is_skipped,
     key_token_limits_settle_on_usage_and_a_full_pool_is_429,
+    reload_keeps_the_counters_of_unchanged_limits,
     the_429_retry_after_is_honest,
     headers_show_the_remaining_budget_decreasing,
     a_daily_cost_budget_runs_out_at_the_right_request,
