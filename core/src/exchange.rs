@@ -86,11 +86,18 @@ pub enum OnResponse {
 }
 
 /// Response headers the client does not see: those that identify the provider account behind
-/// a key or try to set state on the client, and the key role's internal handover.
-pub const RELAY_REMOVE_HEADERS: [&str; 4] = [
+/// a key or its limits (the gateway's own `x-ratelimit-*` replace them), that try to set
+/// state on the client, and the key role's internal handover.
+pub const RELAY_REMOVE_HEADERS: [&str; 10] = [
     "openai-organization",
     "openai-project",
     "set-cookie",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
     KEY_RESERVATION_HEADER,
 ];
 
@@ -127,6 +134,8 @@ struct Metering {
     reservation: Reservation,
     headers: RateHeaders,
     prompt_estimate: u64,
+    /// What was reserved: charged whole when the usage cannot be known.
+    reserved: Amounts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +165,9 @@ pub struct Exchange {
     usage: Option<Usage>,
     /// Estimated tokens of the text streamed so far, for a stream that ends without usage.
     streamed_tokens: u64,
+    body_overflowed: bool,
+    /// The request went to a provider.
+    forwarded: bool,
 }
 
 impl Exchange {
@@ -174,6 +186,8 @@ impl Exchange {
             body: Vec::new(),
             usage: None,
             streamed_tokens: 0,
+            body_overflowed: false,
+            forwarded: false,
         }
     }
 
@@ -325,6 +339,7 @@ impl Exchange {
             path.push_str(&self.query);
         }
         self.stage = Stage::Upstream;
+        self.forwarded = true;
         Ok(OnBody::Forward(Forward {
             provider: model.provider,
             path,
@@ -359,7 +374,10 @@ impl Exchange {
             });
         }
         let prompt = req.estimate_prompt_tokens();
-        let completion = req.max_output_tokens().unwrap_or(model.default_max_tokens);
+        let completion = req
+            .max_output_tokens()
+            .unwrap_or(model.default_max_tokens)
+            .saturating_mul(req.choices());
         let amounts = Amounts {
             requests: 1,
             tokens: prompt.saturating_add(completion),
@@ -372,6 +390,7 @@ impl Exchange {
             reservation,
             headers,
             prompt_estimate: prompt,
+            reserved: amounts,
         });
         Ok(amounts)
     }
@@ -447,13 +466,16 @@ impl Exchange {
             self.stage = Stage::Done;
         }
         let Some(mut sse) = self.sse.take() else {
-            if self.metering.is_some()
-                && !self.stream
-                && self.body.len() + chunk.len() <= MAX_USAGE_BODY
-            {
-                self.body.extend_from_slice(chunk);
-                if end_of_stream {
-                    self.usage = usage::from_completion(&self.body);
+            if self.metering.is_some() && !self.stream && !self.body_overflowed {
+                if self.body.len() + chunk.len() <= MAX_USAGE_BODY {
+                    self.body.extend_from_slice(chunk);
+                    if end_of_stream {
+                        self.usage = usage::from_completion(&self.body);
+                    }
+                } else {
+                    // Too large to keep: the reservation is charged instead (see `used`).
+                    self.body_overflowed = true;
+                    self.body = Vec::new();
                 }
             }
             return Chunk::Unchanged;
@@ -494,7 +516,7 @@ impl Exchange {
     pub fn finish(&mut self, now_ms: u64, store: &impl CounterStore) -> Summary {
         self.stage = Stage::Done;
         let charged = self.metering.take().map(|m| {
-            let used = self.used(m.prompt_estimate);
+            let used = self.used(m.prompt_estimate, m.reserved);
             // A store that fails now leaves counters high until their windows pass: the safe
             // side. Nothing else can be done at the end of a request.
             let _ = limits::settle(m.reservation, store, now_ms, used);
@@ -519,18 +541,30 @@ impl Exchange {
     }
 
     /// What the request used, for settlement: the provider's usage when it reported it; an
-    /// estimate of what was streamed when it did not (a cut or abandoned stream); nothing when
-    /// no provider answered with success (providers do not bill refused or failed requests).
-    fn used(&self, prompt_estimate: u64) -> Amounts {
-        let succeeded = self.status.is_some_and(|s| (200..300).contains(&s));
-        if !succeeded {
+    /// estimate of what was streamed when a stream ended without it (cut or abandoned); the
+    /// whole reservation when the usage cannot be known (the client left before the answer,
+    /// which the provider still bills, or a body too large to read); nothing when the
+    /// provider answered with an error (providers do not bill refused or failed requests).
+    fn used(&self, prompt_estimate: u64, reserved: Amounts) -> Amounts {
+        let Some(status) = self.status else {
+            return if self.forwarded {
+                reserved
+            } else {
+                Amounts::default()
+            };
+        };
+        if !(200..300).contains(&status) {
             return Amounts::default();
         }
-        let usage = self.usage.unwrap_or(Usage {
-            prompt_tokens: prompt_estimate,
-            completion_tokens: self.streamed_tokens,
-            cached_prompt_tokens: 0,
-        });
+        let usage = match self.usage {
+            Some(u) => u,
+            None if !self.stream => return reserved,
+            None => Usage {
+                prompt_tokens: prompt_estimate,
+                completion_tokens: self.streamed_tokens,
+                cached_prompt_tokens: 0,
+            },
+        };
         let pricing = self
             .model
             .and_then(|m| self.config.model(m))

@@ -11,7 +11,7 @@ use crate::providers::{Provider, ProviderKey};
 use crate::store::CounterStore;
 
 /// Response header by which Envoy's key role hands a key's reservation to the gateway role,
-/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens`.
+/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens/at_ms`.
 pub const KEY_RESERVATION_HEADER: &str = "x-tollgate-key-reservation";
 
 /// The key chosen for one attempt, and the header edits that present it.
@@ -43,8 +43,12 @@ impl KeyAttempt<'_> {
         let key = self.key?;
         (!self.reservation.is_empty()).then(|| {
             format!(
-                "{}/{}/{}/{}",
-                self.provider.name, key.id, self.demand.requests, self.demand.tokens
+                "{}/{}/{}/{}/{}",
+                self.provider.name,
+                key.id,
+                self.demand.requests,
+                self.demand.tokens,
+                self.reservation.at_ms()
             )
         })
     }
@@ -66,6 +70,7 @@ pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
     let (provider, key) = (parts.next()?, parts.next()?);
     let requests = parts.next()?.parse().ok()?;
     let tokens = parts.next()?.parse().ok()?;
+    let at_ms = parts.next()?.parse().ok()?;
     let key = config
         .provider_by_name(provider)?
         .keys
@@ -76,7 +81,7 @@ pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
         tokens,
         micro_usd: 0,
     };
-    Some(Reservation::of(&key.limits, demand))
+    Some(Reservation::of(&key.limits, demand, at_ms))
 }
 
 /// Picks the key for an attempt on the provider named by the gateway role's routing header:

@@ -220,6 +220,15 @@ impl HttpContext for GatewayFlow {
         Action::Continue
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the body without an end-of-stream body callback: tell the exchange,
+        // so that it reads the usage of what it kept. Nothing can be emitted after them.
+        if self.forwarded && !self.replacing {
+            let _ = self.exchange.on_response_chunk(&[], true);
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         // Called on every ending, client aborts and upstream resets included: settles the
         // limits and frees concurrency slots.

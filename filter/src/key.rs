@@ -20,6 +20,8 @@ pub struct KeyFlow {
     /// role (with a successful response) or given back (on any other ending).
     reservation: Reservation,
     handover: Option<String>,
+    /// The key role answered this attempt itself (its reply carries its own marker).
+    replied: bool,
 }
 
 impl KeyFlow {
@@ -28,6 +30,7 @@ impl KeyFlow {
             config,
             reservation: Reservation::default(),
             handover: None,
+            replied: false,
         }
     }
 
@@ -75,6 +78,7 @@ impl HttpContext for KeyFlow {
                 response
                     .headers
                     .push((LOCAL_REPLY_HEADER, "key".to_string()));
+                self.replied = true;
                 host::send(&response);
                 Action::Pause
             }
@@ -83,6 +87,12 @@ impl HttpContext for KeyFlow {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let map = MapType::HttpResponseHeaders;
+        if !self.replied {
+            // A provider's response must not carry the gateway's internal markers.
+            for name in [KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER] {
+                let _ = host::remove_header(map, name);
+            }
+        }
         let success = host::header(map, ":status")
             .ok()
             .flatten()

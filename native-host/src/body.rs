@@ -128,8 +128,14 @@ impl Body for UpstreamBody {
                         Chunk::Unchanged => Frame::data(data),
                         Chunk::Replace(bytes) => Frame::data(Bytes::from(bytes)),
                     },
-                    // Trailers pass through untouched.
-                    Err(frame) => frame,
+                    // Trailers pass through untouched; as the last frame they end the body,
+                    // so the exchange is told (a held partial event cannot go after them).
+                    Err(frame) => {
+                        if last {
+                            let _ = this.exchange.on_response_chunk(&[], true);
+                        }
+                        frame
+                    }
                 };
                 if last {
                     this.end(Ending::Completed);

@@ -250,6 +250,16 @@ async fn forward_upstream(
         }
     };
     let (mut parts, body) = response.into_parts();
+    // The gateway's internal headers are never the provider's to set.
+    let forged: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| is_gateway_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in forged {
+        parts.headers.remove(name);
+    }
     match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
         OnResponse::Relay {
             remove_headers,

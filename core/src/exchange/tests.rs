@@ -134,7 +134,7 @@ fn forwarded_completion() {
         [
             "read body up to 200",
             "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai",
-            r#"relay without ["openai-organization", "openai-project", "set-cookie", "x-tollgate-key-reservation"]"#,
+            r#"relay without ["openai-organization", "openai-project", "set-cookie", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "x-tollgate-key-reservation"]"#,
             "Unchanged",
             "Unchanged",
             r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
@@ -754,8 +754,9 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
     // The key role reserves on key a and hands the reservation over in a response header.
     let a = attempt_key(&c, Some("openai"), &store, 0, f.demand).unwrap();
     let handover = a.handover().unwrap();
-    assert_eq!(handover, format!("openai/a/1/{}", reserved_small()));
-    assert!(taken_over(&c, "openai/zz/1/5").is_none());
+    assert_eq!(handover, format!("openai/a/1/{}/0", reserved_small()));
+    assert!(taken_over(&c, "openai/zz/1/5/0").is_none());
+    assert!(taken_over(&c, "openai/a/1/5").is_none(), "malformed");
     let response = vec![(KEY_RESERVATION_HEADER.to_string(), handover)];
     let OnResponse::Relay { remove_headers, .. } = x.on_response_headers(200, &response) else {
         panic!()
@@ -789,4 +790,36 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
         },
     );
     assert!(full.is_err());
+}
+
+#[test]
+fn what_cannot_be_known_is_charged_at_the_reservation() {
+    let config = limited_config("{ tokens_per_minute: 1000 }", "");
+    let r = reserved_small();
+    // The client left before the provider answered: the provider still bills.
+    let store = CellStore::default();
+    let t = run_with(
+        Arc::clone(&config),
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::Finish,
+        ],
+    );
+    assert!(t[2].contains(&format!("tokens: {r}")), "{}", t[2]);
+    // A success whose body has no readable usage.
+    let store = CellStore::default();
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(200),
+            Event::Chunk("{\"choices\":[]}", true),
+            Event::Finish,
+        ],
+    );
+    assert!(t[4].contains(&format!("tokens: {r}")), "{}", t[4]);
 }

@@ -5,6 +5,9 @@
 //! now. Settling moves it back (refund, never below now: a refund cannot make the bucket
 //! fuller than full) or further on (charge; the bucket may go into debt).
 
+/// How many windows into the future a bucket's debt may reach.
+pub const MAX_DEBT_WINDOWS: u64 = 16;
+
 /// A rate: `limit` units per `window_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -47,11 +50,15 @@ impl Rate {
     }
 
     /// Applies the difference between what was reserved and what was used: the new state.
+    /// Debt is capped at `MAX_DEBT_WINDOWS` windows, so that one absurd usage report cannot
+    /// lock a bucket for longer.
     pub fn settle(&self, tat: Option<u64>, now_ns: u64, reserved: u64, used: u64) -> u64 {
         let tat = tat.unwrap_or(now_ns);
         if used >= reserved {
+            let cap = now_ns.saturating_add(self.window_ns.saturating_mul(MAX_DEBT_WINDOWS));
             tat.max(now_ns)
                 .saturating_add(self.cost_ns(used - reserved))
+                .min(cap.max(tat))
         } else {
             tat.saturating_sub(self.cost_ns(reserved - used))
                 .max(now_ns)
@@ -120,6 +127,9 @@ mod tests {
         // Used 90 of 50: the bucket owes 40 more.
         let charged = r.settle(Some(tat), now, 50, 90);
         assert_eq!(r.remaining(Some(charged), now), 10);
+        // An absurd report leaves the bucket locked for at most MAX_DEBT_WINDOWS windows.
+        let absurd = r.settle(Some(tat), now, 50, u64::MAX);
+        assert_eq!(r.reset_ns(Some(absurd), now), MAX_DEBT_WINDOWS * MIN);
         // Debt: used far more than the bucket holds.
         let debt = r.settle(Some(tat), now, 50, 250);
         assert_eq!(r.remaining(Some(debt), now), 0);

@@ -90,6 +90,8 @@ pub enum Refusal {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reservation {
     taken: Vec<(Limit, u64)>,
+    /// When it was made (Unix ms): a calendar allowance refunds only within that period.
+    at_ms: u64,
 }
 
 /// The tightest limit of a unit after admission, for the `x-ratelimit-*` headers.
@@ -160,6 +162,9 @@ pub fn format_duration(ms: u64) -> String {
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// Times a settlement is retried when the store reports contention.
+const SETTLE_TRIES: u32 = 16;
+
 impl Limit {
     fn reserve(&self, state: Option<u64>, now_ms: u64, units: u64) -> Result<u64, Refusal> {
         let never = |capacity| Refusal::Never {
@@ -204,12 +209,12 @@ impl Limit {
         }
     }
 
-    fn settle(&self, state: Option<u64>, now_ms: u64, reserved: u64, used: u64) -> u64 {
+    fn settle(&self, state: Option<u64>, now_ms: u64, at_ms: u64, reserved: u64, used: u64) -> u64 {
         match self.meter {
             Meter::Rate(rate) => {
                 rate.settle(state, now_ms.saturating_mul(NS_PER_MS), reserved, used)
             }
-            Meter::Quota(q) => q.settle(state, now_ms, reserved, used),
+            Meter::Quota(q) => q.settle(state, now_ms, at_ms, reserved, used),
             // The slot is given back, whatever was used.
             Meter::Concurrency(_) => state.unwrap_or(0).saturating_sub(1),
         }
@@ -243,7 +248,10 @@ pub fn admit<'a>(
     now_ms: u64,
     amounts: Amounts,
 ) -> Result<(Reservation, RateHeaders), Refusal> {
-    let mut reservation = Reservation::default();
+    let mut reservation = Reservation {
+        taken: Vec::new(),
+        at_ms: now_ms,
+    };
     let mut headers = RateHeaders::default();
     for limit in limits {
         let units = amounts.of(limit.unit);
@@ -298,6 +306,7 @@ fn give_back(
     request_was_made: bool,
 ) -> Result<(), StoreError> {
     let mut result = Ok(());
+    let at_ms = reservation.at_ms;
     for (limit, reserved) in reservation.taken {
         let used = match limit.unit {
             // A request that was made counts, answered or not; concurrency frees its slot
@@ -305,9 +314,22 @@ fn give_back(
             Unit::Requests if request_was_made => reserved,
             unit => used.of(unit),
         };
-        let outcome = store.measure_and_replace(&limit.store_key, |state| {
-            Ok::<_, std::convert::Infallible>(((), limit.settle(state, now_ms, reserved, used)))
-        });
+        // A settlement that is lost can leave a concurrency slot taken for good: insist on
+        // contention (each try is itself a bounded compare-and-swap loop).
+        let mut tries = 0;
+        let outcome = loop {
+            let outcome = store.measure_and_replace(&limit.store_key, |state| {
+                Ok::<_, std::convert::Infallible>((
+                    (),
+                    limit.settle(state, now_ms, at_ms, reserved, used),
+                ))
+            });
+            tries += 1;
+            match outcome {
+                Err(StoreError::Contended { .. }) if tries < SETTLE_TRIES => continue,
+                other => break other,
+            }
+        };
         if let Err(e) = outcome {
             result = Err(e);
         }
@@ -320,19 +342,27 @@ impl Reservation {
         self.taken.is_empty()
     }
 
+    pub fn at_ms(&self) -> u64 {
+        self.at_ms
+    }
+
     /// The reservation `admit` made of `amounts` against `limits` (which all admitted it):
     /// lets one host role settle what another reserved.
-    pub fn of(limits: &[Limit], amounts: Amounts) -> Self {
+    pub fn of(limits: &[Limit], amounts: Amounts, at_ms: u64) -> Self {
         Self {
             taken: limits
                 .iter()
                 .map(|l| (l.clone(), amounts.of(l.unit)))
                 .collect(),
+            at_ms,
         }
     }
 
     /// Adds another reservation's takings, to be settled together.
     pub fn merge(&mut self, other: Reservation) {
+        if self.taken.is_empty() {
+            self.at_ms = other.at_ms;
+        }
         self.taken.extend(other.taken);
     }
 }

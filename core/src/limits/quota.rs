@@ -57,10 +57,19 @@ impl Quota {
     }
 
     /// Applies the difference between reserved and used. If the period turned over since the
-    /// reservation, the new period is charged only what was used beyond the reservation.
-    pub fn settle(&self, state: Option<u64>, now_ms: u64, reserved: u64, used: u64) -> u64 {
-        let same_period =
-            state.is_some_and(|s| s >> USED_BITS == period_index(self.period, now_ms));
+    /// reservation (made at `reserved_at_ms`), the new period is charged only what was used
+    /// beyond the reservation, and refunds nothing.
+    pub fn settle(
+        &self,
+        state: Option<u64>,
+        now_ms: u64,
+        reserved_at_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> u64 {
+        let now_period = period_index(self.period, now_ms);
+        let same_period = state.is_some_and(|s| s >> USED_BITS == now_period)
+            && period_index(self.period, reserved_at_ms) == now_period;
         let current = self.used_now(state, now_ms);
         let next = if used >= reserved {
             current.saturating_add(used - reserved)
@@ -197,24 +206,16 @@ mod tests {
             period: Period::Month,
         };
         let s = q.reserve(None, NOW, 500).unwrap();
-        assert_eq!(
-            q.remaining(Some(q.settle(Some(s), NOW, 500, 200)), NOW),
-            800
-        );
-        assert_eq!(
-            q.remaining(Some(q.settle(Some(s), NOW, 500, 700)), NOW),
-            300
-        );
+        let left = |state: u64, at: u64| q.remaining(Some(state), at);
+        assert_eq!(left(q.settle(Some(s), NOW, NOW, 500, 200), NOW), 800);
+        assert_eq!(left(q.settle(Some(s), NOW, NOW, 500, 700), NOW), 300);
         // Overrun beyond the limit: nothing remains, and nothing underflows.
-        assert_eq!(
-            q.remaining(Some(q.settle(Some(s), NOW, 500, 5_000)), NOW),
-            0
-        );
-        // A refund after the month turned over does not credit the new month.
+        assert_eq!(left(q.settle(Some(s), NOW, NOW, 500, 5_000), NOW), 0);
+        // A refund after the month turned over does not credit the new month...
         let next = period_end_ms(Period::Month, NOW);
-        assert_eq!(
-            q.remaining(Some(q.settle(Some(s), next, 500, 200)), next),
-            1_000
-        );
+        assert_eq!(left(q.settle(Some(s), next, NOW, 500, 200), next), 1_000);
+        // ...even when another request already rolled the counter over.
+        let rolled = q.reserve(Some(s), next, 100).unwrap();
+        assert_eq!(left(q.settle(Some(rolled), next, NOW, 500, 200), next), 900);
     }
 }

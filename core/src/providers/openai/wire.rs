@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::tokens;
 
@@ -21,7 +22,21 @@ pub struct ChatRequest<'a> {
     pub max_tokens: Option<u64>,
     #[serde(default)]
     pub max_completion_tokens: Option<u64>,
+    /// Choices to generate: each may use up to the completion maximum.
+    #[serde(default)]
+    pub n: Option<u64>,
+    /// Prompt material outside the messages, counted as text (the provider bills it).
+    #[serde(default, borrow)]
+    pub tools: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub functions: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub response_format: Option<&'a RawValue>,
 }
+
+/// Tokens reserved per image part: OpenAI's price of a high-detail 512×512-tile image is
+/// 85 + 170 per tile; four tiles covers a typical 1024×1024 image.
+pub const IMAGE_TOKENS: u64 = 765;
 
 impl ChatRequest<'_> {
     /// The most completion tokens the client allows, if it says.
@@ -29,19 +44,30 @@ impl ChatRequest<'_> {
         self.max_completion_tokens.or(self.max_tokens)
     }
 
-    /// Estimated prompt tokens: each message's text plus OpenAI's per-message framing.
+    /// Choices the provider generates (each billed).
+    pub fn choices(&self) -> u64 {
+        self.n.unwrap_or(1).max(1)
+    }
+
+    /// Estimated prompt tokens: each message's text, tool calls and images plus OpenAI's
+    /// per-message framing, and the tool definitions and response schema.
     pub fn estimate_prompt_tokens(&self) -> u64 {
+        let raw = |v: Option<&RawValue>| v.map_or(0, |v| tokens::estimate_text(v.get()));
+        let messages: u64 = self
+            .messages
+            .iter()
+            .map(|m| {
+                let content = m.content.as_ref().map_or(0, |c| {
+                    tokens::estimate_text(&c.text()) + c.images() * IMAGE_TOKENS
+                });
+                tokens::PER_MESSAGE_OVERHEAD + content + raw(m.tool_calls)
+            })
+            .sum();
         tokens::PER_REQUEST_OVERHEAD
-            + self
-                .messages
-                .iter()
-                .map(|m| {
-                    tokens::PER_MESSAGE_OVERHEAD
-                        + m.content
-                            .as_ref()
-                            .map_or(0, |c| tokens::estimate_text(&c.text()))
-                })
-                .sum::<u64>()
+            + messages
+            + raw(self.tools)
+            + raw(self.functions)
+            + raw(self.response_format)
     }
 
     pub fn is_stream(&self) -> bool {
@@ -69,6 +95,8 @@ pub struct Message<'a> {
     pub role: Cow<'a, str>,
     #[serde(default, borrow)]
     pub content: Option<Content<'a>>,
+    #[serde(default, borrow)]
+    pub tool_calls: Option<&'a RawValue>,
 }
 
 /// A message's content: a string, or a list of parts of which only text parts carry text.
@@ -88,6 +116,14 @@ pub struct ContentPart<'a> {
 }
 
 impl Content<'_> {
+    /// Image parts, priced apart from text.
+    pub fn images(&self) -> u64 {
+        match self {
+            Content::Text(_) => 0,
+            Content::Parts(parts) => parts.iter().filter(|p| p.kind == "image_url").count() as u64,
+        }
+    }
+
     /// The text of the content, parts joined by newlines; non-text parts are left out.
     pub fn text(&self) -> Cow<'_, str> {
         match self {
@@ -207,6 +243,28 @@ mod tests {
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"other": 1, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn tools_schemas_tool_calls_images_and_n_count() {
+        let plain =
+            parse_chat_request(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+                .unwrap();
+        let tools = "x".repeat(4_000);
+        let body = format!(
+            r#"{{"model":"m","n":3,"tools":[{{"type":"function","function":{{"name":"f","description":"{tools}"}}}}],
+            "response_format":{{"type":"json_schema"}},
+            "messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{{"type":"image_url","image_url":{{"url":"x"}}}}]}},
+                        {{"role":"assistant","content":null,"tool_calls":[{{"id":"1","type":"function","function":{{"name":"f","arguments":"{{}}"}}}}]}}]}}"#
+        );
+        let rich = parse_chat_request(body.as_bytes()).unwrap();
+        assert_eq!(rich.choices(), 3);
+        assert!(
+            rich.estimate_prompt_tokens() > plain.estimate_prompt_tokens() + IMAGE_TOKENS + 500,
+            "{} vs {}",
+            rich.estimate_prompt_tokens(),
+            plain.estimate_prompt_tokens()
         );
     }
 
