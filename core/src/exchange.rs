@@ -482,7 +482,7 @@ impl Exchange {
         };
         let strip = self.strip_usage_chunk;
         let mut out = Vec::new();
-        let mut on_event = |event: crate::sse::SseEvent| {
+        let mut handle = |event: crate::sse::SseEvent, out: &mut Vec<u8>| {
             let mut drop = false;
             if let Some(info) = usage::inspect_chunk(&event.data) {
                 if info.usage.is_some() {
@@ -495,9 +495,14 @@ impl Exchange {
                 out.extend_from_slice(&event.raw);
             }
         };
-        sse.feed(chunk, &mut on_event);
+        sse.feed(chunk, |e| handle(e, &mut out));
+        if strip {
+            // Keep-alive comments go out now, not with the next event: clients and proxies
+            // time out on silence while the model thinks.
+            out.extend(sse.take_idle());
+        }
         if end_of_stream {
-            let tail = sse.finish(&mut on_event);
+            let tail = sse.finish(|e| handle(e, &mut out));
             if strip {
                 out.extend_from_slice(&tail);
             }

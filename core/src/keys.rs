@@ -129,36 +129,7 @@ pub fn attempt_key<'c>(
     }
     let scope = format!("every key of provider `{}`", provider.name);
     Err(match best {
-        Some(Refusal::NotNow {
-            limit,
-            retry_after_ms,
-            ..
-        }) => GatewayError::RateLimited {
-            limit,
-            scope,
-            retry_after_ms,
-        },
-        Some(Refusal::Exhausted {
-            limit,
-            retry_after_ms,
-            ..
-        }) => GatewayError::QuotaExhausted {
-            limit,
-            scope,
-            retry_after_ms,
-        },
-        Some(Refusal::Never {
-            limit,
-            requested,
-            capacity,
-            ..
-        }) => GatewayError::ExceedsLimit {
-            limit,
-            scope,
-            requested,
-            capacity,
-        },
-        Some(Refusal::Store(e)) => store_error(e),
+        Some(refusal) => refusal.with_scope(scope).into(),
         None => GatewayError::Internal {
             detail: "a pool with keys refused without a reason".into(),
         },

@@ -28,6 +28,9 @@ pub struct SseParser {
     line_start: usize,
     data: String,
     event: Option<String>,
+    /// Leading bytes of `raw` that belong to no event: blocks that ended without data
+    /// (keep-alive comments). `take_idle` hands them out.
+    idle: usize,
     /// The last line ended with a CR that ended its chunk: a LF opening the next chunk is
     /// part of that line ending, not a blank line.
     after_cr: bool,
@@ -104,6 +107,7 @@ impl SseParser {
         } else if self.data.is_empty() {
             // Nothing to dispatch; the spec still resets the event type.
             self.event = None;
+            self.idle = self.raw.len();
         } else if self.after_cr {
             self.held = true;
         } else {
@@ -112,10 +116,24 @@ impl SseParser {
         self.line_start = self.raw.len();
     }
 
+    /// Takes the bytes buffered so far that belong to no event (keep-alive comments and
+    /// other blocks without data), so that a caller that re-emits the stream event by event
+    /// need not hold them back until the next event. Taking them keeps the byte-for-byte
+    /// invariant: idle bytes, event `raw`s and the `finish` tail, in order, are the input.
+    pub fn take_idle(&mut self) -> Vec<u8> {
+        let idle = std::mem::take(&mut self.idle).min(self.raw.len());
+        if idle == 0 {
+            return Vec::new();
+        }
+        self.line_start = self.line_start.saturating_sub(idle);
+        self.raw.drain(..idle).collect()
+    }
+
     fn dispatch(&mut self) -> SseEvent {
         let mut data = std::mem::take(&mut self.data);
         data.pop();
         self.line_start = 0;
+        self.idle = 0;
         SseEvent {
             event: self.event.take(),
             data,
@@ -145,6 +163,40 @@ fn field(line: &[u8], data: &mut String, event: &mut Option<String>) {
         // Comments (an empty name), `id`, `retry` and unknown fields: nothing the gateway uses.
         _ => {}
     }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_comments_are_handed_out_without_waiting_for_the_next_event() {
+        let mut p = SseParser::new();
+        let mut events = Vec::new();
+        p.feed(b": PROCESSING\n\n: still\n\ndata: x", |e| events.push(e));
+        assert!(events.is_empty());
+        assert_eq!(p.take_idle(), b": PROCESSING\n\n: still\n\n");
+        assert_eq!(p.take_idle(), b"");
+        p.feed(b"\n\n", |e| events.push(e));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].raw, b"data: x\n\n");
+        assert_eq!(events[0].data, "x");
+        // Split at every offset, taking idle bytes after each chunk: still byte for byte.
+        let input: &[u8] = b": ka\r\n\r\ndata: a\r\n\r\n: ka\n\nevent: e\n\ndata: b\n\n";
+        for cut in 0..=input.len() {
+            let (x, y) = input.split_at(cut);
+            let mut p = SseParser::new();
+            let mut out = Vec::new();
+            for part in [x, y] {
+                p.feed(part, |e| out.extend_from_slice(&e.raw));
+                out.extend(p.take_idle());
+            }
+            out.extend(p.finish(|e| out_extend(&e)));
+            assert_eq!(out, input, "cut at {cut}");
+        }
+    }
+
+    fn out_extend(_e: &SseEvent) {}
 }
 
 #[cfg(test)]

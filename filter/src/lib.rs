@@ -69,9 +69,9 @@ impl RootContext for Root {
         let env = |name: &str| std::env::var(name).ok();
         match Config::load(&text, &env) {
             Ok(config) => {
-                if role == Role::Gateway {
-                    host::create_counters(config.all_limits().map(|l| &*l.store_key));
-                }
+                // Both roles create the counters: either may load first (listener and
+                // clusters reload separately under xDS).
+                host::create_counters(config.all_limits().map(|l| &*l.store_key));
                 self.role = Some(role);
                 self.config = Some(Arc::new(config));
                 true

@@ -86,6 +86,44 @@ pub enum Refusal {
     Store(StoreError),
 }
 
+impl Refusal {
+    /// The same refusal, said of another scope (e.g. a whole key pool).
+    pub fn with_scope(self, scope: String) -> Self {
+        match self {
+            Self::NotNow {
+                limit,
+                retry_after_ms,
+                ..
+            } => Self::NotNow {
+                limit,
+                scope,
+                retry_after_ms,
+            },
+            Self::Exhausted {
+                limit,
+                retry_after_ms,
+                ..
+            } => Self::Exhausted {
+                limit,
+                scope,
+                retry_after_ms,
+            },
+            Self::Never {
+                limit,
+                requested,
+                capacity,
+                ..
+            } => Self::Never {
+                limit,
+                scope,
+                requested,
+                capacity,
+            },
+            Self::Store(e) => Self::Store(e),
+        }
+    }
+}
+
 /// What a request took from each limit, to be settled when it ends.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reservation {
