@@ -125,7 +125,11 @@ pub struct Summary {
     pub usage_reported: bool,
 }
 
-/// Largest non-streamed response body kept to read its usage; beyond it, usage is estimated.
+/// Most bytes of one unfinished SSE event held back while the usage chunk is being stripped.
+const MAX_HELD_EVENT: usize = 256 * 1024;
+
+/// Largest non-streamed response body kept to read its usage; beyond it, the reservation is
+/// charged.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
 
 /// A request's standing with its limits, from admission to settlement.
@@ -500,6 +504,11 @@ impl Exchange {
             // Keep-alive comments go out now, not with the next event: clients and proxies
             // time out on silence while the model thinks.
             out.extend(sse.take_idle());
+            if sse.pending() > MAX_HELD_EVENT {
+                // An "event" this large is no OpenAI stream: stop holding anything back.
+                out.extend(sse.abandon());
+                self.strip_usage_chunk = false;
+            }
         }
         if end_of_stream {
             let tail = sse.finish(|e| handle(e, &mut out));
@@ -510,6 +519,7 @@ impl Exchange {
             self.sse = Some(sse);
         }
         if strip {
+            // `strip` is what this chunk was handled with, even if stripping stopped now.
             Chunk::Replace(out)
         } else {
             Chunk::Unchanged

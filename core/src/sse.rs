@@ -116,6 +116,12 @@ impl SseParser {
         self.line_start = self.raw.len();
     }
 
+    /// Gives up on the event in progress: returns every byte buffered and starts afresh, as
+    /// new. For a caller that must bound what it holds back.
+    pub fn abandon(&mut self) -> Vec<u8> {
+        std::mem::take(self).raw
+    }
+
     /// Takes the bytes buffered so far that belong to no event (keep-alive comments and
     /// other blocks without data), so that a caller that re-emits the stream event by event
     /// need not hold them back until the next event. Taking them keeps the byte-for-byte

@@ -823,3 +823,27 @@ fn what_cannot_be_known_is_charged_at_the_reservation() {
     );
     assert!(t[4].contains(&format!("tokens: {r}")), "{}", t[4]);
 }
+
+#[test]
+fn a_huge_unfinished_event_is_not_held_back_forever() {
+    let config = limited_config("{ tokens_per_minute: 100000 }", "");
+    let store = CellStore::default();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+    let big = format!("data: {}", "x".repeat(300 * 1024));
+    let t = run_with(
+        config,
+        &store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(body),
+            Event::ResponseHead(200),
+            Event::Chunk(&big, false),
+            Event::Chunk("more", false),
+        ],
+    );
+    assert!(
+        t[3].starts_with("Replace(\"data: xxx") && t[3].len() > 300 * 1024,
+        "held back"
+    );
+    assert_eq!(t[4], "Unchanged", "stripping stops once it gave up");
+}
