@@ -97,6 +97,18 @@ impl Fixture {
         }
     }
 
+    /// Opens a stream that the mock holds after its first event until `release` is notified.
+    async fn held_stream(&self) -> (Arc<tokio::sync::Notify>, reqwest::Response) {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.fault_all_keys(Fault::HoldStream {
+            release: Arc::clone(&release),
+        });
+        let r = self
+            .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+            .await;
+        (release, r)
+    }
+
     /// Sends a chat request as the `app` consumer.
     async fn post(&self, body: Value) -> reqwest::Response {
         self.http
@@ -208,13 +220,7 @@ async fn upstream_completion_with_model_rewrite(host: Host) {
 
 async fn upstream_stream_is_not_buffered(host: Host) {
     let f = Fixture::start(host).await;
-    let release = Arc::new(tokio::sync::Notify::new());
-    f.fault_all_keys(Fault::HoldStream {
-        release: Arc::clone(&release),
-    });
-    let mut r = f
-        .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
-        .await;
+    let (release, mut r) = f.held_stream().await;
     assert_eq!(r.status(), 200);
     // The mock holds the rest of the stream until released: the first event can only arrive
     // if the gateway forwards it without waiting for the end.
@@ -628,13 +634,7 @@ async fn openai_python_sdk(host: Host) {
 /// SIGTERM stops accepting, lets the stream in flight finish, then exits cleanly.
 async fn graceful_shutdown_finishes_requests_in_flight(host: Host) {
     let f = Fixture::start(host).await;
-    let release = Arc::new(tokio::sync::Notify::new());
-    f.fault_all_keys(Fault::HoldStream {
-        release: Arc::clone(&release),
-    });
-    let mut r = f
-        .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
-        .await;
+    let (release, mut r) = f.held_stream().await;
     let first = r.chunk().await.unwrap().unwrap();
     let Fixture {
         mock,

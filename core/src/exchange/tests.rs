@@ -390,6 +390,20 @@ models:
 const SMALL: &str =
     r#"{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
 
+/// Sends SMALL and gets a successful response head: the head's transcript line shows the
+/// headroom left.
+fn admit_small(config: Arc<Config>, store: &CellStore) -> Vec<String> {
+    run_with(
+        config,
+        store,
+        &[
+            Event::Head("POST", CHAT, &[AUTH]),
+            Event::Body(SMALL),
+            Event::ResponseHead(200),
+        ],
+    )
+}
+
 /// Estimated prompt tokens of SMALL.
 fn prompt_hi() -> u64 {
     use crate::tokens::*;
@@ -434,15 +448,7 @@ fn tokens_are_reserved_then_settled_on_reported_usage() {
     );
     assert!(t[4].contains("charged: Some(Amounts { requests: 1, tokens: 10, micro_usd: 0 }), usage_reported: true"), "{}", t[4]);
     // Settled on 10: the next request sees 1000 - 10 - its own reservation left.
-    let t = run_with(
-        config,
-        &store,
-        &[
-            Event::Head("POST", CHAT, &[AUTH]),
-            Event::Body(SMALL),
-            Event::ResponseHead(200),
-        ],
-    );
+    let t = admit_small(config, &store);
     assert!(
         t[2].contains(&format!("x-ratelimit-remaining-tokens: {}", 1000 - 10 - r)),
         "{}",
@@ -600,15 +606,7 @@ fn failed_requests_are_refunded_and_free_their_slot() {
         ],
     );
     assert!(t[3].contains("tokens: 0"), "{}", t[3]);
-    let t = run_with(
-        config,
-        &store,
-        &[
-            Event::Head("POST", CHAT, &[AUTH]),
-            Event::Body(SMALL),
-            Event::ResponseHead(200),
-        ],
-    );
+    let t = admit_small(config, &store);
     assert!(
         t[2].contains(&format!(
             "x-ratelimit-remaining-tokens: {}",
