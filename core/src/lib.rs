@@ -4,10 +4,12 @@
 //!
 //! - `config`: the one schema both hosts load, validated as a whole and compiled once.
 //! - `auth`: consumer keys, held as SHA-256 hashes.
+//! - `calendar`: UTC civil dates, for allowances and provider headers.
 //! - `exchange`: the gateway role's per-request state machine.
 //! - `keys`: the key role, which picks a provider key per upstream attempt.
 //! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
-//! - `providers`: one module per provider kind: wire types and pure translation.
+//! - `providers`: one module per provider kind: wire types and pure translation; `signals`
+//!   reads what providers say about a key's limits (retry times, remaining capacity).
 //! - `sse`: incremental Server-Sent Events parsing, keeping each event's exact bytes.
 //! - `store`: the shared-counter trait the hosts implement.
 //! - `roles`: the names of the gateway and key roles in Envoy.
@@ -25,6 +27,7 @@
 )]
 
 pub mod auth;
+pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod exchange;

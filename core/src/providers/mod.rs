@@ -3,6 +3,7 @@
 
 pub mod mock;
 pub mod openai;
+pub mod signals;
 
 use crate::limits::Limit;
 use crate::store::{CounterStore, StoreError};
