@@ -58,6 +58,14 @@ pub enum GatewayError {
         requested: u64,
         capacity: u64,
     },
+    /// Every key of the provider is cooling down after 429s; one is usable again after
+    /// `retry_after_ms`.
+    KeysCooling {
+        provider: String,
+        retry_after_ms: u64,
+    },
+    /// Every key of the provider was refused (401/403).
+    KeysRevoked { provider: String },
     /// Shared state (counters, key health) could not be updated; refusing beats guessing.
     SharedStateUnavailable { detail: String },
     /// The host failed an operation it should not fail (a bug or resource exhaustion).
@@ -74,7 +82,10 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => 405,
             Self::RequestTimeout => 408,
             Self::MalformedBody { .. } | Self::ExceedsLimit { .. } => 400,
-            Self::RateLimited { .. } | Self::QuotaExhausted { .. } => 429,
+            Self::RateLimited { .. } | Self::QuotaExhausted { .. } | Self::KeysCooling { .. } => {
+                429
+            }
+            Self::KeysRevoked { .. } => 503,
             Self::BodyTooLarge { .. } => 413,
             Self::UpstreamUnavailable { .. } | Self::UpstreamAuthFailed { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
@@ -104,6 +115,8 @@ impl GatewayError {
             Self::UnknownModel { .. } => "model_not_found",
             Self::MalformedBody { .. } => "invalid_request_body",
             Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::KeysCooling { .. } => "provider_keys_cooling",
+            Self::KeysRevoked { .. } => "provider_keys_revoked",
             Self::QuotaExhausted { .. } => "quota_exhausted",
             Self::ExceedsLimit { .. } => "request_exceeds_limit",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -128,6 +141,7 @@ impl GatewayError {
                 | Self::SharedStateUnavailable { .. }
                 | Self::RateLimited { .. }
                 | Self::QuotaExhausted { .. }
+                | Self::KeysCooling { .. }
         )
     }
 
@@ -142,6 +156,11 @@ impl GatewayError {
                 "Rate limit reached: `{limit}` of {scope}. Retry after {}.",
                 crate::limits::format_duration(*retry_after_ms)
             ),
+            Self::KeysCooling { provider, retry_after_ms } => format!(
+                "Every key of provider `{provider}` is rate limited by the provider. Retry after {}.",
+                crate::limits::format_duration(*retry_after_ms)
+            ),
+            Self::KeysRevoked { provider } => format!("Every key of provider `{provider}` was refused by the provider."),
             Self::QuotaExhausted { limit, scope, retry_after_ms } => format!(
                 "Allowance spent: `{limit}` of {scope}. It renews in {}.",
                 crate::limits::format_duration(*retry_after_ms)
@@ -178,7 +197,8 @@ impl GatewayError {
                 r.headers.push(("allow", (*allowed).to_string()))
             }
             Self::RateLimited { retry_after_ms, .. }
-            | Self::QuotaExhausted { retry_after_ms, .. } => {
+            | Self::QuotaExhausted { retry_after_ms, .. }
+            | Self::KeysCooling { retry_after_ms, .. } => {
                 r.headers
                     .push(("retry-after", retry_after_ms.div_ceil(1_000).to_string()));
                 r.headers
@@ -262,6 +282,37 @@ mod tests {
         assert!(v["error"]["param"].is_null());
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-4o"));
         assert_eq!(e.status(), 403);
+    }
+
+    #[test]
+    fn every_wait_says_when_to_retry() {
+        for e in [
+            GatewayError::RateLimited {
+                limit: "x",
+                scope: "s".into(),
+                retry_after_ms: 1_500,
+            },
+            GatewayError::QuotaExhausted {
+                limit: "x",
+                scope: "s".into(),
+                retry_after_ms: 1_500,
+            },
+            GatewayError::KeysCooling {
+                provider: "p".into(),
+                retry_after_ms: 1_500,
+            },
+        ] {
+            let r = e.respond();
+            assert_eq!(r.status, 429);
+            assert!(
+                r.headers.contains(&("retry-after", "2".to_string())),
+                "{e:?}"
+            );
+            assert!(
+                r.headers.contains(&("retry-after-ms", "1500".to_string())),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

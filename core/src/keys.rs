@@ -5,8 +5,11 @@
 
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::health::{self, Unusable};
+use crate::http::HeaderLookup;
 use crate::http::{CONSUMER_CREDENTIAL_HEADERS, DEMAND_HEADER, PROVIDER_HEADER};
 use crate::limits::{self, Amounts, Refusal, Reservation};
+use crate::providers::signals::KeySignals;
 use crate::providers::{Provider, ProviderKey};
 use crate::store::CounterStore;
 
@@ -113,7 +116,24 @@ pub fn attempt_key<'c>(
     let turn = provider.next_turn(store).map_err(store_error)?;
     // The refusal to report if every key refuses: the soonest retry, else the largest key.
     let mut best: Option<Refusal> = None;
+    // The soonest a cooling key is usable again, and whether every skipped key is revoked.
+    let mut cooling_until: Option<u64> = None;
+    let mut revoked = 0;
     for key in provider.keys_from(turn) {
+        match store.measure_and_replace(&key.health_key, |state| {
+            health::claim(state, now_ms, &provider.health)
+        }) {
+            Ok(Ok(())) | Ok(Err(None)) => {}
+            Ok(Err(Some(Unusable::Cooling { until_ms }))) => {
+                cooling_until = Some(cooling_until.map_or(until_ms, |u| u.min(until_ms)));
+                continue;
+            }
+            Ok(Err(Some(Unusable::Revoked { .. }))) => {
+                revoked += 1;
+                continue;
+            }
+            Err(e) => return Err(store_error(e)),
+        }
         if key.limits.is_empty() {
             return Ok(attempt(Some(key), Reservation::default()));
         }
@@ -128,26 +148,73 @@ pub fn attempt_key<'c>(
         }
     }
     let scope = format!("every key of provider `{}`", provider.name);
-    Err(match best {
-        Some(refusal) => refusal.with_scope(scope).into(),
-        None => GatewayError::Internal {
+    let name = provider.name.clone();
+    // No key now: the soonest any becomes usable, whether it is cooling or at its limit.
+    let cooling = cooling_until.map(|u| u.saturating_sub(now_ms));
+    Err(match (best, cooling) {
+        (Some(r @ (Refusal::NotNow { .. } | Refusal::Exhausted { .. })), Some(wait))
+            if refusal_wait(&r).is_some_and(|w| w <= wait) =>
+        {
+            r.with_scope(scope).into()
+        }
+        (_, Some(retry_after_ms)) => GatewayError::KeysCooling {
+            provider: name,
+            retry_after_ms,
+        },
+        (Some(refusal), None) => refusal.with_scope(scope).into(),
+        (None, None) if revoked > 0 => GatewayError::KeysRevoked { provider: name },
+        (None, None) => GatewayError::Internal {
             detail: "a pool with keys refused without a reason".into(),
         },
     })
 }
 
-/// Whether `new` is the refusal to report rather than `old`: a wait beats "never", and a
-/// shorter wait a longer one.
-fn better(new: &Refusal, old: Option<&Refusal>) -> bool {
-    let wait = |r: &Refusal| match r {
+fn refusal_wait(r: &Refusal) -> Option<u64> {
+    match r {
         Refusal::NotNow { retry_after_ms, .. } | Refusal::Exhausted { retry_after_ms, .. } => {
             Some(*retry_after_ms)
         }
         _ => None,
+    }
+}
+
+/// Records what a provider's answer to an attempt says about the key's health: cooling after
+/// a 429 (until the time the provider gives), revoked after a 401/403, healthy again after a
+/// successful probe. Hosts call it with each attempt's status and response headers.
+pub fn observe<H: HeaderLookup + ?Sized>(
+    config: &Config,
+    provider: &str,
+    key_id: &str,
+    status: u16,
+    headers: &H,
+    now_ms: u64,
+    store: &impl CounterStore,
+) -> Result<(), GatewayError> {
+    let Some(provider) = config.provider_by_name(provider) else {
+        return Ok(());
     };
-    match (old, wait(new)) {
+    let Some(key) = provider.keys.iter().find(|k| k.id == key_id) else {
+        return Ok(());
+    };
+    let signals = KeySignals::read(headers, now_ms);
+    store
+        .measure_and_replace(&key.health_key, |state| {
+            health::observe(state, now_ms, status, &signals, &provider.health)
+                .map(|new| ((), new))
+                .ok_or(())
+        })
+        .map(|_| ())
+        .map_err(|e| GatewayError::SharedStateUnavailable {
+            detail: e.to_string(),
+        })
+}
+
+/// Whether `new` is the refusal to report rather than `old`: a wait beats "never", and a
+/// shorter wait a longer one.
+fn better(new: &Refusal, old: Option<&Refusal>) -> bool {
+    match (old, refusal_wait(new)) {
         (None, _) => true,
-        (Some(old), Some(n)) => wait(old).is_none_or(|o| n < o),
+        (Some(old), Some(n)) => refusal_wait(old).is_none_or(|o| n < o),
         (Some(_), None) => false,
     }
 }

@@ -6,6 +6,7 @@
 //! - `auth`: consumer keys, held as SHA-256 hashes.
 //! - `calendar`: UTC civil dates, for allowances and provider headers.
 //! - `exchange`: the gateway role's per-request state machine.
+//! - `health`: provider key health (cooling after 429, revoked after 401/403).
 //! - `keys`: the key role, which picks a provider key per upstream attempt.
 //! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
 //! - `providers`: one module per provider kind: wire types and pure translation; `signals`
@@ -31,6 +32,7 @@ pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod limits;

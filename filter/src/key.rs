@@ -6,7 +6,7 @@ use std::sync::Arc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 use tollgate_core::http::{DEMAND_HEADER, LOCAL_REPLY_HEADER, PROVIDER_HEADER};
-use tollgate_core::keys::KEY_RESERVATION_HEADER;
+use tollgate_core::keys::{self, KEY_RESERVATION_HEADER};
 use tollgate_core::keys::{attempt_key, KeyAttempt};
 use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::roles::provider_of_cluster;
@@ -22,6 +22,8 @@ pub struct KeyFlow {
     handover: Option<String>,
     /// The key role answered this attempt itself (its reply carries its own marker).
     replied: bool,
+    /// (provider, key id) of the attempt, to record what the answer says of the key.
+    used: Option<(String, String)>,
 }
 
 impl KeyFlow {
@@ -31,6 +33,7 @@ impl KeyFlow {
             reservation: Reservation::default(),
             handover: None,
             replied: false,
+            used: None,
         }
     }
 
@@ -54,6 +57,9 @@ impl KeyFlow {
         };
         let mut attempt = attempt_key(&self.config, pool, &SharedStore, host::now_ms(), demand)?;
         self.handover = attempt.handover();
+        self.used = attempt
+            .key_id()
+            .map(|k| (attempt.provider.name.clone(), k.to_string()));
         self.reservation = std::mem::take(&mut attempt.reservation);
         for name in KeyAttempt::REMOVE_HEADERS {
             host::remove_header(map, name)?;
@@ -93,11 +99,28 @@ impl HttpContext for KeyFlow {
                 let _ = host::remove_header(map, name);
             }
         }
-        let success = host::header(map, ":status")
+        let status = host::header(map, ":status")
             .ok()
             .flatten()
-            .and_then(|s| s.parse::<u16>().ok())
-            .is_some_and(|s| (200..300).contains(&s));
+            .and_then(|s| s.parse::<u16>().ok());
+        if let (Some(status), Some((provider, key)), false) = (status, &self.used, self.replied) {
+            // Every worker sees what this answer says of the key: cooling, revoked, healthy.
+            let recorded = host::headers(map).and_then(|headers| {
+                keys::observe(
+                    &self.config,
+                    provider,
+                    key,
+                    status,
+                    &headers,
+                    host::now_ms(),
+                    &SharedStore,
+                )
+            });
+            if let Err(e) = recorded {
+                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+            }
+        }
+        let success = status.is_some_and(|s| (200..300).contains(&s));
         // A successful response reaches the gateway role, which sees its usage: hand it the
         // reservation to settle. Anything else (a retry, an error) is settled here.
         if let (true, Some(handover)) = (success, self.handover.take()) {

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate_core::exchange::{Forward, OnBody, OnHeaders, OnResponse};
 use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
-use tollgate_core::keys::{attempt_key, KeyAttempt};
+use tollgate_core::keys::{self, attempt_key, KeyAttempt};
 use tollgate_core::providers::Scheme;
 use tollgate_core::{Config, Exchange, GatewayError};
 
@@ -259,6 +259,21 @@ async fn forward_upstream(
         .collect();
     for name in forged {
         parts.headers.remove(name);
+    }
+    if let Some(key) = key_id.as_deref() {
+        // The key's health: cooling after a 429, revoked after a 401/403.
+        let observed = keys::observe(
+            &config,
+            &provider,
+            key,
+            parts.status.as_u16(),
+            &Headers(&parts.headers),
+            crate::now_ms(),
+            &gw.store,
+        );
+        if let Err(e) = observed {
+            tracing::warn!(provider = %provider, key, error = %e, "key health not recorded");
+        }
     }
     match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
         OnResponse::Relay {

@@ -593,6 +593,136 @@ async fn provider_errors_pass_through(host: Host) {
     assert!(v["error"]["message"].is_string(), "{v}");
 }
 
+fn keys_used(f: &Fixture) -> Vec<String> {
+    f.mock
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.key)
+        .collect()
+}
+
+/// A key that answers 429 with `retry-after` is skipped by every worker until then, and used
+/// again afterwards.
+async fn a_key_answering_429_is_skipped_until_its_retry_time(host: Host) {
+    let f = Fixture::start(host).await;
+    f.mock.set_fault(
+        KEY_A,
+        Fault::TooManyRequests {
+            retry_after_secs: 2,
+        },
+    );
+    let mut hit_a = None;
+    for _ in 0..4 {
+        let (status, _) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        if status == 429 {
+            hit_a = Some(std::time::Instant::now());
+            break;
+        }
+    }
+    let hit_a = hit_a.expect("round-robin never reached key A");
+    let before = keys_used(&f).len();
+    for _ in 0..4 {
+        let (status, v) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let after: Vec<_> = keys_used(&f).split_off(before);
+    assert!(
+        after.iter().all(|k| k == KEY_B),
+        "a cooling key was used: {after:?}"
+    );
+    f.mock.clear_fault(KEY_A);
+    tokio::time::sleep(Duration::from_millis(2_200).saturating_sub(hit_a.elapsed())).await;
+    let before = keys_used(&f).len();
+    for _ in 0..4 {
+        f.chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    }
+    let after: Vec<_> = keys_used(&f).split_off(before);
+    assert!(
+        after.iter().any(|k| k == KEY_A),
+        "key A was not used again: {after:?}"
+    );
+}
+
+/// A key the provider refuses (401) is revoked: not used again until its re-probe.
+async fn a_refused_key_is_not_used_again(host: Host) {
+    let f = Fixture::start(host).await;
+    f.mock.set_fault(KEY_A, Fault::Unauthorized);
+    for _ in 0..2 {
+        f.chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    }
+    assert!(
+        keys_used(&f).iter().any(|k| k == KEY_A),
+        "round-robin never reached key A"
+    );
+    let before = keys_used(&f).len();
+    for _ in 0..4 {
+        let (status, v) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let after: Vec<_> = keys_used(&f).split_off(before);
+    assert!(
+        after.iter().all(|k| k == KEY_B),
+        "a revoked key was used: {after:?}"
+    );
+}
+
+/// When every key is cooling, the client gets 429 at once, with the earliest retry time,
+/// and the provider sees no call.
+async fn when_every_key_cools_the_client_gets_429_at_once(host: Host) {
+    let f = Fixture::start(host).await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_fault(
+            key,
+            Fault::TooManyRequests {
+                retry_after_secs: 30,
+            },
+        );
+    }
+    for _ in 0..2 {
+        let (status, _) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        assert_eq!(status, 429);
+    }
+    assert_eq!(f.mock.requests().len(), 2);
+    let r = f
+        .post(json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
+        .await;
+    let status = r.status().as_u16();
+    let retry = r.headers().get("retry-after").cloned();
+    let body: Value = r.json().await.unwrap();
+    assert_error(status, &body, 429, "provider_keys_cooling");
+    let retry: u64 = retry.unwrap().to_str().unwrap().parse().unwrap();
+    assert!((25..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(f.mock.requests().len(), 2, "no blind call upstream");
+}
+
 /// The official `openai` Python SDK works against the gateway, streaming and not.
 async fn openai_python_sdk(host: Host) {
     let f = Fixture::start(host).await;
@@ -717,6 +847,9 @@ both_hosts!(
     router_control_headers_from_clients_are_ignored,
     provider_refusing_the_key_is_502,
     openai_python_sdk,
+    a_key_answering_429_is_skipped_until_its_retry_time,
+    a_refused_key_is_not_used_again,
+    when_every_key_cools_the_client_gets_429_at_once,
 );
 
 mod native_only {

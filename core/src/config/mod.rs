@@ -448,7 +448,22 @@ fn compile_providers(
                 ),
             }
         }
-        out.push(Provider::new(raw.name, kind, base_url, keys));
+        let mut provider = Provider::new(raw.name, kind, base_url, keys);
+        if let Some(h) = &raw.key_health {
+            let d = crate::health::HealthPolicy::default();
+            provider.health = crate::health::HealthPolicy {
+                default_cooldown_ms: h.cooldown_ms.unwrap_or(d.default_cooldown_ms),
+                max_cooldown_ms: h.max_cooldown_ms.unwrap_or(d.max_cooldown_ms),
+                revoked_probe_ms: h.revoked_probe_ms.unwrap_or(d.revoked_probe_ms),
+            };
+            if provider.health.max_cooldown_ms < provider.health.default_cooldown_ms {
+                errors.at(
+                    format!("{path}.key_health.max_cooldown_ms"),
+                    "must be at least cooldown_ms",
+                );
+            }
+        }
+        out.push(provider);
     }
     out
 }

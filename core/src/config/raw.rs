@@ -45,6 +45,21 @@ pub struct RawProvider {
     pub base_url: Option<String>,
     #[serde(default)]
     pub keys: Vec<RawProviderKey>,
+    #[serde(default)]
+    pub key_health: Option<RawKeyHealth>,
+}
+
+/// How a pool treats keys the provider refuses; every field has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyHealth {
+    /// Cooldown after a 429 that gives no retry time (default 1000).
+    pub cooldown_ms: Option<u64>,
+    /// Longest cooldown, whatever the provider says (default 3600000).
+    pub max_cooldown_ms: Option<u64>,
+    /// How long a key refused with 401/403 is skipped before one request re-probes it
+    /// (default 60000).
+    pub revoked_probe_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

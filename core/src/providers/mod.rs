@@ -5,6 +5,7 @@ pub mod mock;
 pub mod openai;
 pub mod signals;
 
+use crate::health::HealthPolicy;
 use crate::limits::Limit;
 use crate::store::{CounterStore, StoreError};
 
@@ -81,6 +82,8 @@ pub struct ProviderKey {
     header_value: Secret,
     /// The key's own limits at the provider.
     pub limits: Vec<Limit>,
+    /// Its health in the store (see `health`).
+    pub health_key: String,
 }
 
 impl ProviderKey {
@@ -93,6 +96,7 @@ impl ProviderKey {
     ) -> Self {
         let (header_name, value) = kind.key_header(secret.expose());
         Self {
+            health_key: format!("tollgate/health/{id}"),
             id,
             secret_env,
             header_name,
@@ -208,6 +212,7 @@ pub struct Provider {
     /// `None` only for kinds the gateway answers itself.
     pub base_url: Option<BaseUrl>,
     pub keys: Vec<ProviderKey>,
+    pub health: HealthPolicy,
     /// Store key of the round-robin cursor shared by every worker.
     cursor_key: String,
 }
@@ -217,14 +222,19 @@ impl Provider {
         name: String,
         kind: ProviderKind,
         base_url: Option<BaseUrl>,
-        keys: Vec<ProviderKey>,
+        mut keys: Vec<ProviderKey>,
     ) -> Self {
         let cursor_key = format!("tollgate/rr/{name}");
+        // Health is per provider and key: key ids are unique within a provider only.
+        for key in &mut keys {
+            key.health_key = format!("tollgate/health/{name}/{}", key.id);
+        }
         Self {
             name,
             kind,
             base_url,
             keys,
+            health: HealthPolicy::default(),
             cursor_key,
         }
     }
