@@ -141,3 +141,52 @@ mod tests {
         assert_eq!(observe(Some(0), NOW, 500, &KeySignals::default(), &p), None);
     }
 }
+
+/// Learned headroom: how much a key has left at the provider, from its last response's
+/// remaining-capacity headers, packed as (valid until, in seconds) << 32 | remaining tokens.
+/// Stale after the provider's window resets (or a minute, when it gave no reset time).
+pub fn headroom_state(signals: &KeySignals, now_ms: u64) -> Option<u64> {
+    let remaining = signals.remaining_tokens.or(signals.remaining_requests)?;
+    let reset = signals
+        .tokens_reset_at_ms
+        .or(signals.requests_reset_at_ms)
+        .unwrap_or(now_ms.saturating_add(60_000));
+    let until_s = (reset / 1_000).min(u64::from(u32::MAX));
+    Some((until_s << 32) | remaining.min(u64::from(u32::MAX)))
+}
+
+/// The headroom a state says a key has now; `u64::MAX` when unknown or stale (an unknown
+/// key is assumed to have room, so it is tried and learned).
+pub fn headroom(state: Option<u64>, now_ms: u64) -> u64 {
+    match state {
+        Some(s) if (s >> 32) > now_ms / 1_000 => s & u64::from(u32::MAX),
+        _ => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod headroom_tests {
+    use super::*;
+
+    #[test]
+    fn headroom_is_learned_and_goes_stale_at_the_reset() {
+        let now = 1_795_341_600_000;
+        let signals = KeySignals {
+            remaining_tokens: Some(1_200),
+            tokens_reset_at_ms: Some(now + 30_000),
+            ..Default::default()
+        };
+        let s = headroom_state(&signals, now);
+        assert_eq!(headroom(s, now), 1_200);
+        assert_eq!(headroom(s, now + 30_000), u64::MAX);
+        assert_eq!(headroom(None, now), u64::MAX);
+        assert_eq!(headroom_state(&KeySignals::default(), now), None);
+        let no_reset = KeySignals {
+            remaining_requests: Some(3),
+            ..Default::default()
+        };
+        let s = headroom_state(&no_reset, now);
+        assert_eq!(headroom(s, now + 59_000), 3);
+        assert_eq!(headroom(s, now + 61_000), u64::MAX);
+    }
+}

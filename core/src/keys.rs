@@ -119,7 +119,26 @@ pub fn attempt_key<'c>(
     // The soonest a cooling key is usable again, and whether every skipped key is revoked.
     let mut cooling_until: Option<u64> = None;
     let mut revoked = 0;
+    // Most headroom first (as the provider last reported it); keys it says nothing of, and
+    // ties, in round-robin order.
+    let mut order: Vec<(u64, &ProviderKey)> = Vec::with_capacity(provider.keys.len());
     for key in provider.keys_from(turn) {
+        let room = if provider.keys.len() > 1 {
+            let read = store.measure_and_replace(&key.headroom_key, |state| {
+                Err::<((), u64), u64>(health::headroom(state, now_ms))
+            });
+            match read {
+                Ok(Err(room)) => room,
+                Ok(Ok(())) => u64::MAX,
+                Err(e) => return Err(store_error(e)),
+            }
+        } else {
+            u64::MAX
+        };
+        order.push((room, key));
+    }
+    order.sort_by_key(|(room, _)| std::cmp::Reverse(*room));
+    for (_, key) in order {
         match store.measure_and_replace(&key.health_key, |state| {
             health::claim(state, now_ms, &provider.health)
         }) {
@@ -197,6 +216,14 @@ pub fn observe<H: HeaderLookup + ?Sized>(
         return Ok(());
     };
     let signals = KeySignals::read(headers, now_ms);
+    if let Some(room) = health::headroom_state(&signals, now_ms) {
+        store
+            .measure_and_replace(&key.headroom_key, |_| Ok::<_, ()>(((), room)))
+            .map_err(|e| GatewayError::SharedStateUnavailable {
+                detail: e.to_string(),
+            })?
+            .ok();
+    }
     store
         .measure_and_replace(&key.health_key, |state| {
             health::observe(state, now_ms, status, &signals, &provider.health)

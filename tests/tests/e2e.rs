@@ -723,6 +723,48 @@ async fn when_every_key_cools_the_client_gets_429_at_once(host: Host) {
     assert_eq!(f.mock.requests().len(), 2, "no blind call upstream");
 }
 
+/// The provider's remaining-capacity headers steer traffic to the key with more headroom.
+async fn remaining_capacity_steers_traffic_to_the_key_with_more_headroom(host: Host) {
+    let f = Fixture::start(host).await;
+    let room = |tokens: &str| {
+        vec![
+            (
+                "x-ratelimit-remaining-tokens".to_string(),
+                tokens.to_string(),
+            ),
+            ("x-ratelimit-reset-tokens".to_string(), "1m0s".to_string()),
+        ]
+    };
+    f.mock.set_key_headers(KEY_A, room("300"));
+    f.mock.set_key_headers(KEY_B, room("90000"));
+    // Two requests learn both keys (round-robin while nothing is known)...
+    for _ in 0..2 {
+        let (status, v) = f
+            .chat(
+                APP_KEY,
+                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let before = keys_used(&f).len();
+    // ...then the roomier key takes the traffic.
+    for _ in 0..6 {
+        f.chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await;
+    }
+    let after: Vec<_> = keys_used(&f).split_off(before);
+    assert!(after.iter().all(|k| k == KEY_B), "{after:?}");
+    // The provider's own headers never reach the client.
+    let r = f
+        .post(json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
+        .await;
+    assert!(r.headers().get("x-ratelimit-remaining-tokens").is_none());
+}
+
 /// The official `openai` Python SDK works against the gateway, streaming and not.
 async fn openai_python_sdk(host: Host) {
     let f = Fixture::start(host).await;
@@ -850,6 +892,7 @@ both_hosts!(
     a_key_answering_429_is_skipped_until_its_retry_time,
     a_refused_key_is_not_used_again,
     when_every_key_cools_the_client_gets_429_at_once,
+    remaining_capacity_steers_traffic_to_the_key_with_more_headroom,
 );
 
 mod native_only {

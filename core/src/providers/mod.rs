@@ -84,6 +84,8 @@ pub struct ProviderKey {
     pub limits: Vec<Limit>,
     /// Its health in the store (see `health`).
     pub health_key: String,
+    /// Its learned headroom in the store (see `health::headroom`).
+    pub headroom_key: String,
 }
 
 impl ProviderKey {
@@ -97,6 +99,7 @@ impl ProviderKey {
         let (header_name, value) = kind.key_header(secret.expose());
         Self {
             health_key: format!("tollgate/health/{id}"),
+            headroom_key: format!("tollgate/headroom/{id}"),
             id,
             secret_env,
             header_name,
@@ -228,6 +231,7 @@ impl Provider {
         // Health is per provider and key: key ids are unique within a provider only.
         for key in &mut keys {
             key.health_key = format!("tollgate/health/{name}/{}", key.id);
+            key.headroom_key = format!("tollgate/headroom/{name}/{}", key.id);
         }
         Self {
             name,
