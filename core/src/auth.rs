@@ -93,12 +93,7 @@ pub fn presented_key<H: HeaderLookup + ?Sized>(headers: &H) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::http::test_headers as h;
 
     #[test]
     fn hash_round_trips_through_hex() {

@@ -97,3 +97,12 @@ impl LocalResponse {
         }
     }
 }
+
+/// Header lists for the core's tests.
+#[cfg(test)]
+pub(crate) fn test_headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -109,6 +109,26 @@ impl Fixture {
         (release, r)
     }
 
+    /// The plainest chat request to the upstream provider, as `app`: status and body.
+    async fn ask(&self) -> (u16, Value) {
+        self.chat(
+            APP_KEY,
+            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
+        )
+        .await
+    }
+
+    /// Sends `n` plain requests, each of which must succeed; the provider keys they
+    /// reached, in order.
+    async fn keys_of_next(&self, n: usize) -> Vec<String> {
+        let before = keys_used(self).len();
+        for _ in 0..n {
+            let (status, v) = self.ask().await;
+            assert_eq!(status, 200, "{v}");
+        }
+        keys_used(self).split_off(before)
+    }
+
     /// Sends a chat request as the `app` consumer.
     async fn post(&self, body: Value) -> reqwest::Response {
         self.http
@@ -267,12 +287,7 @@ async fn stream_cut_by_the_provider_reaches_the_client_as_an_error(host: Host) {
     // connection, as it is between any proxy and its client).
     assert!((1..=2).contains(&sse_data(&text).len()), "{text:?}");
     f.clear_all_faults();
-    let (status, v) = f
-        .chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
+    let (status, v) = f.ask().await;
     assert_eq!(status, 200, "{v}");
 }
 
@@ -322,12 +337,7 @@ async fn provider_key_injected_and_consumer_key_stripped(host: Host) {
 async fn keys_rotate_across_the_pool(host: Host) {
     let f = Fixture::start(host).await;
     for _ in 0..6 {
-        let (status, v) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
+        let (status, v) = f.ask().await;
         assert_eq!(status, 200, "{v}");
     }
     let mut used: HashMap<String, usize> = HashMap::new();
@@ -486,12 +496,7 @@ async fn silent_provider_is_504(host: Host) {
     f.fault_all_keys(Fault::Slow {
         delay_ms: UPSTREAM_TIMEOUT_MS + 3_000,
     });
-    let (status, v) = f
-        .chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
+    let (status, v) = f.ask().await;
     assert_error(status, &v, 504, "upstream_timeout");
 }
 
@@ -565,12 +570,7 @@ async fn router_control_headers_from_clients_are_ignored(host: Host) {
 async fn provider_refusing_the_key_is_502(host: Host) {
     let f = Fixture::start(host).await;
     f.fault_all_keys(Fault::Unauthorized);
-    let (status, v) = f
-        .chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
+    let (status, v) = f.ask().await;
     assert_error(status, &v, 502, "upstream_auth_failed");
     let text = v.to_string();
     assert!(
@@ -583,12 +583,7 @@ async fn provider_refusing_the_key_is_502(host: Host) {
 async fn provider_errors_pass_through(host: Host) {
     let f = Fixture::start(host).await;
     f.fault_all_keys(Fault::ServerError { status: 503 });
-    let (status, v) = f
-        .chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
+    let (status, v) = f.ask().await;
     assert_eq!(status, 503, "{v}");
     assert!(v["error"]["message"].is_string(), "{v}");
 }
@@ -613,44 +608,21 @@ async fn a_key_answering_429_is_skipped_until_its_retry_time(host: Host) {
     );
     let mut hit_a = None;
     for _ in 0..4 {
-        let (status, _) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
+        let (status, _) = f.ask().await;
         if status == 429 {
             hit_a = Some(std::time::Instant::now());
             break;
         }
     }
     let hit_a = hit_a.expect("round-robin never reached key A");
-    let before = keys_used(&f).len();
-    for _ in 0..4 {
-        let (status, v) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
-        assert_eq!(status, 200, "{v}");
-    }
-    let after: Vec<_> = keys_used(&f).split_off(before);
+    let after = f.keys_of_next(4).await;
     assert!(
         after.iter().all(|k| k == KEY_B),
         "a cooling key was used: {after:?}"
     );
     f.mock.clear_fault(KEY_A);
     tokio::time::sleep(Duration::from_millis(2_200).saturating_sub(hit_a.elapsed())).await;
-    let before = keys_used(&f).len();
-    for _ in 0..4 {
-        f.chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
-    }
-    let after: Vec<_> = keys_used(&f).split_off(before);
+    let after = f.keys_of_next(4).await;
     assert!(
         after.iter().any(|k| k == KEY_A),
         "key A was not used again: {after:?}"
@@ -662,27 +634,13 @@ async fn a_refused_key_is_not_used_again(host: Host) {
     let f = Fixture::start(host).await;
     f.mock.set_fault(KEY_A, Fault::Unauthorized);
     for _ in 0..2 {
-        f.chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
+        f.ask().await;
     }
     assert!(
         keys_used(&f).iter().any(|k| k == KEY_A),
         "round-robin never reached key A"
     );
-    let before = keys_used(&f).len();
-    for _ in 0..4 {
-        let (status, v) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
-        assert_eq!(status, 200, "{v}");
-    }
-    let after: Vec<_> = keys_used(&f).split_off(before);
+    let after = f.keys_of_next(4).await;
     assert!(
         after.iter().all(|k| k == KEY_B),
         "a revoked key was used: {after:?}"
@@ -702,12 +660,7 @@ async fn when_every_key_cools_the_client_gets_429_at_once(host: Host) {
         );
     }
     for _ in 0..2 {
-        let (status, _) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
+        let (status, _) = f.ask().await;
         assert_eq!(status, 429);
     }
     assert_eq!(f.mock.requests().len(), 2);
@@ -739,24 +692,11 @@ async fn remaining_capacity_steers_traffic_to_the_key_with_more_headroom(host: H
     f.mock.set_key_headers(KEY_B, room("90000"));
     // Two requests learn both keys (round-robin while nothing is known)...
     for _ in 0..2 {
-        let (status, v) = f
-            .chat(
-                APP_KEY,
-                json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-            )
-            .await;
+        let (status, v) = f.ask().await;
         assert_eq!(status, 200, "{v}");
     }
-    let before = keys_used(&f).len();
     // ...then the roomier key takes the traffic.
-    for _ in 0..6 {
-        f.chat(
-            APP_KEY,
-            json!({ "model": "gpt-4o-mini", "messages": user("hi") }),
-        )
-        .await;
-    }
-    let after: Vec<_> = keys_used(&f).split_off(before);
+    let after = f.keys_of_next(6).await;
     assert!(after.iter().all(|k| k == KEY_B), "{after:?}");
     // The provider's own headers never reach the client.
     let r = f

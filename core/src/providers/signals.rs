@@ -225,12 +225,7 @@ mod tests {
     /// 2026-11-22T10:00:00Z
     const NOW: u64 = 1_795_341_600_000;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::http::test_headers as h;
 
     #[test]
     fn every_retry_after_format() {
