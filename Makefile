@@ -75,12 +75,15 @@ $(VENV)/.openai-sdk: | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
 	touch $@
 
-## envoy-config: re-render the committed Envoy bootstraps from the default config
+## envoy-config: re-render the committed Envoy bootstraps from the default and example configs
 envoy-config: native
 	./target/debug/tollgate envoy-bootstrap --config $(CONFIG) --wasm $(WASM) \
 		--listen $(ENVOY_ADDR) --admin 127.0.0.1:9901 > envoy-config/envoy.yaml
 	./target/debug/tollgate envoy-bootstrap --config $(CONFIG) --wasm /etc/tollgate/tollgate_filter.wasm \
 		--listen 0.0.0.0:10000 --admin 0.0.0.0:9901 > envoy-config/envoy-docker.yaml
+	OPENAI_KEY_1=unused OPENAI_KEY_2=unused OPENAI_KEY_BATCH=unused \
+		./target/debug/tollgate envoy-bootstrap --config envoy-config/openai-pool.yaml --wasm $(WASM) \
+		--listen $(ENVOY_ADDR) --admin 127.0.0.1:9901 > envoy-config/openai-pool.envoy.yaml
 
 ## bench: criterion benches of the core
 bench:

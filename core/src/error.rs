@@ -66,6 +66,9 @@ pub enum GatewayError {
     },
     /// Every key of the provider was refused (401/403).
     KeysRevoked { provider: String },
+    /// Attempts on the provider's keys failed until the retry budget was spent (Envoy: a
+    /// retry Envoy scheduled would start past `retry.budget_ms`).
+    RetryBudgetSpent { provider: String, attempts: u32 },
     /// Shared state (counters, key health) could not be updated; refusing beats guessing.
     SharedStateUnavailable { detail: String },
     /// The host failed an operation it should not fail (a bug or resource exhaustion).
@@ -87,7 +90,9 @@ impl GatewayError {
             }
             Self::KeysRevoked { .. } => 503,
             Self::BodyTooLarge { .. } => 413,
-            Self::UpstreamUnavailable { .. } | Self::UpstreamAuthFailed { .. } => 502,
+            Self::UpstreamUnavailable { .. }
+            | Self::UpstreamAuthFailed { .. }
+            | Self::RetryBudgetSpent { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
             Self::Internal { .. } => 500,
             Self::UpstreamTimeout { .. } => 504,
@@ -125,6 +130,7 @@ impl GatewayError {
             Self::RequestTimeout => "request_timeout",
             Self::UpstreamAuthFailed { .. } => "upstream_auth_failed",
             Self::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Self::RetryBudgetSpent { .. } => "upstream_retry_budget_spent",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::NotRoutedByGateway => "not_routed_by_gateway",
             Self::SharedStateUnavailable { .. } => "shared_state_unavailable",
@@ -138,6 +144,7 @@ impl GatewayError {
             self,
             Self::UpstreamUnavailable { .. }
                 | Self::UpstreamTimeout { .. }
+                | Self::RetryBudgetSpent { .. }
                 | Self::SharedStateUnavailable { .. }
                 | Self::RateLimited { .. }
                 | Self::QuotaExhausted { .. }
@@ -177,6 +184,7 @@ impl GatewayError {
             Self::RequestTimeout => "The request was not received in time.".into(),
             Self::UpstreamAuthFailed { provider } => format!("The provider `{provider}` refused the gateway's credentials."),
             Self::UpstreamUnavailable { provider } => format!("The provider `{provider}` could not be reached."),
+            Self::RetryBudgetSpent { provider, attempts } => format!("The provider `{provider}` failed {attempts} attempts, and the retry time budget is spent."),
             Self::UpstreamTimeout { provider } => format!("The provider `{provider}` did not answer in time."),
             Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),
             Self::SharedStateUnavailable { detail } => format!("The gateway's shared state is unavailable ({detail}); try again."),

@@ -17,10 +17,10 @@ use crate::auth;
 use crate::config::{Config, ConsumerId, ModelId, ProviderId};
 use crate::error::GatewayError;
 use crate::http::{
-    HeaderLookup, LocalResponse, RequestHead, DEMAND_HEADER, FORWARD_REMOVE_HEADERS,
+    local_reply_status, HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS,
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
-use crate::keys::{taken_over, KEY_RESERVATION_HEADER};
+use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
 use crate::limits::{self, Amounts, RateHeaders, Reservation};
 use crate::providers::openai::usage::{self, Usage};
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
@@ -63,10 +63,9 @@ pub struct Forward {
     pub remove_headers: &'static [&'static str],
     /// Header naming the provider (routes the request in Envoy, tells the key role its pool).
     pub route_header: (&'static str, String),
-    /// What the request reserves, for the chosen key's own limits (`keys::attempt_key`); in
-    /// Envoy it travels to the key role as `demand_header`.
-    pub demand: Amounts,
-    pub demand_header: (&'static str, String),
+    /// What every attempt needs to pick its key (`keys::attempt_key`); in Envoy it travels
+    /// to the key role as filter state.
+    pub ticket: Ticket,
 }
 
 /// What to do with the provider's response.
@@ -350,8 +349,13 @@ impl Exchange {
             body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
-            demand,
-            demand_header: (DEMAND_HEADER, demand.tokens.to_string()),
+            ticket: Ticket {
+                provider: provider.name.clone(),
+                model: model.name.clone(),
+                tokens: demand.tokens,
+                started_ms: now_ms,
+                tried: Vec::new(),
+            },
         }))
     }
 
@@ -434,11 +438,17 @@ impl Exchange {
                 self.attach_key_reservation(r);
             }
         }
-        if headers.header(LOCAL_REPLY_HEADER).is_some() {
-            // The key role's own refusal: already the error the client should see.
+        if let Some(marker) = headers.header(LOCAL_REPLY_HEADER) {
+            // The key role's own refusal: already the error the client should see. It went
+            // through Envoy's router under a status no retry policy retries; restore its own.
+            let mut add_headers = self.rate_headers();
+            if let Some(real) = local_reply_status(marker) {
+                self.status = Some(real);
+                add_headers.push((":status", real.to_string()));
+            }
             return OnResponse::Relay {
                 remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
-                add_headers: self.rate_headers(),
+                add_headers,
                 body_rewritten: false,
             };
         }

@@ -57,6 +57,18 @@ pub fn claim(
     Err(None)
 }
 
+/// Why a key is skipped now, as the admin view shows it (claims nothing). A revoked key past
+/// its probe time still reads as revoked: the next attempt probes it.
+pub fn state(state: Option<u64>, now_ms: u64) -> Option<Unusable> {
+    let state = state.unwrap_or(0);
+    let until = state & !REVOKED;
+    if state & REVOKED != 0 {
+        Some(Unusable::Revoked { probe_at_ms: until })
+    } else {
+        (now_ms < until).then_some(Unusable::Cooling { until_ms: until })
+    }
+}
+
 /// The key's new state after an attempt answered `status` with `signals`, if it changes:
 /// a 429 cools it (until the provider's retry time, else the exhausted window's reset,
 /// else the default; capped), a 401/403 revokes it, a success ends a revocation (the probe

@@ -1,18 +1,30 @@
 //! The few HTTP shapes the core speaks in: a read-only view of request headers that each host
 //! implements over its own header map, and the responses the gateway answers itself.
 
-/// Header the gateway role sets so that Envoy's route table (and the native host) picks the
-/// provider; the key role reads it to know which pool to draw from. Clients cannot set it:
-/// the gateway role always overwrites or removes it.
+/// Header the gateway role sets so that Envoy's route table picks the provider's cluster.
+/// Clients cannot set it: the gateway role always overwrites or removes it, and the key role
+/// removes it before the request leaves.
 pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
 
-/// Request header by which Envoy's gateway role tells the key role the tokens a request
-/// reserves, so that the key role can reserve them against the chosen key's own limits.
-pub const DEMAND_HEADER: &str = "x-tollgate-demand";
-
 /// Response header that marks a reply of the key role's own (in Envoy it travels back
-/// through the gateway role like a provider's response). Removed before the client sees it.
+/// through the gateway role like a provider's response), with its real status: `key 429`.
+/// Removed before the client sees it.
 pub const LOCAL_REPLY_HEADER: &str = "x-tollgate-local-reply";
+
+/// The status the key role's replies carry through Envoy's router: one its retry policy never
+/// retries (it retries 429, 401, 403 and 5xx, and a key role refusal such as "every key is
+/// cooling" is final). The gateway role restores the real status from `LOCAL_REPLY_HEADER`.
+pub const LOCAL_REPLY_CARRIER_STATUS: u16 = 400;
+
+/// The `LOCAL_REPLY_HEADER` value for a key role reply with `status`.
+pub fn local_reply_marker(status: u16) -> String {
+    format!("key {status}")
+}
+
+/// The real status of a key role reply, from its `LOCAL_REPLY_HEADER` value.
+pub fn local_reply_status(marker: &str) -> Option<u16> {
+    marker.strip_prefix("key ")?.trim().parse().ok()
+}
 
 /// Request headers that carry a consumer's credential. Stripped before anything goes upstream.
 pub const CONSUMER_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];

@@ -8,6 +8,7 @@
 //! - `exchange`: the gateway role's per-request state machine.
 //! - `health`: provider key health (cooling after 429, revoked after 401/403).
 //! - `keys`: the key role, which picks a provider key per upstream attempt.
+//! - `retry`: which failed attempts are retried on another key, and the backoff between.
 //! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
 //! - `providers`: one module per provider kind: wire types and pure translation; `signals`
 //!   reads what providers say about a key's limits (retry times, remaining capacity).
@@ -37,6 +38,7 @@ pub mod http;
 pub mod keys;
 pub mod limits;
 pub mod providers;
+pub mod retry;
 pub mod roles;
 pub mod sse;
 pub mod store;

@@ -95,8 +95,8 @@ impl GatewayFlow {
                     host::remove_header(map, name)?;
                 }
                 host::set_header(map, ":path", &forward.path)?;
-                // For the key role, which reserves the same against the chosen key.
-                host::set_header(map, forward.demand_header.0, &forward.demand_header.1)?;
+                // For every attempt's key role: the pool, the demand, the keys tried.
+                host::set_ticket(&forward.ticket)?;
                 if let Some(new_body) = &forward.body {
                     host::replace_body(BufferType::HttpRequestBody, size, new_body)?;
                     host::set_header(map, "content-length", &new_body.len().to_string())?;

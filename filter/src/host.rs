@@ -7,6 +7,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 use tollgate_core::http::LocalResponse;
+use tollgate_core::keys::Ticket;
 use tollgate_core::store::{CounterStore, StoreError};
 use tollgate_core::GatewayError;
 
@@ -32,6 +33,22 @@ pub fn plugin_root_id() -> Option<String> {
 pub fn cluster_name() -> Option<String> {
     let bytes = hostcalls::get_property(vec!["xds", "cluster_name"]).ok()??;
     String::from_utf8(bytes).ok()
+}
+
+/// Filter state that carries the gateway role's `Ticket` to every upstream attempt's key
+/// role. Upstream filters share the downstream request's stream info, and unlike the request
+/// headers (which an attempt edits in place, so the next attempt sees its edits) the filter
+/// state holds what the gateway role wrote, plus what each attempt adds.
+const TICKET_PROPERTY: &str = "tollgate_ticket";
+
+pub fn ticket() -> Option<Ticket> {
+    let bytes = hostcalls::get_property(vec![TICKET_PROPERTY]).ok()??;
+    Ticket::decode(&bytes)
+}
+
+pub fn set_ticket(ticket: &Ticket) -> Result<(), GatewayError> {
+    hostcalls::set_property(vec![TICKET_PROPERTY], Some(ticket.encode().as_bytes()))
+        .map_err(|s| internal("set_property", s))
 }
 
 pub fn plugin_configuration() -> Option<String> {

@@ -1,21 +1,24 @@
-//! The key role: in a provider cluster's upstream HTTP filters, once per upstream attempt,
-//! picks a key from the pool the gateway role routed to and injects it.
+//! The key role: in a provider cluster's upstream HTTP filters, once per upstream attempt
+//! (Envoy's route `retry_policy` makes the retries), picks a key from the pool the gateway
+//! role routed to — one this request has not tried yet — and injects it; then records what
+//! the provider's answer says of the key.
 
 use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
-use tollgate_core::http::{DEMAND_HEADER, LOCAL_REPLY_HEADER, PROVIDER_HEADER};
-use tollgate_core::keys::{self, KEY_RESERVATION_HEADER};
-use tollgate_core::keys::{attempt_key, KeyAttempt};
+use tollgate_core::http::{local_reply_marker, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER};
+use tollgate_core::keys::{self, attempt_key, KeyAttempt, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
 
 use crate::host::{self, SharedStore};
+use crate::metrics::KeyMetrics;
 
 pub struct KeyFlow {
     config: Arc<Config>,
+    metrics: Arc<KeyMetrics>,
     /// What this attempt took from the key's own limits, until it is handed to the gateway
     /// role (with a successful response) or given back (on any other ending).
     reservation: Reservation,
@@ -24,43 +27,56 @@ pub struct KeyFlow {
     replied: bool,
     /// (provider, key id) of the attempt, to record what the answer says of the key.
     used: Option<(String, String)>,
+    /// The provider answered (else, at the end, the key counts as unreachable).
+    answered: bool,
 }
 
 impl KeyFlow {
-    pub fn new(config: Arc<Config>) -> Self {
+    pub fn new(config: Arc<Config>, metrics: Arc<KeyMetrics>) -> Self {
         Self {
             config,
+            metrics,
             reservation: Reservation::default(),
             handover: None,
             replied: false,
             used: None,
+            answered: false,
         }
     }
 
     fn inject(&mut self) -> Result<(), GatewayError> {
         let map = MapType::HttpRequestHeaders;
-        // The pool is the cluster's own; the gateway role's header must agree with it, so a
-        // route that skipped the gateway role (no header) never gets a key.
+        // The pool is the cluster's own; the gateway role's ticket must agree with it, so a
+        // route that skipped the gateway role (no ticket) never gets a key.
         let cluster = host::cluster_name();
         let pool = cluster.as_deref().and_then(provider_of_cluster);
-        let routed = host::header(map, PROVIDER_HEADER)?;
-        if routed.is_none() || routed.as_deref() != pool {
+        let mut ticket = host::ticket().ok_or(GatewayError::NotRoutedByGateway)?;
+        if Some(ticket.provider.as_str()) != pool {
             return Err(GatewayError::NotRoutedByGateway);
         }
-        let tokens = host::header(map, DEMAND_HEADER)?
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let demand = Amounts {
-            requests: 1,
-            tokens,
-            micro_usd: 0,
-        };
-        let mut attempt = attempt_key(&self.config, pool, &SharedStore, host::now_ms(), demand)?;
+        let now = host::now_ms();
+        if !ticket.tried.is_empty() {
+            // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours.
+            let provider = self.config.provider_by_name(&ticket.provider);
+            if provider.is_some_and(|p| !p.retry.within_budget(ticket.started_ms, now)) {
+                return Err(GatewayError::RetryBudgetSpent {
+                    provider: ticket.provider.clone(),
+                    attempts: u32::try_from(ticket.tried.len()).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        let mut attempt = attempt_key(&self.config, &ticket, &SharedStore, now)?;
         self.handover = attempt.handover();
         self.used = attempt
             .key_id()
             .map(|k| (attempt.provider.name.clone(), k.to_string()));
         self.reservation = std::mem::take(&mut attempt.reservation);
+        ticket
+            .tried
+            .push(attempt.key_id().unwrap_or("-").to_string());
+        host::set_ticket(&ticket)?;
+        // On a retry these are gone already (the first attempt removed them from the one
+        // header map all attempts share); removing is idempotent.
         for name in KeyAttempt::REMOVE_HEADERS {
             host::remove_header(map, name)?;
         }
@@ -80,10 +96,14 @@ impl HttpContext for KeyFlow {
             Err(e) => {
                 host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
                 let mut response = e.respond();
-                // Tells the gateway role this reply is ours, not the provider's.
+                // Marks the reply as ours and carries its status; it travels under a status
+                // Envoy's retry policy leaves alone, and the gateway role restores it.
                 response
                     .headers
-                    .push((LOCAL_REPLY_HEADER, "key".to_string()));
+                    .push((LOCAL_REPLY_HEADER, local_reply_marker(response.status)));
+                if e != GatewayError::NotRoutedByGateway {
+                    response.status = LOCAL_REPLY_CARRIER_STATUS;
+                }
                 self.replied = true;
                 host::send(&response);
                 Action::Pause
@@ -104,13 +124,15 @@ impl HttpContext for KeyFlow {
             .flatten()
             .and_then(|s| s.parse::<u16>().ok());
         if let (Some(status), Some((provider, key)), false) = (status, &self.used, self.replied) {
+            self.answered = true;
+            self.metrics.count(provider, key, Some(status));
             // Every worker sees what this answer says of the key: cooling, revoked, healthy.
             let recorded = host::headers(map).and_then(|headers| {
                 keys::observe(
                     &self.config,
                     provider,
                     key,
-                    status,
+                    Some(status),
                     &headers,
                     host::now_ms(),
                     &SharedStore,
@@ -132,14 +154,28 @@ impl HttpContext for KeyFlow {
     }
 
     fn on_log(&mut self) {
+        if let (false, false, Some((provider, key))) = (self.answered, self.replied, &self.used) {
+            // Sent with this key, never answered: connection failure, reset or timeout.
+            self.metrics.count(provider, key, None);
+            let no_headers: [(String, String); 0] = [];
+            let _ = keys::observe(
+                &self.config,
+                provider,
+                key,
+                None,
+                &no_headers[..],
+                host::now_ms(),
+                &SharedStore,
+            );
+        }
         let reservation = std::mem::take(&mut self.reservation);
         if !reservation.is_empty() {
-            let _ = limits::settle(
-                reservation,
-                &SharedStore,
-                host::now_ms(),
-                Amounts::default(),
-            );
+            // The provider saw a request, but it used no tokens of the key.
+            let sent = Amounts {
+                requests: 1,
+                ..Amounts::default()
+            };
+            let _ = limits::settle(reservation, &SharedStore, host::now_ms(), sent);
         }
     }
 }

@@ -17,6 +17,7 @@
 mod gateway;
 mod host;
 mod key;
+mod metrics;
 
 use std::sync::Arc;
 
@@ -42,7 +43,12 @@ enum Role {
 struct Root {
     role: Option<Role>,
     config: Option<Arc<Config>>,
+    /// The key role's stats of its pools.
+    metrics: Option<Arc<metrics::KeyMetrics>>,
 }
+
+/// How often the key role publishes the pools' gauges.
+const GAUGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Context for Root {}
 
@@ -72,6 +78,11 @@ impl RootContext for Root {
                 // Both roles create the counters: either may load first (listener and
                 // clusters reload separately under xDS).
                 host::create_counters(config.all_limits().map(|l| &*l.store_key));
+                host::create_counters(config.pool_store_keys());
+                if role == Role::Key {
+                    self.metrics = Some(Arc::new(metrics::KeyMetrics::define(&config)));
+                    self.set_tick_period(GAUGE_PERIOD);
+                }
                 self.role = Some(role);
                 self.config = Some(Arc::new(config));
                 true
@@ -91,7 +102,16 @@ impl RootContext for Root {
         let config = Arc::clone(self.config.as_ref()?);
         match self.role? {
             Role::Gateway => Some(Box::new(gateway::GatewayFlow::new(config))),
-            Role::Key => Some(Box::new(key::KeyFlow::new(config))),
+            Role::Key => Some(Box::new(key::KeyFlow::new(
+                config,
+                Arc::clone(self.metrics.as_ref()?),
+            ))),
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let (Some(metrics), Some(config)) = (&self.metrics, &self.config) {
+            metrics.publish(config, host::now_ms());
         }
     }
 

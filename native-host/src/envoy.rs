@@ -7,6 +7,7 @@
 use serde_json::{json, Value};
 use tollgate_core::http::PROVIDER_HEADER;
 use tollgate_core::providers::Scheme;
+use tollgate_core::retry::{RetryPolicy, RETRIED_STATUSES};
 use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX};
 use tollgate_core::{Config, GatewayError};
 
@@ -97,6 +98,26 @@ fn local_reply_config() -> Value {
     })
 }
 
+/// The route's retry policy from the provider's: Envoy makes the retries, the key role picks
+/// a key the request has not tried for each attempt and refuses attempts past the time
+/// budget. Envoy retries only before a response has reached the client, so a stream is never
+/// retried after its first byte. Envoy's backoff is "full jitter" (0 up to the exponential
+/// step), the native host's the upper half of the step.
+fn retry_policy(retry: &RetryPolicy) -> Option<Value> {
+    let seconds = |ms: u64| format!("{}s", ms as f64 / 1000.0);
+    (retry.attempts > 1).then(|| {
+        json!({
+            "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
+            "retriable_status_codes": RETRIED_STATUSES,
+            "num_retries": retry.attempts - 1,
+            "retry_back_off": {
+                "base_interval": seconds(retry.backoff_ms),
+                "max_interval": seconds(retry.max_backoff_ms),
+            },
+        })
+    })
+}
+
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config
@@ -117,7 +138,7 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let mut routes: Vec<Value> = upstreams
         .iter()
         .map(|(p, u)| {
-            json!({
+            let mut route = json!({
                 "name": p.name,
                 "match": {
                     "prefix": "/",
@@ -131,7 +152,11 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                     "timeout": "0s",
                     "idle_timeout": timeout,
                 },
-            })
+            });
+            if let Some(policy) = retry_policy(&p.retry) {
+                route["route"]["retry_policy"] = policy;
+            }
+            route
         })
         .collect();
     // Reached only if the gateway role let a request through unrouted, which it never does.

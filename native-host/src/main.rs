@@ -1,6 +1,7 @@
 //! `tollgate`: the native gateway server and its command-line tools.
 
 mod access_log;
+mod admin;
 mod body;
 mod envoy;
 mod proxy;

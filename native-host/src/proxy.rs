@@ -15,11 +15,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate_core::exchange::{Forward, OnBody, OnHeaders, OnResponse};
 use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
-use tollgate_core::keys::{self, attempt_key, KeyAttempt};
+use tollgate_core::keys::{self, attempt_key, KeyAttempt, Ticket};
+use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::providers::Scheme;
+use tollgate_core::retry::{self, RetryPolicy};
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::access_log::{self, Ending};
+use crate::admin::{self, AdminKey};
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::store::MemoryStore;
 
@@ -32,6 +35,7 @@ pub struct Gateway {
     /// Counters outlive reloads: a limit that did not change keeps its key, so its state.
     pub store: MemoryStore,
     pub client: UpstreamClient,
+    admin: AdminKey,
 }
 
 impl Gateway {
@@ -64,12 +68,13 @@ impl Gateway {
             config: RwLock::new(config),
             store: MemoryStore::default(),
             client,
+            admin: AdminKey::from_env(),
         })
     }
 }
 
 /// hyper's header map seen through the core's lookup trait.
-struct Headers<'a>(&'a HeaderMap);
+pub struct Headers<'a>(pub &'a HeaderMap);
 
 impl HeaderLookup for Headers<'_> {
     fn header(&self, name: &str) -> Option<&str> {
@@ -116,6 +121,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
     let started = Instant::now();
     let mut exchange = Exchange::new(gw.config());
     let (parts, body) = req.into_parts();
+    if parts.uri.path() == admin::KEYS_PATH {
+        if let Some(r) = admin::keys(&gw.admin, parts.method.as_str(), &parts.headers, &gw) {
+            return local(r);
+        }
+    }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let head = RequestHead {
         method: parts.method.as_str(),
@@ -183,46 +193,169 @@ fn local(r: LocalResponse) -> Response<GatewayBody> {
 
 async fn forward_upstream(
     gw: &Arc<Gateway>,
-    mut exchange: Exchange,
+    exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
     forward: Forward,
     started: Instant,
 ) -> Response<GatewayBody> {
     let config = Arc::clone(exchange.config());
-    let fail = |mut exchange: Exchange, error: GatewayError, key: Option<&str>| {
-        let r = exchange.refuse(error);
-        conclude(gw, exchange, r, key, started, Ending::UpstreamError)
-    };
-    let now = crate::now_ms();
-    let mut attempt = match attempt_key(
-        &config,
-        Some(&forward.route_header.1),
-        &gw.store,
-        now,
-        forward.demand,
-    ) {
-        Ok(a) => a,
-        Err(e) => return fail(exchange, e, None),
-    };
-    // Settled with the exchange, whatever becomes of the attempt.
-    exchange.attach_key_reservation(std::mem::take(&mut attempt.reservation));
-    let key_id = attempt.key_id().map(str::to_string);
-    let request = match upstream_request(&attempt, client_headers, client_body, forward) {
-        Ok(r) => r,
-        Err(e) => return fail(exchange, e, key_id.as_deref()),
-    };
-    let provider = attempt.provider.name.clone();
+    let body = forward.body.clone().map_or(client_body, Bytes::from);
+    let mut ticket = forward.ticket.clone();
+    let retry = config
+        .provider_by_name(&ticket.provider)
+        .map(|p| p.retry)
+        .unwrap_or_default();
     let timeout = Duration::from_millis(config.server.upstream_timeout_ms);
-    // If the client goes away while the provider thinks, this future is dropped here: the
-    // guard settles the exchange (frees its slot, refunds its tokens) all the same.
+    // If the client goes away while the provider thinks (or between attempts), this future
+    // is dropped: the guard settles the exchange and the attempt's key reservation.
     let mut guard = InFlight {
         exchange: Some(exchange),
+        key_reservation: Reservation::default(),
         gateway: Arc::clone(gw),
         started,
     };
-    let sent = tokio::time::timeout(timeout, gw.client.request(request)).await;
-    let Some(exchange) = guard.exchange.take() else {
+    let mut key_id: Option<String> = None;
+    let mut next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+    loop {
+        let mut attempt = match next {
+            Ok(a) => a,
+            Err(e) => return guard.fail(e, key_id.as_deref()),
+        };
+        guard.key_reservation = std::mem::take(&mut attempt.reservation);
+        key_id = attempt.key_id().map(str::to_string);
+        ticket
+            .tried
+            .push(key_id.clone().unwrap_or_else(|| "-".to_string()));
+        let request = match upstream_request(&attempt, client_headers, body.clone(), &forward) {
+            Ok(r) => r,
+            Err(e) => return guard.fail(e, key_id.as_deref()),
+        };
+        let provider = attempt.provider.name.clone();
+        let sent = tokio::time::timeout(timeout, gw.client.request(request)).await;
+        let unanswered = || {
+            let none = HeaderMap::new();
+            observe(gw, &config, &provider, key_id.as_deref(), None, &none);
+        };
+        let failed = match sent {
+            Ok(Ok(response)) => {
+                let (mut parts, upstream_body) = response.into_parts();
+                // The gateway's internal headers are never the provider's to set.
+                let forged: Vec<HeaderName> = parts
+                    .headers
+                    .keys()
+                    .filter(|name| is_gateway_header(name.as_str()))
+                    .cloned()
+                    .collect();
+                for name in forged {
+                    parts.headers.remove(name);
+                }
+                let status = parts.status.as_u16();
+                observe(
+                    gw,
+                    &config,
+                    &provider,
+                    key_id.as_deref(),
+                    Some(status),
+                    &parts.headers,
+                );
+                if !retry::is_retryable(status) {
+                    return relay(gw, guard, parts, upstream_body, key_id, timeout);
+                }
+                Failed::Answered(parts, upstream_body)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
+                unanswered();
+                Failed::Unreachable(GatewayError::UpstreamUnavailable {
+                    provider: provider.clone(),
+                })
+            }
+            Err(_) => {
+                // Waiting as long again on another key is rarely what the client wants.
+                unanswered();
+                return guard.fail(
+                    GatewayError::UpstreamTimeout { provider },
+                    key_id.as_deref(),
+                );
+            }
+        };
+        // Nothing has reached the client yet: a failure another key may fix is retried,
+        // streams included, while attempts and the time budget last.
+        let Some(wait) = next_backoff(&retry, &ticket) else {
+            return match failed {
+                Failed::Answered(parts, upstream_body) => {
+                    relay(gw, guard, parts, upstream_body, key_id, timeout)
+                }
+                Failed::Unreachable(error) => guard.fail(error, key_id.as_deref()),
+            };
+        };
+        drop(failed);
+        guard.give_back_key();
+        tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), retry_in_ms = wait, "attempt failed; retrying on another key");
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+    }
+}
+
+/// An attempt another key may fix.
+enum Failed {
+    /// The provider answered 429, 401/403 or 5xx.
+    Answered(hyper::http::response::Parts, Incoming),
+    /// It never answered.
+    Unreachable(GatewayError),
+}
+
+/// The wait before the ticket's next attempt, if it may have one.
+fn next_backoff(retry: &RetryPolicy, ticket: &Ticket) -> Option<u64> {
+    use std::hash::{BuildHasher, Hasher};
+    // Jitter only needs to differ between requests: a randomly seeded hasher will do.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    retry.backoff(
+        ticket.next_attempt(),
+        ticket.started_ms,
+        crate::now_ms(),
+        random,
+    )
+}
+
+/// Records what an attempt's answer says of its key (health, headroom, counters).
+fn observe(
+    gw: &Gateway,
+    config: &Config,
+    provider: &str,
+    key: Option<&str>,
+    status: Option<u16>,
+    headers: &HeaderMap,
+) {
+    let Some(key) = key else { return };
+    let now = crate::now_ms();
+    if let Err(e) = keys::observe(
+        config,
+        provider,
+        key,
+        status,
+        &Headers(headers),
+        now,
+        &gw.store,
+    ) {
+        tracing::warn!(provider = %provider, key, error = %e, "key health not recorded");
+    }
+}
+
+/// Relays the provider's answer to the client through the exchange.
+fn relay(
+    gw: &Arc<Gateway>,
+    mut guard: InFlight,
+    mut parts: hyper::http::response::Parts,
+    upstream_body: Incoming,
+    key_id: Option<String>,
+    timeout: Duration,
+) -> Response<GatewayBody> {
+    let started = guard.started;
+    let Some(mut exchange) = guard.exchange.take() else {
         return local(
             GatewayError::Internal {
                 detail: "the exchange was lost".into(),
@@ -230,51 +363,8 @@ async fn forward_upstream(
             .respond(),
         );
     };
-    let mut exchange = exchange;
-    let response = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
-            return fail(
-                exchange,
-                GatewayError::UpstreamUnavailable { provider },
-                key_id.as_deref(),
-            );
-        }
-        Err(_) => {
-            return fail(
-                exchange,
-                GatewayError::UpstreamTimeout { provider },
-                key_id.as_deref(),
-            )
-        }
-    };
-    let (mut parts, body) = response.into_parts();
-    // The gateway's internal headers are never the provider's to set.
-    let forged: Vec<HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|name| is_gateway_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in forged {
-        parts.headers.remove(name);
-    }
-    if let Some(key) = key_id.as_deref() {
-        // The key's health: cooling after a 429, revoked after a 401/403.
-        let observed = keys::observe(
-            &config,
-            &provider,
-            key,
-            parts.status.as_u16(),
-            &Headers(&parts.headers),
-            crate::now_ms(),
-            &gw.store,
-        );
-        if let Err(e) = observed {
-            tracing::warn!(provider = %provider, key, error = %e, "key health not recorded");
-        }
-    }
+    // Settled with the exchange, on the usage the response reports.
+    exchange.attach_key_reservation(std::mem::take(&mut guard.key_reservation));
     match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
         OnResponse::Relay {
             remove_headers,
@@ -295,7 +385,7 @@ async fn forward_upstream(
             }
         }
         OnResponse::Replace(r) => {
-            drop(body);
+            drop(upstream_body);
             return conclude(
                 gw,
                 exchange,
@@ -306,20 +396,61 @@ async fn forward_upstream(
             );
         }
     }
-    let body = UpstreamBody::new(body, exchange, Arc::clone(gw), timeout, started, key_id);
+    let body = UpstreamBody::new(
+        upstream_body,
+        exchange,
+        Arc::clone(gw),
+        timeout,
+        started,
+        key_id,
+    );
     Response::from_parts(parts, GatewayBody::Upstream(Box::new(body)))
 }
 
-/// Holds an exchange across the wait for the provider, and settles it if that wait is
-/// abandoned (the request future dropped because the client left).
+/// Holds an exchange and the current attempt's key reservation across the attempts, and
+/// settles them if the wait is abandoned (the request future dropped because the client
+/// left).
 struct InFlight {
     exchange: Option<Exchange>,
+    key_reservation: Reservation,
     gateway: Arc<Gateway>,
     started: Instant,
 }
 
+impl InFlight {
+    /// A failed attempt's key reservation: the provider saw a request, but no tokens.
+    fn give_back_key(&mut self) {
+        let reservation = std::mem::take(&mut self.key_reservation);
+        if !reservation.is_empty() {
+            let sent = Amounts {
+                requests: 1,
+                ..Amounts::default()
+            };
+            let _ = limits::settle(reservation, &self.gateway.store, crate::now_ms(), sent);
+        }
+    }
+
+    /// Ends the exchange with the gateway's own error.
+    fn fail(mut self, error: GatewayError, key: Option<&str>) -> Response<GatewayBody> {
+        self.give_back_key();
+        let Some(mut exchange) = self.exchange.take() else {
+            return local(error.respond());
+        };
+        let r = exchange.refuse(error);
+        conclude(
+            &self.gateway,
+            exchange,
+            r,
+            key,
+            self.started,
+            Ending::UpstreamError,
+        )
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.give_back_key();
         if let Some(mut exchange) = self.exchange.take() {
             let summary = exchange.finish(crate::now_ms(), &self.gateway.store);
             access_log::record(&summary, None, self.started, Ending::ClientGone);
@@ -332,8 +463,8 @@ impl Drop for InFlight {
 fn upstream_request(
     attempt: &KeyAttempt<'_>,
     client_headers: &HeaderMap,
-    client_body: Bytes,
-    forward: Forward,
+    body: Bytes,
+    forward: &Forward,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
     let internal = |detail: String| GatewayError::Internal { detail };
     let base = attempt.provider.base_url.as_ref().ok_or_else(|| {
@@ -349,7 +480,6 @@ fn upstream_request(
     let uri: Uri = format!("{scheme}://{}{}", base.authority(), forward.path)
         .parse()
         .map_err(|e| internal(format!("upstream URI: {e}")))?;
-    let body = forward.body.map_or(client_body, Bytes::from);
     let mut headers = client_headers.clone();
     strip_hop_by_hop(&mut headers);
     let gateway_owned: Vec<HeaderName> = headers

@@ -5,8 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn tollgate(args: &[&str], stdin: Option<&str>) -> Output {
+    tollgate_with_env(args, stdin, &[])
+}
+
+fn tollgate_with_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -105,28 +110,45 @@ fn new_key_prints_a_key_and_its_hash() {
     );
 }
 
-/// The committed bootstraps are renderings of the default config: they must not go stale.
+/// The committed bootstraps are renderings of the default and example configs: they must
+/// not go stale.
 #[test]
 fn committed_envoy_bootstraps_are_up_to_date() {
-    for (file, wasm, listen, admin) in [
+    let local_wasm = "target/wasm32-wasip1/release/tollgate_filter.wasm";
+    // The example pool names its keys' variables; rendering needs them set, not their values.
+    let pool_env = [
+        ("OPENAI_KEY_1", "unused"),
+        ("OPENAI_KEY_2", "unused"),
+        ("OPENAI_KEY_BATCH", "unused"),
+    ];
+    for (file, config, wasm, listen, admin) in [
         (
             "envoy-config/envoy.yaml",
-            "target/wasm32-wasip1/release/tollgate_filter.wasm",
+            "envoy-config/tollgate.yaml",
+            local_wasm,
             "127.0.0.1:10000",
             "127.0.0.1:9901",
         ),
         (
             "envoy-config/envoy-docker.yaml",
+            "envoy-config/tollgate.yaml",
             "/etc/tollgate/tollgate_filter.wasm",
             "0.0.0.0:10000",
             "0.0.0.0:9901",
         ),
+        (
+            "envoy-config/openai-pool.envoy.yaml",
+            "envoy-config/openai-pool.yaml",
+            local_wasm,
+            "127.0.0.1:10000",
+            "127.0.0.1:9901",
+        ),
     ] {
-        let out = tollgate(
+        let out = tollgate_with_env(
             &[
                 "envoy-bootstrap",
                 "--config",
-                "envoy-config/tollgate.yaml",
+                config,
                 "--wasm",
                 wasm,
                 "--listen",
@@ -135,6 +157,7 @@ fn committed_envoy_bootstraps_are_up_to_date() {
                 admin,
             ],
             None,
+            &pool_env,
         );
         assert!(out.status.success(), "{}", text(&out.stderr));
         let committed = std::fs::read_to_string(workspace().join(file)).unwrap();

@@ -89,6 +89,8 @@ pub struct Gateway {
     config_path: PathBuf,
     /// Envoy serving its listener and clusters from files (see `start_envoy_with_xds`).
     xds: Option<Xds>,
+    /// Envoy's admin address.
+    envoy_admin: Option<String>,
     _dir: TempDir,
 }
 
@@ -120,6 +122,15 @@ impl Gateway {
 
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Envoy's stats whose names contain `filter`, as `name: value` lines (`None` for the
+    /// native host).
+    pub fn envoy_stats(&self, filter: &str) -> Option<String> {
+        admin_get(
+            self.envoy_admin.as_deref()?,
+            &format!("/stats?filter={filter}"),
+        )
     }
 
     /// Everything the process logged so far.
@@ -278,6 +289,7 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         log_path,
         config_path: config.to_path_buf(),
         xds: None,
+        envoy_admin: None,
         _dir: dir,
     })
 }
@@ -368,6 +380,7 @@ fn start_envoy(
         log_path,
         config_path: config.to_path_buf(),
         xds: None,
+        envoy_admin: None,
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -400,6 +413,7 @@ fn start_envoy(
             match addr {
                 Some(addr) => {
                     gateway.addr = addr;
+                    gateway.envoy_admin = Some(admin.to_string());
                     if xds {
                         gateway.xds = Some(Xds {
                             dir: xds_dir,

@@ -18,6 +18,7 @@ const APP_KEY: &str = "tg-test-app-key";
 const LIMITED_KEY: &str = "tg-test-limited-key";
 const KEY_A: &str = "sk-test-provider-aaaa";
 const KEY_B: &str = "sk-test-provider-bbbb";
+const ADMIN_KEY: &str = "tg-test-admin-key";
 const MAX_BODY: usize = 65_536;
 /// Long enough never to fire on a loaded CI machine, short enough for the timeout scenario.
 const UPSTREAM_TIMEOUT_MS: u64 = 3_000;
@@ -32,7 +33,7 @@ server:
 consumers:
   - name: app
     keys: [{{ sha256: {app} }}]
-    models: [gpt-4o-mini, fast, mock-gpt, unreachable]
+    models: [gpt-4o-mini, fast, mock-gpt, unreachable, ordered-gpt]
   - name: limited
     keys: [{{ sha256: {limited} }}]
     models: [mock-gpt]
@@ -40,18 +41,29 @@ providers:
   - name: upstream
     kind: openai
     base_url: {base}
+    retry: {{ attempts: 3, backoff_ms: 20, max_backoff_ms: 100 }}
     keys:
       - {{ id: key-a, secret_env: TG_TEST_KEY_A }}
       - {{ id: key-b, secret_env: TG_TEST_KEY_B }}
+  - name: ordered
+    kind: openai
+    base_url: {base}
+    strategy: priority
+    retry: {{ attempts: 2, backoff_ms: 20, max_backoff_ms: 100 }}
+    keys:
+      - {{ id: first, secret_env: TG_TEST_KEY_A }}
+      - {{ id: second, secret_env: TG_TEST_KEY_B }}
   - name: dead
     kind: openai
     base_url: http://127.0.0.1:{dead}/v1
+    retry: {{ attempts: 2, backoff_ms: 20, max_backoff_ms: 100 }}
     keys: [{{ id: dead-1, secret_env: TG_TEST_KEY_A }}]
   - name: mock
     kind: mock
 models:
   - {{ name: gpt-4o-mini, provider: upstream }}
-  - {{ name: fast, provider: upstream, upstream_model: gpt-4o-mini-2024-07-18 }}
+  - {{ name: fast, provider: upstream, upstream_model: gpt-4o-mini-2024-07-18, keys: [key-b] }}
+  - {{ name: ordered-gpt, provider: ordered }}
   - {{ name: mock-gpt, provider: mock }}
   - {{ name: unreachable, provider: dead }}
 "#,
@@ -72,7 +84,11 @@ impl Fixture {
     async fn start(host: Host) -> Fixture {
         let mock = MockProvider::start().await;
         let config = config(&mock);
-        let env = vec![("TG_TEST_KEY_A", KEY_A), ("TG_TEST_KEY_B", KEY_B)];
+        let env = vec![
+            ("TG_TEST_KEY_A", KEY_A),
+            ("TG_TEST_KEY_B", KEY_B),
+            ("TOLLGATE_ADMIN_KEY", ADMIN_KEY),
+        ];
         let gateway = start_gateway(host, config, env).await;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
@@ -89,6 +105,16 @@ impl Fixture {
         for key in [KEY_A, KEY_B] {
             self.mock.set_fault(key, fault.clone());
         }
+    }
+
+    /// Makes the provider answer `key` with 429 and `retry-after: secs`.
+    fn rate_limit(&self, key: &str, secs: u64) {
+        self.mock.set_fault(
+            key,
+            Fault::TooManyRequests {
+                retry_after_secs: secs,
+            },
+        );
     }
 
     fn clear_all_faults(&self) {
@@ -162,7 +188,7 @@ impl Fixture {
     /// Checks that no secret reached the gateway's own log.
     fn assert_no_secrets_logged(&self) {
         let logs = self.gateway.logs();
-        for secret in [APP_KEY, LIMITED_KEY, KEY_A, KEY_B] {
+        for secret in [APP_KEY, LIMITED_KEY, KEY_A, KEY_B, ADMIN_KEY] {
             assert!(!logs.contains(secret), "a secret reached the log:\n{logs}");
         }
     }
@@ -286,6 +312,11 @@ async fn stream_cut_by_the_provider_reaches_the_client_as_an_error(host: Host) {
     // What the provider sent before the cut is relayed (the last event may be lost with the
     // connection, as it is between any proxy and its client).
     assert!((1..=2).contains(&sse_data(&text).len()), "{text:?}");
+    assert_eq!(
+        f.mock.requests().len(),
+        1,
+        "a stream is never retried after its first byte reached the client"
+    );
     f.clear_all_faults();
     let (status, v) = f.ask().await;
     assert_eq!(status, 200, "{v}");
@@ -429,7 +460,13 @@ async fn models_lists_exactly_the_allowed_models(host: Host) {
     for (key, want) in [
         (
             APP_KEY,
-            vec!["gpt-4o-mini", "fast", "mock-gpt", "unreachable"],
+            vec![
+                "gpt-4o-mini",
+                "fast",
+                "ordered-gpt",
+                "mock-gpt",
+                "unreachable",
+            ],
         ),
         (LIMITED_KEY, vec!["mock-gpt"]),
     ] {
@@ -556,8 +593,8 @@ async fn router_control_headers_from_clients_are_ignored(host: Host) {
     assert_eq!(r.status(), 503);
     assert_eq!(
         f.mock.requests().len(),
-        1,
-        "the client made the gateway retry"
+        3,
+        "the gateway's own 3 attempts, not the client's 1 + 3"
     );
     assert!(f.mock.requests()[0]
         .headers
@@ -565,18 +602,21 @@ async fn router_control_headers_from_clients_are_ignored(host: Host) {
         .all(|(k, _)| !k.starts_with("x-envoy-retry")));
 }
 
-/// A provider refusing the gateway's key is the gateway's problem, not the client's: 502,
-/// and nothing of the provider's message (which may quote the key) is relayed.
-async fn provider_refusing_the_key_is_502(host: Host) {
+/// A provider refusing the gateway's key is the gateway's problem, not the client's: the
+/// request tries the other key, and when the provider refuses every key the client gets 503
+/// naming the provider, with nothing of the provider's message (which may quote the key).
+async fn provider_refusing_every_key_is_503(host: Host) {
     let f = Fixture::start(host).await;
     f.fault_all_keys(Fault::Unauthorized);
     let (status, v) = f.ask().await;
-    assert_error(status, &v, 502, "upstream_auth_failed");
+    assert_error(status, &v, 503, "provider_keys_revoked");
     let text = v.to_string();
+    assert!(text.contains("`upstream`"), "{text}");
     assert!(
         !text.contains("sk-test") && !text.contains("Incorrect"),
         "{text}"
     );
+    assert_eq!(f.mock.requests().len(), 2, "each key tried once");
     f.assert_no_secrets_logged();
 }
 
@@ -596,26 +636,28 @@ fn keys_used(f: &Fixture) -> Vec<String> {
         .collect()
 }
 
-/// A key that answers 429 with `retry-after` is skipped by every worker until then, and used
-/// again afterwards.
-async fn a_key_answering_429_is_skipped_until_its_retry_time(host: Host) {
+/// Key A answers 429 with `retry-after: 2`: the request that met it succeeds on key B, every
+/// worker skips A for about 2 s, then A is used again.
+async fn a_429_is_retried_on_another_key_which_then_takes_the_traffic(host: Host) {
     let f = Fixture::start(host).await;
-    f.mock.set_fault(
-        KEY_A,
-        Fault::TooManyRequests {
-            retry_after_secs: 2,
-        },
-    );
+    f.rate_limit(KEY_A, 2);
     let mut hit_a = None;
     for _ in 0..4 {
-        let (status, _) = f.ask().await;
-        if status == 429 {
+        let (status, v) = f.ask().await;
+        assert_eq!(status, 200, "the request was not retried on key B: {v}");
+        if keys_used(&f).iter().any(|k| k == KEY_A) {
             hit_a = Some(std::time::Instant::now());
             break;
         }
     }
     let hit_a = hit_a.expect("round-robin never reached key A");
-    let after = f.keys_of_next(4).await;
+    let used = keys_used(&f);
+    assert_eq!(
+        used.last().map(String::as_str),
+        Some(KEY_B),
+        "the retry after A's 429 went to B: {used:?}"
+    );
+    let after = f.keys_of_next(6).await;
     assert!(
         after.iter().all(|k| k == KEY_B),
         "a cooling key was used: {after:?}"
@@ -634,7 +676,8 @@ async fn a_refused_key_is_not_used_again(host: Host) {
     let f = Fixture::start(host).await;
     f.mock.set_fault(KEY_A, Fault::Unauthorized);
     for _ in 0..2 {
-        f.ask().await;
+        let (status, v) = f.ask().await;
+        assert_eq!(status, 200, "the request was not retried on key B: {v}");
     }
     assert!(
         keys_used(&f).iter().any(|k| k == KEY_A),
@@ -652,12 +695,7 @@ async fn a_refused_key_is_not_used_again(host: Host) {
 async fn when_every_key_cools_the_client_gets_429_at_once(host: Host) {
     let f = Fixture::start(host).await;
     for key in [KEY_A, KEY_B] {
-        f.mock.set_fault(
-            key,
-            Fault::TooManyRequests {
-                retry_after_secs: 30,
-            },
-        );
+        f.rate_limit(key, 30);
     }
     for _ in 0..2 {
         let (status, _) = f.ask().await;
@@ -705,6 +743,134 @@ async fn remaining_capacity_steers_traffic_to_the_key_with_more_headroom(host: H
     assert!(r.headers().get("x-ratelimit-remaining-tokens").is_none());
 }
 
+/// A stream whose attempt fails before its first byte (here a 500) is retried on another
+/// key, and the client sees one clean stream.
+async fn a_stream_failing_before_its_first_byte_is_retried(host: Host) {
+    let f = Fixture::start(host).await;
+    f.mock.set_fault(KEY_A, Fault::ServerError { status: 500 });
+    for _ in 0..4 {
+        let r = f
+            .post(json!({ "model": "gpt-4o-mini", "stream": true, "messages": user("hi") }))
+            .await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let events = sse_data(&text);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+        assert_eq!(stream_text(&events), DEFAULT_CONTENT);
+        if keys_used(&f).iter().any(|k| k == KEY_A) {
+            break;
+        }
+    }
+    let used = keys_used(&f);
+    let a = used
+        .iter()
+        .position(|k| k == KEY_A)
+        .expect("never reached key A");
+    assert_eq!(used.get(a + 1).map(String::as_str), Some(KEY_B), "{used:?}");
+}
+
+/// A model with its own pool (`keys: [key-b]`) only ever uses those keys.
+async fn a_model_with_its_own_pool_uses_only_its_keys(host: Host) {
+    let f = Fixture::start(host).await;
+    for _ in 0..4 {
+        let (status, v) = f
+            .chat(APP_KEY, json!({ "model": "fast", "messages": user("hi") }))
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let used = keys_used(&f);
+    assert_eq!(used, [KEY_B, KEY_B, KEY_B, KEY_B]);
+}
+
+/// The `priority` strategy sends everything to the first key, and fails over to the next
+/// one, within the same request, when the first fails.
+async fn a_priority_pool_fails_over_in_order(host: Host) {
+    let f = Fixture::start(host).await;
+    let ask = || {
+        f.chat(
+            APP_KEY,
+            json!({ "model": "ordered-gpt", "messages": user("hi") }),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(ask().await.0, 200);
+    }
+    assert_eq!(keys_used(&f), [KEY_A, KEY_A, KEY_A]);
+    f.mock.set_fault(KEY_A, Fault::ServerError { status: 502 });
+    let (status, v) = ask().await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(keys_used(&f).split_off(3), [KEY_A, KEY_B]);
+    f.mock.clear_fault(KEY_A);
+    assert_eq!(ask().await.0, 200);
+    assert_eq!(keys_used(&f).last().map(String::as_str), Some(KEY_A));
+}
+
+/// The pools as an operator sees them: `GET /admin/keys` on the native host (admin key
+/// only), Envoy stats in Envoy. Ids, states and counters; never a secret.
+async fn key_pool_figures_are_visible_to_operators(host: Host) {
+    let f = Fixture::start(host).await;
+    f.rate_limit(KEY_A, 30);
+    while !keys_used(&f).iter().any(|k| k == KEY_A) {
+        assert_eq!(f.ask().await.0, 200);
+    }
+    let admin = |key: Option<&str>| {
+        let mut r = f.http.get(f.url("/admin/keys"));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        r.send()
+    };
+    match host {
+        Host::Native => {
+            assert_eq!(admin(None).await.unwrap().status(), 401);
+            assert_eq!(admin(Some(APP_KEY)).await.unwrap().status(), 401);
+            let r = admin(Some(ADMIN_KEY)).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let text = r.text().await.unwrap();
+            assert!(!text.contains(KEY_A) && !text.contains(KEY_B), "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let pool = v["providers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["provider"] == "upstream")
+                .unwrap()
+                .clone();
+            assert_eq!(pool["strategy"], "most-headroom");
+            let a = &pool["keys"][0];
+            assert_eq!(a["id"], "key-a");
+            assert_eq!(a["state"], "cooling", "{pool}");
+            assert!(a["until_ms"].as_u64().unwrap() > v["now_ms"].as_u64().unwrap() + 20_000);
+            assert_eq!(a["counters"]["rate_limited"], 1, "{pool}");
+            let b = &pool["keys"][1];
+            assert_eq!(b["state"], "healthy");
+            assert!(b["counters"]["succeeded"].as_u64().unwrap() >= 1, "{pool}");
+        }
+        Host::Envoy { .. } => {
+            // Not served by Envoy: its figures are stats.
+            assert_eq!(admin(Some(ADMIN_KEY)).await.unwrap().status(), 404);
+            let stat = |name: &str| -> Option<u64> {
+                let full = format!("wasmcustom.tollgate.keys.upstream.{name}");
+                f.gateway.envoy_stats(&full)?.lines().find_map(|l| {
+                    l.strip_prefix(&format!("{full}: "))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            // Gauges are published every second.
+            while stat("key-a.state") != Some(1) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(stat("key-a.state"), Some(1), "key A is cooling");
+            assert!(stat("key-a.until_ms").unwrap() > 1_700_000_000_000);
+            assert_eq!(stat("key-a.rate_limited"), Some(1));
+            assert!(stat("key-b.succeeded").unwrap() >= 1);
+            assert_eq!(stat("key-b.state"), Some(0));
+        }
+    }
+    f.assert_no_secrets_logged();
+}
+
 /// The official `openai` Python SDK works against the gateway, streaming and not.
 async fn openai_python_sdk(host: Host) {
     let f = Fixture::start(host).await;
@@ -738,7 +904,13 @@ async fn openai_python_sdk(host: Host) {
         assert!(v["total_tokens"].as_u64().unwrap() > 0, "{v}");
         assert_eq!(
             v["models"],
-            json!(["gpt-4o-mini", "fast", "mock-gpt", "unreachable"])
+            json!([
+                "gpt-4o-mini",
+                "fast",
+                "ordered-gpt",
+                "mock-gpt",
+                "unreachable"
+            ])
         );
     }
 }
@@ -827,12 +999,16 @@ both_hosts!(
     provider_errors_pass_through,
     hostile_headers_do_not_break_the_gateway,
     router_control_headers_from_clients_are_ignored,
-    provider_refusing_the_key_is_502,
+    provider_refusing_every_key_is_503,
     openai_python_sdk,
-    a_key_answering_429_is_skipped_until_its_retry_time,
+    a_429_is_retried_on_another_key_which_then_takes_the_traffic,
     a_refused_key_is_not_used_again,
     when_every_key_cools_the_client_gets_429_at_once,
     remaining_capacity_steers_traffic_to_the_key_with_more_headroom,
+    a_stream_failing_before_its_first_byte_is_retried,
+    a_model_with_its_own_pool_uses_only_its_keys,
+    a_priority_pool_fails_over_in_order,
+    key_pool_figures_are_visible_to_operators,
 );
 
 mod native_only {

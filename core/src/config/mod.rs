@@ -14,8 +14,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::auth::KeyHash;
+use crate::keys::Strategy;
 use crate::limits::{Limit, Unit};
 use crate::providers::{BaseUrl, Provider, ProviderKey, ProviderKind, Secret};
+use crate::retry::RetryPolicy;
 use raw::{RawConsumer, RawModel, RawProvider, RawServer};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -88,6 +90,8 @@ pub struct Model {
     pub limits: Vec<Limit>,
     pub default_max_tokens: u64,
     pub pricing: Option<Pricing>,
+    /// Indexes of the provider's keys that serve this model (its pool), in listed order.
+    pub pool: Vec<usize>,
 }
 
 /// A client of the gateway, known by the hashes of its keys.
@@ -192,6 +196,15 @@ impl Config {
         consumers
             .chain(self.models.iter().flat_map(|m| m.limits.iter()))
             .chain(keys)
+    }
+
+    /// Every shared counter the key pools use (cursors, health, headroom, key counters), for
+    /// hosts that create counters up front.
+    pub fn pool_store_keys(&self) -> impl Iterator<Item = &str> {
+        self.providers.iter().flat_map(|p| {
+            std::iter::once(p.cursor_key.as_str())
+                .chain(p.keys.iter().flat_map(ProviderKey::store_keys))
+        })
     }
 
     /// Every limit a request of `consumer` to `model` counts against.
@@ -430,14 +443,29 @@ fn compile_providers(
                     "a key takes request and token limits; put cost budgets on consumers or models",
                 );
             }
+            let weight = k.weight.unwrap_or(1);
+            if weight == 0 {
+                errors.at(format!("{kpath}.weight"), "must be at least 1");
+            }
+            for (m, pattern) in k.models.iter().enumerate() {
+                if pattern.is_empty() {
+                    errors.at(format!("{kpath}.models[{m}]"), "must not be empty");
+                }
+            }
             match env(&k.secret_env) {
-                Some(s) if !s.trim().is_empty() => keys.push(ProviderKey::new(
-                    kind,
-                    k.id.clone(),
-                    k.secret_env.clone(),
-                    &Secret::new(s.trim().to_string()),
-                    key_limits,
-                )),
+                Some(s) if !s.trim().is_empty() => {
+                    let mut key = ProviderKey::new(
+                        kind,
+                        k.id.clone(),
+                        k.secret_env.clone(),
+                        &Secret::new(s.trim().to_string()),
+                        key_limits,
+                    );
+                    key.weight = weight.max(1);
+                    key.config_path = kpath.clone();
+                    key.models = k.models.clone();
+                    keys.push(key);
+                }
                 Some(_) => errors.at(
                     format!("{kpath}.secret_env"),
                     format!("env var {} is empty", k.secret_env),
@@ -449,6 +477,43 @@ fn compile_providers(
             }
         }
         let mut provider = Provider::new(raw.name, kind, base_url, keys);
+        if let Some(name) = &raw.strategy {
+            match Strategy::parse(name) {
+                Some(strategy) => provider.strategy = strategy,
+                None => errors.at(
+                    format!("{path}.strategy"),
+                    format!(
+                        "unknown strategy `{name}`, expected one of {:?}",
+                        Strategy::NAMES
+                    ),
+                ),
+            }
+        }
+        if let Some(r) = &raw.retry {
+            let d = RetryPolicy::default();
+            provider.retry = RetryPolicy {
+                attempts: r.attempts.unwrap_or(d.attempts),
+                budget_ms: r.budget_ms.unwrap_or(d.budget_ms),
+                backoff_ms: r.backoff_ms.unwrap_or(d.backoff_ms),
+                max_backoff_ms: r.max_backoff_ms.unwrap_or(d.max_backoff_ms),
+            };
+            let retry = provider.retry;
+            if !(1..=10).contains(&retry.attempts) {
+                errors.at(format!("{path}.retry.attempts"), "must be between 1 and 10");
+            }
+            if retry.backoff_ms == 0 {
+                errors.at(format!("{path}.retry.backoff_ms"), "must be at least 1");
+            }
+            if retry.max_backoff_ms < retry.backoff_ms {
+                errors.at(
+                    format!("{path}.retry.max_backoff_ms"),
+                    "must be at least backoff_ms",
+                );
+            }
+            if retry.budget_ms == 0 {
+                errors.at(format!("{path}.retry.budget_ms"), "must be at least 1");
+            }
+        }
         if let Some(h) = &raw.key_health {
             let d = crate::health::HealthPolicy::default();
             provider.health = crate::health::HealthPolicy {
@@ -521,6 +586,10 @@ fn compile_models(
                 "cost limits need the model's `pricing`",
             );
         }
+        let pool = providers
+            .get(provider)
+            .map(|p| model_pool(&raw, p, &path, errors))
+            .unwrap_or_default();
         let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if default_max_tokens == 0 {
             errors.at(format!("{path}.default_max_tokens"), "must be at least 1");
@@ -532,9 +601,59 @@ fn compile_models(
             limits: model_limits,
             default_max_tokens,
             pricing,
+            pool,
         });
     }
+    for (p, provider) in providers.iter().enumerate() {
+        for key in &provider.keys {
+            for (m, pattern) in key.models.iter().enumerate() {
+                let matches = out
+                    .iter()
+                    .any(|model| model.provider == p && glob_match(pattern, &model.name));
+                if !matches {
+                    errors.at(
+                        format!("{}.models[{m}]", key.config_path),
+                        format!(
+                            "`{pattern}` matches no model served by provider `{}`",
+                            provider.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
     out
+}
+
+/// The keys of `provider` that serve the model: those whose `models` allow it, narrowed to
+/// the model's own `keys` when it lists them. A provider with keys must leave at least one.
+fn model_pool(raw: &RawModel, provider: &Provider, path: &str, errors: &mut Errors) -> Vec<usize> {
+    for (j, id) in raw.keys.iter().enumerate() {
+        if !provider.keys.iter().any(|k| k.id == *id) {
+            errors.at(
+                format!("{path}.keys[{j}]"),
+                format!("provider `{}` has no key `{id}`", provider.name),
+            );
+        }
+    }
+    let pool: Vec<usize> = provider
+        .keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.serves(&raw.name))
+        .filter(|(_, k)| raw.keys.is_empty() || raw.keys.contains(&k.id))
+        .map(|(i, _)| i)
+        .collect();
+    if pool.is_empty() && !provider.keys.is_empty() {
+        errors.at(
+            format!("{path}.keys"),
+            format!(
+                "no key of provider `{}` serves model `{}` (see the keys' `models`)",
+                provider.name, raw.name
+            ),
+        );
+    }
+    pool
 }
 
 type KeyIndex = BTreeMap<u64, Vec<(KeyHash, ConsumerId)>>;

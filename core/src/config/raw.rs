@@ -47,6 +47,26 @@ pub struct RawProvider {
     pub keys: Vec<RawProviderKey>,
     #[serde(default)]
     pub key_health: Option<RawKeyHealth>,
+    /// How an attempt picks its key: `most-headroom` (default), `round-robin`, `weighted`,
+    /// `priority`.
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+}
+
+/// Retrying a failed attempt on another key; every field has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts per request, the first included (default 3; 1 turns retries off).
+    pub attempts: Option<u32>,
+    /// No attempt starts later than this after the request reached the gateway
+    /// (default 30000).
+    pub budget_ms: Option<u64>,
+    /// Backoff before the second attempt; it doubles per attempt, with jitter (default 50).
+    pub backoff_ms: Option<u64>,
+    /// Longest backoff (default 1000).
+    pub max_backoff_ms: Option<u64>,
 }
 
 /// How a pool treats keys the provider refuses; every field has a default.
@@ -73,6 +93,11 @@ pub struct RawProviderKey {
     /// gateway never sends a key more than these.
     #[serde(default)]
     pub limits: Option<RawLimits>,
+    /// Share of requests under the `weighted` strategy (default 1).
+    pub weight: Option<u32>,
+    /// Public model names or `*` globs this key serves; empty serves every model.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +115,10 @@ pub struct RawModel {
     /// `max_completion_tokens`.
     pub default_max_tokens: Option<u64>,
     pub pricing: Option<RawPricing>,
+    /// Ids of the provider's keys this model may use (its own pool); empty means every
+    /// key that serves it.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 /// Limits of one scope (a consumer, a consumer on one model, or a model across consumers).

@@ -3,8 +3,7 @@
 use super::*;
 use crate::auth::KeyHash;
 use crate::keys::KEY_RESERVATION_HEADER;
-use crate::keys::{attempt_key, taken_over, KeyAttempt};
-use crate::limits::Amounts;
+use crate::keys::{attempt_key, taken_over, KeyAttempt, Ticket};
 use crate::store::tests::CellStore;
 
 fn config() -> Arc<Config> {
@@ -332,7 +331,7 @@ fn key_role_injects_keys_in_turn_and_refuses_unrouted_requests() {
     let store = CellStore::default();
     let picks: Vec<_> = (0..4)
         .map(|_| {
-            let a = attempt_key(&c, Some("openai"), &store, 0, Amounts::default()).unwrap();
+            let a = attempt_key(&c, &ticket("openai", "gpt-4o-mini", 0), &store, 0).unwrap();
             (
                 a.key_id().unwrap().to_string(),
                 a.header().unwrap().1.to_string(),
@@ -349,16 +348,16 @@ fn key_role_injects_keys_in_turn_and_refuses_unrouted_requests() {
         ]
     );
     assert_eq!(
-        attempt_key(&c, None, &store, 0, Amounts::default()).unwrap_err(),
+        attempt_key(&c, &ticket("", "gpt-4o-mini", 0), &store, 0).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     assert_eq!(
-        attempt_key(&c, Some("nope"), &store, 0, Amounts::default()).unwrap_err(),
+        attempt_key(&c, &ticket("nope", "gpt-4o-mini", 0), &store, 0).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     // The mock provider never goes upstream, so the key role has nothing to do for it.
     assert_eq!(
-        attempt_key(&c, Some("mock"), &store, 0, Amounts::default()).unwrap_err(),
+        attempt_key(&c, &ticket("mock", "gpt-4o-mini", 0), &store, 0).unwrap_err(),
         GatewayError::NotRoutedByGateway
     );
     assert!(KeyAttempt::REMOVE_HEADERS.contains(&"x-tollgate-provider"));
@@ -682,13 +681,8 @@ models: [{{ name: m, provider: openai }}]
     );
     let c = Config::load(&text, &|_| Some("sk".into())).unwrap();
     let store = CellStore::default();
-    let demand = |tokens| Amounts {
-        requests: 1,
-        tokens,
-        micro_usd: 0,
-    };
     let pick = |tokens| {
-        attempt_key(&c, Some("openai"), &store, 0, demand(tokens))
+        attempt_key(&c, &ticket("openai", "m", tokens), &store, 0)
             .map(|a| a.key_id().map(str::to_string))
     };
     // Turns alternate a, b; a has room for one 80-token request only.
@@ -744,13 +738,14 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
     let OnBody::Forward(f) = x.on_request_body(0, SMALL.as_bytes(), &store) else {
         panic!()
     };
-    assert_eq!(f.demand.tokens, reserved_small());
+    assert_eq!(f.ticket.tokens, reserved_small());
+    assert_eq!(f.ticket.model, "gpt-4o-mini");
     assert_eq!(
-        f.demand_header,
-        ("x-tollgate-demand", reserved_small().to_string())
+        Ticket::decode(f.ticket.encode().as_bytes()),
+        Some(f.ticket.clone())
     );
     // The key role reserves on key a and hands the reservation over in a response header.
-    let a = attempt_key(&c, Some("openai"), &store, 0, f.demand).unwrap();
+    let a = attempt_key(&c, &f.ticket, &store, 0).unwrap();
     let handover = a.handover().unwrap();
     assert_eq!(handover, format!("openai/a/1/{}/0", reserved_small()));
     assert!(taken_over(&c, "openai/zz/1/5/0").is_none());
@@ -764,29 +759,9 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
     let _ = x.on_response_chunk(usage.as_bytes(), true);
     let _ = x.finish(0, &store);
     // Key a was charged 10 tokens in all: 990 left for the next demand.
-    let next = attempt_key(
-        &c,
-        Some("openai"),
-        &store,
-        0,
-        Amounts {
-            requests: 1,
-            tokens: 990,
-            micro_usd: 0,
-        },
-    );
+    let next = attempt_key(&c, &ticket("openai", "gpt-4o-mini", 990), &store, 0);
     assert!(next.is_ok());
-    let full = attempt_key(
-        &c,
-        Some("openai"),
-        &store,
-        0,
-        Amounts {
-            requests: 1,
-            tokens: 1,
-            micro_usd: 0,
-        },
-    );
+    let full = attempt_key(&c, &ticket("openai", "gpt-4o-mini", 1), &store, 0);
     assert!(full.is_err());
 }
 
@@ -844,4 +819,50 @@ fn a_huge_unfinished_event_is_not_held_back_forever() {
         "held back"
     );
     assert_eq!(t[4], "Unchanged", "stripping stops once it gave up");
+}
+
+/// A ticket for the key role, as the gateway role would write it.
+fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
+    Ticket {
+        provider: provider.into(),
+        model: model.into(),
+        tokens,
+        started_ms: 0,
+        tried: Vec::new(),
+    }
+}
+
+#[test]
+fn a_key_role_reply_gets_its_real_status_back() {
+    let c = config();
+    let store = CellStore::default();
+    let mut x = Exchange::new(Arc::clone(&c));
+    let headers = crate::http::test_headers(&[("authorization", "Bearer tg-app")]);
+    let _ = x.on_request_headers(
+        0,
+        &RequestHead {
+            method: "POST",
+            path: CHAT,
+            headers: &headers,
+        },
+    );
+    let OnBody::Forward(_) = x.on_request_body(0, SMALL.as_bytes(), &store) else {
+        panic!()
+    };
+    // Through Envoy's router it travels as 400 (never retried), marked with its status.
+    let reply = crate::http::test_headers(&[(
+        crate::http::LOCAL_REPLY_HEADER,
+        &crate::http::local_reply_marker(429),
+    )]);
+    let OnResponse::Relay {
+        remove_headers,
+        add_headers,
+        ..
+    } = x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &reply)
+    else {
+        panic!()
+    };
+    assert!(remove_headers.contains(&crate::http::LOCAL_REPLY_HEADER));
+    assert!(add_headers.contains(&(":status", "429".to_string())));
+    assert_eq!(x.finish(0, &store).status, Some(429));
 }

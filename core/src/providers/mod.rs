@@ -6,7 +6,9 @@ pub mod openai;
 pub mod signals;
 
 use crate::health::HealthPolicy;
+use crate::keys::{KeyCounter, Strategy};
 use crate::limits::Limit;
+use crate::retry::RetryPolicy;
 use crate::store::{CounterStore, StoreError};
 
 /// The protocol a provider speaks, which decides how a key is presented and how requests and
@@ -86,6 +88,14 @@ pub struct ProviderKey {
     pub health_key: String,
     /// Its learned headroom in the store (see `health::headroom`).
     pub headroom_key: String,
+    /// Its counters in the store, indexed by `KeyCounter`.
+    counter_keys: Vec<String>,
+    /// Share of turns under the `weighted` strategy.
+    pub weight: u32,
+    /// Public model names or globs it serves; empty for every model.
+    pub models: Vec<String>,
+    /// Where the config defines it, for error messages.
+    pub config_path: String,
 }
 
 impl ProviderKey {
@@ -100,12 +110,39 @@ impl ProviderKey {
         Self {
             health_key: format!("tollgate/health/{id}"),
             headroom_key: format!("tollgate/headroom/{id}"),
+            counter_keys: Vec::new(),
+            weight: 1,
+            models: Vec::new(),
+            config_path: String::new(),
             id,
             secret_env,
             header_name,
             header_value: Secret::new(value),
             limits,
         }
+    }
+
+    /// Where one of its counters lives in the store.
+    pub fn counter_key(&self, counter: KeyCounter) -> &str {
+        self.counter_keys
+            .get(counter.index())
+            .map_or("tollgate/keystat/unknown", String::as_str)
+    }
+
+    /// Whether it serves the public model `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty()
+            || self
+                .models
+                .iter()
+                .any(|p| crate::config::glob_match(p, model))
+    }
+
+    /// Every store key it uses, for hosts that create counters up front.
+    pub fn store_keys(&self) -> impl Iterator<Item = &str> {
+        [self.health_key.as_str(), self.headroom_key.as_str()]
+            .into_iter()
+            .chain(self.counter_keys.iter().map(String::as_str))
     }
 
     /// The header to set on the upstream request.
@@ -216,8 +253,10 @@ pub struct Provider {
     pub base_url: Option<BaseUrl>,
     pub keys: Vec<ProviderKey>,
     pub health: HealthPolicy,
+    pub strategy: Strategy,
+    pub retry: RetryPolicy,
     /// Store key of the round-robin cursor shared by every worker.
-    cursor_key: String,
+    pub cursor_key: String,
 }
 
 impl Provider {
@@ -232,6 +271,10 @@ impl Provider {
         for key in &mut keys {
             key.health_key = format!("tollgate/health/{name}/{}", key.id);
             key.headroom_key = format!("tollgate/headroom/{name}/{}", key.id);
+            key.counter_keys = KeyCounter::ALL
+                .iter()
+                .map(|c| format!("tollgate/keystat/{name}/{}/{}", key.id, c.name()))
+                .collect();
         }
         Self {
             name,
@@ -239,30 +282,23 @@ impl Provider {
             base_url,
             keys,
             health: HealthPolicy::default(),
+            strategy: Strategy::default(),
+            retry: RetryPolicy::default(),
             cursor_key,
         }
     }
 
-    /// Where this attempt starts in the pool: round-robin, with the cursor in the shared
-    /// store so every worker takes turns with the others.
-    pub fn next_turn(&self, store: &impl CounterStore) -> Result<usize, StoreError> {
-        if self.keys.len() <= 1 {
-            return Ok(0);
-        }
+    /// The next turn of the pool's cursor, shared by every worker (the caller takes it
+    /// modulo what it rotates over).
+    pub fn next_turn(&self, store: &impl CounterStore) -> Result<u64, StoreError> {
         let turn = store.measure_and_replace(&self.cursor_key, |old| {
             let turn = old.unwrap_or(0);
             Ok::<_, std::convert::Infallible>((turn, turn.wrapping_add(1)))
         })?;
-        let turn = match turn {
-            Ok(t) => t,
+        match turn {
+            Ok(t) => Ok(t),
             Err(never) => match never {},
-        };
-        Ok((turn % self.keys.len() as u64) as usize)
-    }
-
-    /// The pool in the order an attempt tries it, starting at `turn`.
-    pub fn keys_from(&self, turn: usize) -> impl Iterator<Item = &ProviderKey> {
-        self.keys.iter().cycle().skip(turn).take(self.keys.len())
+        }
     }
 
     /// Whether any key has limits of its own (so requests need a token estimate).
@@ -274,7 +310,6 @@ impl Provider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::CellStore;
 
     #[test]
     fn base_url_forms() {
@@ -313,31 +348,5 @@ mod tests {
         let dbg = format!("{k:?}");
         assert!(!dbg.contains("sk-123"), "{dbg}");
         assert_eq!(k.header(), ("authorization", "Bearer sk-123"));
-    }
-
-    #[test]
-    fn round_robin_takes_turns() {
-        let kind = ProviderKind::OpenAi;
-        let keys = ["a", "b", "c"]
-            .iter()
-            .map(|id| {
-                ProviderKey::new(
-                    kind,
-                    id.to_string(),
-                    String::new(),
-                    &Secret::new(format!("sk-{id}")),
-                    Vec::new(),
-                )
-            })
-            .collect();
-        let p = Provider::new("p".into(), kind, None, keys);
-        let store = CellStore::default();
-        let picked: Vec<_> = (0..6)
-            .map(|_| {
-                let turn = p.next_turn(&store).unwrap();
-                p.keys_from(turn).next().unwrap().id.clone()
-            })
-            .collect();
-        assert_eq!(picked, ["a", "b", "c", "a", "b", "c"]);
     }
 }

@@ -1,0 +1,205 @@
+//! Key selection: strategies, per-model pools, allow-lists, retries on another key, and what
+//! an answer records, with a fake clock and an in-memory store.
+
+use super::report::{self, KeyState};
+use super::*;
+use crate::config::Config;
+use crate::store::tests::CellStore;
+
+const NOW: u64 = 1_795_341_600_000;
+
+fn config(provider_extra: &str, keys: &str, models: &str) -> Config {
+    let text = format!(
+        r#"
+providers:
+  - {{ name: openai, kind: openai, base_url: "http://127.0.0.1:9/v1", {provider_extra} keys: [{keys}] }}
+models: [{models}]
+"#
+    );
+    Config::load(&text, &|_| Some("sk".into())).unwrap()
+}
+
+fn ticket(model: &str) -> Ticket {
+    Ticket {
+        provider: "openai".into(),
+        model: model.into(),
+        tokens: 10,
+        started_ms: NOW,
+        tried: Vec::new(),
+    }
+}
+
+fn picks(c: &Config, t: &Ticket, store: &CellStore, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            attempt_key(c, t, store, NOW)
+                .unwrap()
+                .key_id()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+const ABC: &str = "{ id: a, secret_env: A }, { id: b, secret_env: B }, { id: c, secret_env: C }";
+const ONE_MODEL: &str = "{ name: m, provider: openai }";
+
+#[test]
+fn round_robin_takes_turns_shared_through_the_store() {
+    let c = config("strategy: round-robin,", ABC, ONE_MODEL);
+    let store = CellStore::default();
+    assert_eq!(
+        picks(&c, &ticket("m"), &store, 6),
+        ["a", "b", "c", "a", "b", "c"]
+    );
+}
+
+#[test]
+fn weighted_gives_each_key_its_share() {
+    let keys = "{ id: a, secret_env: A, weight: 3 }, { id: b, secret_env: B }";
+    let c = config("strategy: weighted,", keys, ONE_MODEL);
+    let store = CellStore::default();
+    let got = picks(&c, &ticket("m"), &store, 400);
+    let a = got.iter().filter(|k| *k == "a").count();
+    assert_eq!(a, 300, "3 of every 4 turns");
+}
+
+#[test]
+fn priority_uses_the_first_usable_key_and_fails_over_in_order() {
+    let c = config("strategy: priority,", ABC, ONE_MODEL);
+    let store = CellStore::default();
+    assert_eq!(picks(&c, &ticket("m"), &store, 3), ["a", "a", "a"]);
+    // a is rate limited: b takes over until a cools down.
+    let h = crate::http::test_headers(&[("retry-after", "2")]);
+    observe(&c, "openai", "a", Some(429), &h, NOW, &store).unwrap();
+    assert_eq!(picks(&c, &ticket("m"), &store, 2), ["b", "b"]);
+    let later = attempt_key(&c, &ticket("m"), &store, NOW + 2_000).unwrap();
+    assert_eq!(later.key_id(), Some("a"));
+}
+
+#[test]
+fn most_headroom_is_the_default_and_prefers_the_roomiest_key() {
+    let c = config("", ABC, ONE_MODEL);
+    assert_eq!(
+        c.provider_by_name("openai").unwrap().strategy,
+        Strategy::MostHeadroom
+    );
+    let store = CellStore::default();
+    for (key, remaining) in [("a", "100"), ("b", "5000"), ("c", "700")] {
+        let h = crate::http::test_headers(&[
+            ("x-ratelimit-remaining-tokens", remaining),
+            ("x-ratelimit-reset-tokens", "30s"),
+        ]);
+        observe(&c, "openai", key, Some(200), &h, NOW, &store).unwrap();
+    }
+    assert_eq!(picks(&c, &ticket("m"), &store, 3), ["b", "b", "b"]);
+}
+
+#[test]
+fn a_retry_takes_a_key_the_request_has_not_tried() {
+    let c = config("strategy: priority,", ABC, ONE_MODEL);
+    let store = CellStore::default();
+    let mut t = ticket("m");
+    t.tried = vec!["a".into()];
+    assert_eq!(picks(&c, &t, &store, 1), ["b"]);
+    t.tried = vec!["a".into(), "b".into()];
+    assert_eq!(picks(&c, &t, &store, 1), ["c"]);
+    // All tried (5xx everywhere): the least recently tried goes again.
+    t.tried = vec!["a".into(), "b".into(), "c".into()];
+    assert_eq!(picks(&c, &t, &store, 1), ["a"]);
+    t.tried = vec!["a".into(), "b".into(), "c".into(), "a".into()];
+    assert_eq!(picks(&c, &t, &store, 1), ["b"]);
+    assert_eq!(t.next_attempt(), 5);
+}
+
+#[test]
+fn per_model_pools_and_per_key_allow_lists() {
+    let keys = "{ id: a, secret_env: A, models: [big] }, \
+                { id: b, secret_env: B, models: [\"small*\"] }, \
+                { id: c, secret_env: C }";
+    let models = "{ name: big, provider: openai }, { name: small-1, provider: openai }, \
+                  { name: pinned, provider: openai, keys: [c] }";
+    let c = config("strategy: round-robin,", keys, models);
+    let store = CellStore::default();
+    let mut big = picks(&c, &ticket("big"), &store, 4);
+    big.sort();
+    assert_eq!(big, ["a", "a", "c", "c"]);
+    let mut small = picks(&c, &ticket("small-1"), &store, 4);
+    small.sort();
+    assert_eq!(small, ["b", "b", "c", "c"]);
+    assert_eq!(picks(&c, &ticket("pinned"), &store, 2), ["c", "c"]);
+    // A ticket for a model of another provider is not this pool's business.
+    assert!(matches!(
+        attempt_key(&c, &ticket("nope"), &store, NOW),
+        Err(GatewayError::UnknownModel { .. })
+    ));
+}
+
+#[test]
+fn pool_config_errors_name_their_path() {
+    let text = r#"
+providers:
+  - name: openai
+    kind: openai
+    base_url: "http://127.0.0.1:9"
+    strategy: fastest
+    retry: { attempts: 0, backoff_ms: 100, max_backoff_ms: 10 }
+    keys:
+      - { id: a, secret_env: A, weight: 0, models: [gpt-5] }
+      - { id: b, secret_env: B, models: [m] }
+models:
+  - { name: m, provider: openai, keys: [zz] }
+  - { name: n, provider: openai, keys: [a] }
+"#;
+    let errors = Config::load(text, &|_| Some("sk".into())).unwrap_err();
+    let text = errors.to_string();
+    for expected in [
+        "providers[0].strategy",
+        "providers[0].retry.attempts",
+        "providers[0].retry.max_backoff_ms",
+        "providers[0].keys[0].weight",
+        "providers[0].keys[0].models[0]: `gpt-5` matches no model",
+        "models[0].keys[0]: provider `openai` has no key `zz`",
+        "models[1].keys: no key of provider `openai` serves model `n`",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn observe_counts_attempts_and_the_report_shows_state_without_secrets() {
+    let c = config("", ABC, ONE_MODEL);
+    let store = CellStore::default();
+    let none = crate::http::test_headers(&[]);
+    observe(&c, "openai", "a", Some(200), &none, NOW, &store).unwrap();
+    observe(&c, "openai", "a", Some(500), &none, NOW, &store).unwrap();
+    let h = crate::http::test_headers(&[
+        ("retry-after-ms", "1500"),
+        ("x-ratelimit-remaining-requests", "0"),
+    ]);
+    observe(&c, "openai", "b", Some(429), &h, NOW, &store).unwrap();
+    observe(&c, "openai", "c", Some(401), &none, NOW, &store).unwrap();
+    observe(&c, "openai", "c", None, &none, NOW, &store).unwrap();
+    let pools = report::pools(&c, &store, NOW + 1);
+    let keys = &pools[0].keys;
+    assert_eq!(pools[0].strategy, "most-headroom");
+    assert_eq!(keys[0].state, KeyState::Healthy);
+    assert_eq!(keys[0].counters["attempts"], 2);
+    assert_eq!(keys[0].counters["succeeded"], 1);
+    assert_eq!(keys[0].counters["server_errors"], 1);
+    assert_eq!(keys[1].state, KeyState::Cooling);
+    assert_eq!(keys[1].until_ms, Some(NOW + 1_500));
+    assert_eq!(keys[1].learned_remaining, Some(0));
+    assert_eq!(keys[1].counters["rate_limited"], 1);
+    assert_eq!(keys[2].state, KeyState::Revoked);
+    assert_eq!(keys[2].counters["refused"], 1);
+    assert_eq!(keys[2].counters["unreachable"], 1);
+    assert_eq!(keys[2].counters["attempts"], 2);
+    // Cooled down later.
+    assert_eq!(
+        report::pools(&c, &store, NOW + 1_500)[0].keys[1].state,
+        KeyState::Healthy
+    );
+    let json = serde_json::to_string(&pools).unwrap();
+    assert!(!json.contains("sk"), "{json}");
+}

@@ -1,0 +1,92 @@
+//! The key pools as Envoy stats, the same figures the native host's `GET /admin/keys` shows:
+//! per key, counters of attempts by outcome (each worker adds to the same process-wide
+//! counter), and gauges of its state, cooldown end and learned headroom, published from the
+//! shared store on a timer. Envoy prefixes the names with `wasmcustom.`:
+//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>`.
+
+use std::collections::BTreeMap;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use tollgate_core::keys::report::{self, KeyReport};
+use tollgate_core::keys::KeyCounter;
+use tollgate_core::Config;
+
+use crate::host::SharedStore;
+
+struct KeyIds {
+    counters: Vec<Option<u32>>,
+    state: Option<u32>,
+    until_ms: Option<u32>,
+    learned_remaining: Option<u32>,
+}
+
+/// Metric ids per (provider, key id).
+pub struct KeyMetrics {
+    keys: BTreeMap<(String, String), KeyIds>,
+}
+
+fn define(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, name).ok()
+}
+
+impl KeyMetrics {
+    pub fn define(config: &Config) -> Self {
+        let mut keys = BTreeMap::new();
+        for p in config.providers() {
+            for k in &p.keys {
+                let name = |figure: &str| format!("tollgate.keys.{}.{}.{figure}", p.name, k.id);
+                let ids = KeyIds {
+                    counters: KeyCounter::ALL
+                        .iter()
+                        .map(|c| define(MetricType::Counter, &name(c.name())))
+                        .collect(),
+                    state: define(MetricType::Gauge, &name("state")),
+                    until_ms: define(MetricType::Gauge, &name("until_ms")),
+                    learned_remaining: define(MetricType::Gauge, &name("learned_remaining")),
+                };
+                keys.insert((p.name.clone(), k.id.clone()), ids);
+            }
+        }
+        Self { keys }
+    }
+
+    /// Counts an attempt's outcome (`None`: the provider never answered).
+    pub fn count(&self, provider: &str, key: &str, status: Option<u16>) {
+        let Some(ids) = self.keys.get(&(provider.to_string(), key.to_string())) else {
+            return;
+        };
+        for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status)]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(Some(id)) = ids.counters.get(counter.index()) {
+                let _ = hostcalls::increment_metric(*id, 1);
+            }
+        }
+    }
+
+    /// Sets every key's gauges from the shared store: state (0 healthy, 1 cooling,
+    /// 2 revoked), until when (Unix ms, 0 when healthy), learned remaining capacity (0 when
+    /// the provider said nothing or what it said expired).
+    pub fn publish(&self, config: &Config, now_ms: u64) {
+        for pool in report::pools(config, &SharedStore, now_ms) {
+            for key in &pool.keys {
+                if let Some(ids) = self.keys.get(&(pool.provider.clone(), key.id.clone())) {
+                    record(ids, key);
+                }
+            }
+        }
+    }
+}
+
+fn record(ids: &KeyIds, key: &KeyReport) {
+    let set = |id: Option<u32>, value: u64| {
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    };
+    set(ids.state, key.state.gauge());
+    set(ids.until_ms, key.until_ms.unwrap_or(0));
+    set(ids.learned_remaining, key.learned_remaining.unwrap_or(0));
+}
