@@ -69,6 +69,23 @@ pub enum GatewayError {
     /// Attempts on the provider's keys failed until the retry budget was spent (Envoy: a
     /// retry Envoy scheduled would start past `retry.budget_ms`).
     RetryBudgetSpent { provider: String, attempts: u32 },
+    /// A prompt call's variable is missing, unknown, of the wrong type or too long.
+    InvalidPromptVariable { variable: String, problem: String },
+    /// A prompt call pinned a version the template does not have.
+    PromptVersionNotFound {
+        prompt: String,
+        requested: String,
+        available: Vec<u32>,
+    },
+    /// The prompt exists but this consumer may not call it.
+    PromptNotAllowed { prompt: String },
+    /// The prompt answers JSON, which is not streamed.
+    PromptCannotStream { prompt: String },
+    /// A prompt's answer could not be shaped: a `json` prompt's model answered something that
+    /// is not JSON, or the answer had no text (its usage is charged all the same).
+    PromptOutputInvalid { prompt: String, detail: String },
+    /// A guard rule matched the request's messages. Names the rule, never the text.
+    ContentRejected { rule: String },
     /// Shared state (counters, key health) could not be updated; refusing beats guessing.
     SharedStateUnavailable { detail: String },
     /// The host failed an operation it should not fail (a bug or resource exhaustion).
@@ -80,11 +97,19 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             Self::MissingConsumerKey | Self::UnknownConsumerKey => 401,
-            Self::ModelNotAllowed { .. } | Self::NotRoutedByGateway => 403,
-            Self::UnknownModel { .. } | Self::NotFound { .. } => 404,
+            Self::ModelNotAllowed { .. }
+            | Self::PromptNotAllowed { .. }
+            | Self::NotRoutedByGateway => 403,
+            Self::UnknownModel { .. }
+            | Self::NotFound { .. }
+            | Self::PromptVersionNotFound { .. } => 404,
             Self::MethodNotAllowed { .. } => 405,
             Self::RequestTimeout => 408,
-            Self::MalformedBody { .. } | Self::ExceedsLimit { .. } => 400,
+            Self::MalformedBody { .. }
+            | Self::ExceedsLimit { .. }
+            | Self::InvalidPromptVariable { .. }
+            | Self::PromptCannotStream { .. }
+            | Self::ContentRejected { .. } => 400,
             Self::RateLimited { .. } | Self::QuotaExhausted { .. } | Self::KeysCooling { .. } => {
                 429
             }
@@ -92,7 +117,8 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => 413,
             Self::UpstreamUnavailable { .. }
             | Self::UpstreamAuthFailed { .. }
-            | Self::RetryBudgetSpent { .. } => 502,
+            | Self::RetryBudgetSpent { .. }
+            | Self::PromptOutputInvalid { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
             Self::Internal { .. } => 500,
             Self::UpstreamTimeout { .. } => 504,
@@ -131,6 +157,12 @@ impl GatewayError {
             Self::UpstreamAuthFailed { .. } => "upstream_auth_failed",
             Self::UpstreamUnavailable { .. } => "upstream_unavailable",
             Self::RetryBudgetSpent { .. } => "upstream_retry_budget_spent",
+            Self::InvalidPromptVariable { .. } => "invalid_prompt_variable",
+            Self::PromptVersionNotFound { .. } => "prompt_version_not_found",
+            Self::PromptNotAllowed { .. } => "prompt_not_allowed",
+            Self::PromptCannotStream { .. } => "prompt_cannot_stream",
+            Self::PromptOutputInvalid { .. } => "prompt_output_invalid",
+            Self::ContentRejected { .. } => "content_rejected",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::NotRoutedByGateway => "not_routed_by_gateway",
             Self::SharedStateUnavailable { .. } => "shared_state_unavailable",
@@ -184,6 +216,15 @@ impl GatewayError {
             Self::RequestTimeout => "The request was not received in time.".into(),
             Self::UpstreamAuthFailed { provider } => format!("The provider `{provider}` refused the gateway's credentials."),
             Self::UpstreamUnavailable { provider } => format!("The provider `{provider}` could not be reached."),
+            Self::InvalidPromptVariable { variable, problem } => format!("Variable `{variable}` {problem}."),
+            Self::PromptVersionNotFound { prompt, requested, available } => format!(
+                "Prompt `{prompt}` has no version `{requested}`; it has {}.",
+                available.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            Self::PromptNotAllowed { prompt } => format!("This API key may not call the prompt `{prompt}`."),
+            Self::PromptCannotStream { prompt } => format!("Prompt `{prompt}` answers JSON, which is not streamed; call it without `stream=true`."),
+            Self::PromptOutputInvalid { prompt, detail } => format!("Prompt `{prompt}` could not shape the model's answer: {detail}."),
+            Self::ContentRejected { rule } => format!("The request was rejected by the content rule `{rule}`."),
             Self::RetryBudgetSpent { provider, attempts } => format!("The provider `{provider}` failed {attempts} attempts, and the retry time budget is spent."),
             Self::UpstreamTimeout { provider } => format!("The provider `{provider}` did not answer in time."),
             Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),

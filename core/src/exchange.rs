@@ -14,14 +14,17 @@
 use std::sync::Arc;
 
 use crate::auth;
-use crate::config::{Config, ConsumerId, ModelId, ProviderId};
+use crate::config::{Config, ConsumerId, ModelId, PromptId, ProviderId};
+use crate::decorators::{self, Decorators};
 use crate::error::GatewayError;
+use crate::guard;
 use crate::http::{
     local_reply_status, HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS,
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
 use crate::limits::{self, Amounts, RateHeaders, Reservation};
+use crate::prompts::{self, shape, ResponseMode};
 use crate::providers::openai::usage::{self, Usage};
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
 use crate::providers::{mock, ProviderKind};
@@ -82,6 +85,9 @@ pub enum OnResponse {
     },
     /// Send this instead, and drop the provider's body.
     Replace(LocalResponse),
+    /// Hold the response: read the provider's whole body (up to `limit` bytes) and pass it
+    /// to `on_collected`, which says what to send instead (a prompt's `text` or `json`).
+    Collect { limit: usize },
 }
 
 /// Response headers the client does not see: those that identify the provider account behind
@@ -171,6 +177,22 @@ pub struct Exchange {
     body_overflowed: bool,
     /// The request went to a provider.
     forwarded: bool,
+    /// The provider answered with success (its usage is charged even if the gateway then
+    /// answers the client with an error, as for a `json` prompt's unparsable output).
+    provider_succeeded: bool,
+    /// A call of a prompt template.
+    prompt: Option<PromptCall>,
+    /// A `text` prompt's stream: each event is reshaped for the client.
+    shape_stream: bool,
+}
+
+/// Which template and version a prompt call renders, and how its answer is shaped.
+#[derive(Debug, Clone, Copy)]
+struct PromptCall {
+    id: PromptId,
+    version: usize,
+    stream: bool,
+    response: ResponseMode,
 }
 
 impl Exchange {
@@ -191,6 +213,9 @@ impl Exchange {
             streamed_tokens: 0,
             body_overflowed: false,
             forwarded: false,
+            provider_succeeded: false,
+            prompt: None,
+            shape_stream: false,
         }
     }
 
@@ -235,22 +260,105 @@ impl Exchange {
                 self.status = Some(200);
                 OnHeaders::Respond(LocalResponse::json(200, list))
             }),
-            (known @ ("/healthz" | "/v1/chat/completions" | "/v1/models"), method) => {
+            (prompts::PROMPTS_PATH, "GET") => self.authenticate(head.headers).map(|()| {
+                let list = self
+                    .consumer
+                    .and_then(|c| self.config.consumer(c))
+                    .map(|c| c.prompts_list().to_vec())
+                    .unwrap_or_default();
+                self.status = Some(200);
+                OnHeaders::Respond(LocalResponse::json(200, list))
+            }),
+            (path, "POST") if self.config.prompt_at(path).is_some() => {
+                self.prompt_call(path, query, head.headers)
+            }
+            (path, method) if self.config.prompt_at(path).is_some() => {
                 Err(GatewayError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.to_string(),
-                    allowed: if known == "/v1/chat/completions" {
-                        "POST"
-                    } else {
-                        "GET"
-                    },
+                    allowed: "POST",
                 })
             }
+            (
+                known
+                @ ("/healthz" | "/v1/chat/completions" | "/v1/models" | prompts::PROMPTS_PATH),
+                method,
+            ) => Err(GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_string(),
+                allowed: if known == "/v1/chat/completions" {
+                    "POST"
+                } else {
+                    "GET"
+                },
+            }),
             _ => Err(GatewayError::NotFound {
                 path: path.to_string(),
             }),
         };
         decision.unwrap_or_else(|e| OnHeaders::Respond(self.refuse(e)))
+    }
+
+    /// A call of the template at `path`: who may call it, which version, streamed or not.
+    fn prompt_call<H: HeaderLookup + ?Sized>(
+        &mut self,
+        path: &str,
+        query: &str,
+        headers: &H,
+    ) -> Result<OnHeaders, GatewayError> {
+        self.authenticate(headers)?;
+        let config = Arc::clone(&self.config);
+        let (Some(id), Some(consumer)) = (
+            config.prompt_at(path),
+            self.consumer.and_then(|c| config.consumer(c)),
+        ) else {
+            return Err(GatewayError::NotFound {
+                path: path.to_string(),
+            });
+        };
+        let Some(template) = config.prompt(id) else {
+            return Err(GatewayError::NotFound {
+                path: path.to_string(),
+            });
+        };
+        if !consumer.may_call(id) {
+            return Err(GatewayError::PromptNotAllowed {
+                prompt: template.name.clone(),
+            });
+        }
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        };
+        let requested = param("version").or_else(|| headers.header(prompts::VERSION_HEADER));
+        let version = template.version(requested)?;
+        let stream = matches!(param("stream"), Some("true" | "1" | ""));
+        if stream && !version.response.streams() {
+            return Err(GatewayError::PromptCannotStream {
+                prompt: template.name.clone(),
+            });
+        }
+        self.prompt = Some(PromptCall {
+            id,
+            version: template
+                .versions
+                .iter()
+                .position(|v| v.version == version.version)
+                .unwrap_or(0),
+            stream,
+            response: version.response,
+        });
+        let limit = self.config.server.max_body_bytes;
+        match declared_length(headers) {
+            Some(n) if n > limit => Err(GatewayError::BodyTooLarge { limit }),
+            _ => {
+                self.stage = Stage::Body;
+                Ok(OnHeaders::ReadBody { limit })
+            }
+        }
     }
 
     pub fn on_request_body(
@@ -281,19 +389,32 @@ impl Exchange {
         if body.len() as u64 > limit {
             return Err(GatewayError::BodyTooLarge { limit });
         }
+        let config = Arc::clone(&self.config);
+        let rendered;
+        let body = match self.prompt {
+            Some(call) => {
+                let version = config
+                    .prompt(call.id)
+                    .and_then(|p| p.versions.get(call.version))
+                    .ok_or_else(|| GatewayError::Internal {
+                        detail: "a prompt call lost its template".into(),
+                    })?;
+                rendered = version.render(body, call.stream)?;
+                rendered.as_slice()
+            }
+            None => body,
+        };
         let req = wire::parse_chat_request(body)
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         self.stream = req.is_stream();
-        let config = Arc::clone(&self.config);
         let model_id = config
             .model_id(&req.model)
             .ok_or_else(|| GatewayError::UnknownModel {
                 model: req.model.to_string(),
             })?;
-        let allowed = self
-            .consumer
-            .and_then(|c| config.consumer(c))
-            .is_some_and(|c| c.may_use(model_id));
+        let consumer = self.consumer.and_then(|c| config.consumer(c));
+        // A template the consumer may call is its own permission to use the template's model.
+        let allowed = self.prompt.is_some() || consumer.is_some_and(|c| c.may_use(model_id));
         if !allowed {
             return Err(GatewayError::ModelNotAllowed {
                 model: req.model.to_string(),
@@ -310,28 +431,68 @@ impl Exchange {
                 model: req.model.to_string(),
             });
         };
-        let demand = self.admit(now_ms, &req, model_id, provider.has_key_limits(), store)?;
-        let rate_headers = self.rate_headers();
-        if provider.kind == ProviderKind::Mock {
-            self.stage = Stage::Done;
-            self.status = Some(200);
-            self.usage = Some(mock::usage(&req, &mock::reply_text(&req)));
-            let mut response = mock::respond(&req, &model.name, now_ms);
-            response.headers.extend(rate_headers);
-            return Ok(OnBody::Respond(response));
+        // Guard rules see the request's own messages (a template's as rendered), not the
+        // decorators the gateway adds.
+        let texts: Vec<_> = req
+            .messages
+            .iter()
+            .filter_map(|m| m.content.as_ref().map(|c| c.text()))
+            .collect();
+        let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
+        if let Some(rule) = guard::first_denial(model.guard.iter().chain(consumer_guard), &texts) {
+            return Err(GatewayError::ContentRejected {
+                rule: rule.to_string(),
+            });
         }
+        let no_decorators = Decorators::default();
+        let consumer_decorators = consumer.map_or(&no_decorators, |c| &c.decorators);
+        let (prepend, append) = decorators::around(&model.decorators, consumer_decorators);
+        let decorated_tokens = model.decorators.tokens + consumer_decorators.tokens;
+        let demand = self.admit(
+            now_ms,
+            &req,
+            decorated_tokens,
+            model_id,
+            provider.has_key_limits(),
+            store,
+        )?;
+        let rate_headers = self.rate_headers();
         // Streams report usage only when asked: ask, so that streams are charged what they
         // really used, and hide the extra chunk from a client that did not ask.
-        self.strip_usage_chunk = req.is_stream() && !req.wants_stream_usage();
-        let rename = (model.upstream_model != req.model).then_some(model.upstream_model.as_str());
-        let body = if rename.is_some() || self.strip_usage_chunk {
+        let is_mock = provider.kind == ProviderKind::Mock;
+        self.strip_usage_chunk = req.is_stream() && !req.wants_stream_usage() && !is_mock;
+        self.shape_stream =
+            req.is_stream() && matches!(self.prompt, Some(c) if c.response == ResponseMode::Text);
+        let rename = (model.upstream_model != req.model && !is_mock)
+            .then_some(model.upstream_model.as_str());
+        let edits = wire::Edits {
+            model: rename,
+            force_stream_usage: self.strip_usage_chunk,
+            prepend,
+            append,
+        };
+        let upstream_body = if !edits.is_empty() {
             Some(
-                wire::rewrite(body, rename, self.strip_usage_chunk)
+                wire::rewrite(body, &edits)
                     .map_err(|detail| GatewayError::MalformedBody { detail })?,
             )
         } else {
-            None
+            // A template's request is the gateway's own, never the client's body.
+            self.prompt.map(|_| body.to_vec())
         };
+        if is_mock {
+            // Answered here, from the request as a provider would have received it.
+            let sent = upstream_body.as_deref().unwrap_or(body);
+            let req = wire::parse_chat_request(sent)
+                .map_err(|detail| GatewayError::MalformedBody { detail })?;
+            self.stage = Stage::Done;
+            self.status = Some(200);
+            self.provider_succeeded = true;
+            self.usage = Some(mock::usage(&req, &mock::reply_text(&req)));
+            let mut response = self.shape_local(mock::respond(&req, &model.name, now_ms));
+            response.headers.extend(rate_headers);
+            return Ok(OnBody::Respond(response));
+        }
         let prefix = provider
             .base_url
             .as_ref()
@@ -346,7 +507,7 @@ impl Exchange {
         Ok(OnBody::Forward(Forward {
             provider: model.provider,
             path,
-            body,
+            body: upstream_body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
             ticket: Ticket {
@@ -366,6 +527,7 @@ impl Exchange {
         &mut self,
         now_ms: u64,
         req: &wire::ChatRequest<'_>,
+        decorated_tokens: u64,
         model_id: ModelId,
         key_limits: bool,
         store: &impl CounterStore,
@@ -381,7 +543,7 @@ impl Exchange {
                 ..Amounts::default()
             });
         }
-        let prompt = req.estimate_prompt_tokens();
+        let prompt = req.estimate_prompt_tokens() + decorated_tokens;
         let completion = req
             .max_output_tokens()
             .unwrap_or(model.default_max_tokens)
@@ -459,6 +621,15 @@ impl Exchange {
             return OnResponse::Replace(self.refuse(GatewayError::UpstreamAuthFailed { provider }));
         }
         let success = (200..300).contains(&status);
+        self.provider_succeeded = success;
+        if success
+            && !self.stream
+            && matches!(self.prompt, Some(c) if c.response != ResponseMode::Raw)
+        {
+            return OnResponse::Collect {
+                limit: MAX_USAGE_BODY,
+            };
+        }
         if success && self.stream {
             self.sse = Some(SseParser::new());
         }
@@ -469,9 +640,68 @@ impl Exchange {
         }
     }
 
-    fn provider_name(&self) -> Option<String> {
+    /// The provider the request went to, once routed.
+    pub fn provider_name(&self) -> Option<String> {
         let model = self.config.model(self.model?)?;
         Some(self.config.provider(model.provider)?.name.clone())
+    }
+
+    /// The provider's whole body, after `OnResponse::Collect`: what to send the client
+    /// instead (a prompt's `text` or `json` answer, or 502 when it cannot be shaped; the
+    /// usage is read and charged either way).
+    pub fn on_collected(&mut self, body: &[u8]) -> LocalResponse {
+        self.stage = Stage::Done;
+        self.usage = usage::from_completion(body);
+        let mut response = self.shape(body);
+        response.headers.extend(self.rate_headers());
+        response
+    }
+
+    /// A prompt's answer in its response mode, from a chat completion.
+    fn shape(&mut self, completion: &[u8]) -> LocalResponse {
+        let Some(call) = self.prompt else {
+            return LocalResponse::json(200, completion.to_vec());
+        };
+        let shaped = match call.response {
+            ResponseMode::Raw => Ok(completion.to_vec()),
+            ResponseMode::Text => shape::text(completion),
+            ResponseMode::Json => shape::json(completion),
+        };
+        match shaped {
+            Ok(body) => {
+                self.status = Some(200);
+                LocalResponse::json(200, body)
+            }
+            Err(detail) => {
+                let prompt = self
+                    .config
+                    .prompt(call.id)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                self.refuse(GatewayError::PromptOutputInvalid { prompt, detail })
+            }
+        }
+    }
+
+    /// The mock provider's answer, shaped as a prompt's would be.
+    fn shape_local(&mut self, response: LocalResponse) -> LocalResponse {
+        if self.prompt.is_none_or(|c| c.response == ResponseMode::Raw) {
+            return response;
+        }
+        if !self.stream {
+            return self.shape(&response.body);
+        }
+        let mut out = Vec::new();
+        let mut sse = SseParser::new();
+        let mut reshape = |e: crate::sse::SseEvent| {
+            out.extend(shape::text_event(&e.data).unwrap_or_default());
+        };
+        sse.feed(&response.body, &mut reshape);
+        let _ = sse.finish(&mut reshape);
+        LocalResponse {
+            body: out,
+            ..response
+        }
     }
 
     /// One chunk of the provider's response body, in order; `end_of_stream` on the last.
@@ -495,6 +725,7 @@ impl Exchange {
             return Chunk::Unchanged;
         };
         let strip = self.strip_usage_chunk;
+        let reshape = self.shape_stream;
         let mut out = Vec::new();
         let mut handle = |event: crate::sse::SseEvent, out: &mut Vec<u8>| {
             let mut drop = false;
@@ -506,7 +737,11 @@ impl Exchange {
                 drop = strip && info.usage_only;
             }
             if strip && !drop {
-                out.extend_from_slice(&event.raw);
+                if reshape {
+                    out.extend(shape::text_event(&event.data).unwrap_or_default());
+                } else {
+                    out.extend_from_slice(&event.raw);
+                }
             }
         };
         sse.feed(chunk, |e| handle(e, &mut out));
@@ -578,7 +813,7 @@ impl Exchange {
                 Amounts::default()
             };
         };
-        if !(200..300).contains(&status) {
+        if !(200..300).contains(&status) && !self.provider_succeeded {
             return Amounts::default();
         }
         let usage = match self.usage {

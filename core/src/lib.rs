@@ -8,6 +8,8 @@
 //! - `exchange`: the gateway role's per-request state machine.
 //! - `health`: provider key health (cooling after 429, revoked after 401/403).
 //! - `keys`: the key role, which picks a provider key per upstream attempt.
+//! - `prompts`: prompt templates published as endpoints: variables checked, rendered as data,
+//!   answers shaped; `decorators` and `guard`: messages added to, and deny rules over, requests.
 //! - `retry`: which failed attempts are retried on another key, and the backoff between.
 //! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
 //! - `providers`: one module per provider kind: wire types and pure translation; `signals`
@@ -31,12 +33,15 @@
 pub mod auth;
 pub mod calendar;
 pub mod config;
+pub mod decorators;
 pub mod error;
 pub mod exchange;
+pub mod guard;
 pub mod health;
 pub mod http;
 pub mod keys;
 pub mod limits;
+pub mod prompts;
 pub mod providers;
 pub mod retry;
 pub mod roles;

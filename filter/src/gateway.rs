@@ -23,6 +23,9 @@ pub struct GatewayFlow {
     /// A body that replaces the provider's; taken by the first body callback.
     replacement: Option<Vec<u8>>,
     replacing: bool,
+    /// The response is held until its whole body is here (a prompt's shaped answer), up to
+    /// this many bytes.
+    collecting: Option<usize>,
 }
 
 impl GatewayFlow {
@@ -34,6 +37,7 @@ impl GatewayFlow {
             forwarded: false,
             replacement: None,
             replacing: false,
+            collecting: None,
         }
     }
 
@@ -111,6 +115,24 @@ impl GatewayFlow {
     }
 }
 
+/// Turns the response head into `response`'s: the provider's headers go, ours come.
+fn replace_response_headers(
+    headers: &[(String, String)],
+    response: &LocalResponse,
+) -> Result<(), GatewayError> {
+    let map = MapType::HttpResponseHeaders;
+    for (name, _) in headers {
+        if !name.starts_with(':') {
+            host::remove_header(map, name)?;
+        }
+    }
+    host::set_header(map, ":status", &response.status.to_string())?;
+    for (name, value) in &response.headers {
+        host::set_header(map, name, value)?;
+    }
+    Ok(())
+}
+
 fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
     headers
         .iter()
@@ -175,17 +197,12 @@ impl HttpContext for GatewayFlow {
                     }
                 }
                 OnResponse::Replace(response) => {
-                    for (name, _) in &headers {
-                        if !name.starts_with(':') {
-                            host::remove_header(map, name)?;
-                        }
-                    }
-                    host::set_header(map, ":status", &response.status.to_string())?;
-                    for (name, value) in &response.headers {
-                        host::set_header(map, name, value)?;
-                    }
+                    replace_response_headers(&headers, &response)?;
                     self.replacing = true;
                     self.replacement = Some(response.body);
+                }
+                OnResponse::Collect { limit } => {
+                    self.collecting = Some(limit);
                 }
             }
             Ok(())
@@ -193,11 +210,34 @@ impl HttpContext for GatewayFlow {
         if let Err(e) = result {
             host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
         }
+        if self.collecting.is_some() {
+            // Held (headers included) until the body is complete: its answer may differ.
+            return Action::Pause;
+        }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if !self.forwarded {
+            return Action::Continue;
+        }
+        if let Some(limit) = self.collecting {
+            if !end_of_stream && body_size <= limit {
+                return Action::Pause;
+            }
+            self.collecting = None;
+            // Whatever follows (a body past the limit) is dropped: the answer is ours.
+            self.replacing = true;
+            let result =
+                host::body(BufferType::HttpResponseBody, body_size.min(limit)).and_then(|body| {
+                    let response = self.exchange.on_collected(&body);
+                    let headers = host::headers(MapType::HttpResponseHeaders)?;
+                    replace_response_headers(&headers, &response)?;
+                    host::replace_body(BufferType::HttpResponseBody, body_size, &response.body)
+                });
+            if let Err(e) = result {
+                host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
+            }
             return Action::Continue;
         }
         let result = if self.replacing {

@@ -97,11 +97,12 @@ fn main() -> ExitCode {
         Command::Run { config, listen } => run(&config, listen),
         Command::Check { config } => load(&config).map(|(_, c)| {
             println!(
-                "{}: ok ({} consumers, {} providers, {} models)",
+                "{}: ok ({} consumers, {} providers, {} models, {} prompts)",
                 config.display(),
                 c.consumers().len(),
                 c.providers().len(),
-                c.models().len()
+                c.models().len(),
+                c.prompts().len()
             );
         }),
         Command::HashKey { key } => hash_key(key),

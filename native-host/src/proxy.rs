@@ -260,7 +260,7 @@ async fn forward_upstream(
                     &parts.headers,
                 );
                 if !retry::is_retryable(status) {
-                    return relay(gw, guard, parts, upstream_body, key_id, timeout);
+                    return relay(gw, guard, parts, upstream_body, key_id, timeout).await;
                 }
                 Failed::Answered(parts, upstream_body)
             }
@@ -285,7 +285,7 @@ async fn forward_upstream(
         let Some(wait) = next_backoff(&retry, &ticket) else {
             return match failed {
                 Failed::Answered(parts, upstream_body) => {
-                    relay(gw, guard, parts, upstream_body, key_id, timeout)
+                    relay(gw, guard, parts, upstream_body, key_id, timeout).await
                 }
                 Failed::Unreachable(error) => guard.fail(error, key_id.as_deref()),
             };
@@ -346,7 +346,7 @@ fn observe(
 }
 
 /// Relays the provider's answer to the client through the exchange.
-fn relay(
+async fn relay(
     gw: &Arc<Gateway>,
     mut guard: InFlight,
     mut parts: hyper::http::response::Parts,
@@ -355,13 +355,9 @@ fn relay(
     timeout: Duration,
 ) -> Response<GatewayBody> {
     let started = guard.started;
-    let Some(mut exchange) = guard.exchange.take() else {
-        return local(
-            GatewayError::Internal {
-                detail: "the exchange was lost".into(),
-            }
-            .respond(),
-        );
+    let mut exchange = match guard.take_exchange() {
+        Ok(x) => x,
+        Err(lost) => return *lost,
     };
     // Settled with the exchange, on the usage the response reports.
     exchange.attach_key_reservation(std::mem::take(&mut guard.key_reservation));
@@ -395,6 +391,11 @@ fn relay(
                 Ending::Answered,
             );
         }
+        OnResponse::Collect { limit } => {
+            // Held by the guard while the body is read: a client leaving still settles.
+            guard.exchange = Some(exchange);
+            return collect(gw, guard, upstream_body, limit, key_id, timeout).await;
+        }
     }
     let body = UpstreamBody::new(
         upstream_body,
@@ -405,6 +406,39 @@ fn relay(
         key_id,
     );
     Response::from_parts(parts, GatewayBody::Upstream(Box::new(body)))
+}
+
+/// Reads the provider's whole body (up to `limit` bytes, within the upstream timeout) and
+/// answers with what the exchange makes of it (a prompt's shaped answer).
+async fn collect(
+    gw: &Arc<Gateway>,
+    mut guard: InFlight,
+    upstream_body: Incoming,
+    limit: usize,
+    key_id: Option<String>,
+    timeout: Duration,
+) -> Response<GatewayBody> {
+    let read = Limited::new(upstream_body, limit).collect();
+    let read = tokio::time::timeout(timeout, read).await;
+    let started = guard.started;
+    let mut exchange = match guard.take_exchange() {
+        Ok(x) => x,
+        Err(lost) => return *lost,
+    };
+    let provider = exchange.provider_name().unwrap_or_default();
+    let r = match read {
+        Ok(Ok(collected)) => exchange.on_collected(&collected.to_bytes()),
+        Ok(Err(_)) => exchange.refuse(GatewayError::UpstreamUnavailable { provider }),
+        Err(_) => exchange.refuse(GatewayError::UpstreamTimeout { provider }),
+    };
+    conclude(
+        gw,
+        exchange,
+        r,
+        key_id.as_deref(),
+        started,
+        Ending::Answered,
+    )
 }
 
 /// Holds an exchange and the current attempt's key reservation across the attempts, and
@@ -418,6 +452,18 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// The exchange, to carry on with it outside the guard; a 500 if it was lost (a bug).
+    fn take_exchange(&mut self) -> Result<Exchange, Box<Response<GatewayBody>>> {
+        self.exchange.take().ok_or_else(|| {
+            Box::new(local(
+                GatewayError::Internal {
+                    detail: "the exchange was lost".into(),
+                }
+                .respond(),
+            ))
+        })
+    }
+
     /// A failed attempt's key reservation: the provider saw a request, but no tokens.
     fn give_back_key(&mut self) {
         let reservation = std::mem::take(&mut self.key_reservation);

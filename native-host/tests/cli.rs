@@ -38,7 +38,7 @@ fn text(b: &[u8]) -> String {
 fn check_accepts_the_default_config() {
     let out = tollgate(&["check", "envoy-config/tollgate.yaml"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("ok (1 consumers, 1 providers, 1 models)"));
+    assert!(text(&out.stdout).contains("ok (1 consumers, 1 providers, 1 models, 1 prompts)"));
 }
 
 #[test]

@@ -78,6 +78,44 @@ macro_rules! both_hosts {
     };
 }
 
+/// What a scenario runs against: a mock provider, a gateway in front of it (stopped when
+/// dropped), and an HTTP client.
+pub struct Stack {
+    pub mock: crate::mock_provider::MockProvider,
+    pub gateway: Gateway,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    /// Starts a mock provider, then a gateway on the config `config` writes for it.
+    pub async fn start(
+        host: Host,
+        config: impl FnOnce(&crate::mock_provider::MockProvider) -> String,
+        env: Vec<(&'static str, &'static str)>,
+    ) -> Stack {
+        let mock = crate::mock_provider::MockProvider::start().await;
+        let gateway = start_gateway(host, config(&mock), env).await;
+        Stack {
+            mock,
+            gateway,
+            http: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway.base_url())
+    }
+}
+
+/// The scenarios' HTTP client: generous timeout, so that a hung gateway fails a test rather
+/// than hanging it.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Starts a gateway from an async test (the start itself blocks while the process comes up).
 pub async fn start_gateway(
     host: Host,

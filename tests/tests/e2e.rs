@@ -11,7 +11,7 @@ use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{Fault, MockProvider, DEFAULT_CONTENT};
 use tollgate_e2e::scenario::{
-    assert_error, closed_port, sha256_hex, sse_data, start_gateway, stream_text, user,
+    assert_error, closed_port, sha256_hex, sse_data, stream_text, user, Stack,
 };
 
 const APP_KEY: &str = "tg-test-app-key";
@@ -74,31 +74,23 @@ models:
     )
 }
 
-struct Fixture {
-    mock: MockProvider,
-    gateway: Gateway,
-    http: reqwest::Client,
+struct Fixture(Stack);
+
+impl std::ops::Deref for Fixture {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
 }
 
 impl Fixture {
     async fn start(host: Host) -> Fixture {
-        let mock = MockProvider::start().await;
-        let config = config(&mock);
         let env = vec![
             ("TG_TEST_KEY_A", KEY_A),
             ("TG_TEST_KEY_B", KEY_B),
             ("TOLLGATE_ADMIN_KEY", ADMIN_KEY),
         ];
-        let gateway = start_gateway(host, config, env).await;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
-        Fixture {
-            mock,
-            gateway,
-            http,
-        }
+        Fixture(Stack::start(host, config, env).await)
     }
 
     fn fault_all_keys(&self, fault: Fault) {
@@ -164,10 +156,6 @@ impl Fixture {
             .send()
             .await
             .unwrap()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.gateway.base_url())
     }
 
     async fn chat(&self, key: &str, body: Value) -> (u16, Value) {
@@ -920,11 +908,11 @@ async fn graceful_shutdown_finishes_requests_in_flight(host: Host) {
     let f = Fixture::start(host).await;
     let (release, mut r) = f.held_stream().await;
     let first = r.chunk().await.unwrap().unwrap();
-    let Fixture {
+    let Fixture(Stack {
         mock,
         gateway,
         http,
-    } = f;
+    }) = f;
     let url = format!("{}/healthz", gateway.base_url());
     let stopped = tokio::task::spawn_blocking(move || gateway.terminate());
     // Once the listener is closed, new connections are refused.

@@ -8,33 +8,26 @@ use serde_json::{json, Value};
 use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{Fault, MockProvider, MockUsage};
-use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, start_gateway, user};
+use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, user, Stack};
 
 const APP_KEY: &str = "tg-limits-app-key";
 const KEY_A: &str = "sk-limits-provider-a";
 const KEY_B: &str = "sk-limits-provider-b";
 
-struct Fixture {
-    mock: MockProvider,
-    gateway: Gateway,
-    http: reqwest::Client,
+struct Fixture(Stack);
+
+impl std::ops::Deref for Fixture {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
 }
 
 /// Starts a gateway whose consumer `app` has `limits` on model `gpt-4o-mini` (priced at
 /// $1 per million tokens in and out).
 async fn start(host: Host, limits: &str) -> Fixture {
-    let mock = MockProvider::start().await;
-    let config = config(&mock, limits, "");
-    let gateway = start_gateway(host, config, vec![("TG_LIMITS_KEY_A", KEY_A)]).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    Fixture {
-        mock,
-        gateway,
-        http,
-    }
+    let config = |mock: &MockProvider| config(mock, limits, "");
+    Fixture(Stack::start(host, config, vec![("TG_LIMITS_KEY_A", KEY_A)]).await)
 }
 
 fn config(mock: &MockProvider, limits: &str, more_consumers: &str) -> String {
@@ -349,19 +342,9 @@ async fn a_daily_cost_budget_runs_out_at_the_right_request(host: Host) {
 }
 
 async fn start_with_keys(host: Host, keys: &str) -> Fixture {
-    let mock = MockProvider::start().await;
-    let config = config_with_keys(&mock, "{}", "", keys);
+    let config = |mock: &MockProvider| config_with_keys(mock, "{}", "", keys);
     let env = vec![("TG_LIMITS_KEY_A", KEY_A), ("TG_LIMITS_KEY_B", KEY_B)];
-    let gateway = start_gateway(host, config, env).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    Fixture {
-        mock,
-        gateway,
-        http,
-    }
+    Fixture(Stack::start(host, config, env).await)
 }
 
 /// A key is never sent more than its own limit: its turn goes to a key with room.
@@ -440,11 +423,11 @@ async fn reload_keeps_the_counters_of_unchanged_limits(host: Host) {
                 .pool_max_idle_per_host(0)
                 .build()
                 .unwrap();
-            Fixture {
+            Fixture(Stack {
                 mock,
                 gateway,
                 http,
-            }
+            })
         }
     };
     for _ in 0..2 {

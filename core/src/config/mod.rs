@@ -4,6 +4,7 @@
 //! lookup the host passes in, never directly.
 
 mod limits;
+mod prompts;
 pub mod raw;
 
 pub use limits::Pricing;
@@ -14,11 +15,14 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::auth::KeyHash;
+use crate::decorators::Decorators;
+use crate::guard::GuardRule;
 use crate::keys::Strategy;
 use crate::limits::{Limit, Unit};
+use crate::prompts::PromptTemplate;
 use crate::providers::{BaseUrl, Provider, ProviderKey, ProviderKind, Secret};
 use crate::retry::RetryPolicy;
-use raw::{RawConsumer, RawModel, RawProvider, RawServer};
+use raw::{RawConsumer, RawModel, RawPrompt, RawProvider, RawServer};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -56,7 +60,7 @@ impl std::fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+pub(crate) struct Errors(Vec<ConfigError>);
 
 impl Errors {
     fn at(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -79,6 +83,7 @@ pub struct ServerSettings {
 pub type ProviderId = usize;
 pub type ModelId = usize;
 pub type ConsumerId = usize;
+pub type PromptId = usize;
 
 /// A public model name and where it is served.
 #[derive(Debug)]
@@ -92,6 +97,8 @@ pub struct Model {
     pub pricing: Option<Pricing>,
     /// Indexes of the provider's keys that serve this model (its pool), in listed order.
     pub pool: Vec<usize>,
+    pub decorators: Decorators,
+    pub guard: Vec<GuardRule>,
 }
 
 /// A client of the gateway, known by the hashes of its keys.
@@ -105,11 +112,25 @@ pub struct Consumer {
     pub limits: Vec<Limit>,
     /// This consumer's limits on one model.
     pub model_limits: BTreeMap<ModelId, Vec<Limit>>,
+    /// Indexed by `PromptId`.
+    allowed_prompts: Vec<bool>,
+    /// The `GET /v1/prompts` answer for this consumer, rendered once.
+    prompts_list: Vec<u8>,
+    pub decorators: Decorators,
+    pub guard: Vec<GuardRule>,
 }
 
 impl Consumer {
     pub fn may_use(&self, model: ModelId) -> bool {
         self.allowed_models.get(model).copied().unwrap_or(false)
+    }
+
+    pub fn may_call(&self, prompt: PromptId) -> bool {
+        self.allowed_prompts.get(prompt).copied().unwrap_or(false)
+    }
+
+    pub fn prompts_list(&self) -> &[u8] {
+        &self.prompts_list
     }
 
     pub fn models_list(&self) -> &[u8] {
@@ -127,6 +148,8 @@ pub struct Config {
     providers: Vec<Provider>,
     models: Vec<Model>,
     model_by_name: BTreeMap<String, ModelId>,
+    prompts: Vec<PromptTemplate>,
+    prompt_by_path: BTreeMap<String, PromptId>,
 }
 
 impl Config {
@@ -173,6 +196,19 @@ impl Config {
 
     pub fn model_id(&self, name: &str) -> Option<ModelId> {
         self.model_by_name.get(name).copied()
+    }
+
+    pub fn prompts(&self) -> &[PromptTemplate] {
+        &self.prompts
+    }
+
+    pub fn prompt(&self, id: PromptId) -> Option<&PromptTemplate> {
+        self.prompts.get(id)
+    }
+
+    /// The template published at `path`, if any.
+    pub fn prompt_at(&self, path: &str) -> Option<PromptId> {
+        self.prompt_by_path.get(path).copied()
     }
 
     pub fn consumers(&self) -> &[Consumer] {
@@ -290,7 +326,7 @@ fn one<T: DeserializeOwned>(value: &Value, path: &str, errors: &mut Errors) -> O
     }
 }
 
-const SECTIONS: [&str; 4] = ["server", "consumers", "providers", "models"];
+const SECTIONS: [&str; 5] = ["server", "consumers", "providers", "models", "prompts"];
 
 fn compile(
     doc: &Value,
@@ -300,7 +336,7 @@ fn compile(
     let Some(top) = doc.as_object() else {
         errors.at(
             "",
-            "the config must be a mapping with `server`, `consumers`, `providers` and `models`",
+            "the config must be a mapping with `server`, `consumers`, `providers`, `models` and `prompts`",
         );
         return None;
     };
@@ -321,16 +357,24 @@ fn compile(
 
     let providers = compile_providers(list::<RawProvider>(doc, "providers", errors), env, errors);
     let models = compile_models(list::<RawModel>(doc, "models", errors), &providers, errors);
+    let prompts =
+        prompts::compile_prompts(list::<RawPrompt>(doc, "prompts", errors), &models, errors);
     let (consumers, consumer_by_key) = compile_consumers(
         list::<RawConsumer>(doc, "consumers", errors),
         &models,
         &providers,
+        &prompts,
         errors,
     );
     let model_by_name = models
         .iter()
         .enumerate()
         .map(|(i, m)| (m.name.clone(), i))
+        .collect();
+    let prompt_by_path = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.path.clone(), i))
         .collect();
     Some(Config {
         server: server?,
@@ -339,6 +383,8 @@ fn compile(
         providers,
         models,
         model_by_name,
+        prompts,
+        prompt_by_path,
     })
 }
 
@@ -594,6 +640,12 @@ fn compile_models(
         if default_max_tokens == 0 {
             errors.at(format!("{path}.default_max_tokens"), "must be at least 1");
         }
+        let decorators = prompts::compile_decorators(
+            raw.decorators.as_ref(),
+            &format!("{path}.decorators"),
+            errors,
+        );
+        let guard = prompts::compile_guard(&raw.guard, &format!("{path}.guard"), errors);
         out.push(Model {
             name: raw.name,
             provider,
@@ -602,6 +654,8 @@ fn compile_models(
             default_max_tokens,
             pricing,
             pool,
+            decorators,
+            guard,
         });
     }
     for (p, provider) in providers.iter().enumerate() {
@@ -662,6 +716,7 @@ fn compile_consumers(
     raws: Vec<Option<RawConsumer>>,
     models: &[Model],
     providers: &[Provider],
+    prompts: &[PromptTemplate],
     errors: &mut Errors,
 ) -> (Vec<Consumer>, KeyIndex) {
     let mut names = BTreeSet::new();
@@ -694,23 +749,35 @@ fn compile_consumers(
                 None => errors.at(kpath, "must be 64 hex digits (use `tollgate hash-key`)"),
             }
         }
-        let mut allowed = vec![false; models.len()];
-        for (j, pattern) in raw.models.iter().enumerate() {
-            let mut matched = false;
-            for (slot, model) in allowed.iter_mut().zip(models) {
-                if glob_match(pattern, &model.name) {
-                    *slot = true;
-                    matched = true;
+        let model_names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        let allowed = allow_list(
+            &raw.models,
+            &model_names,
+            &format!("{path}.models"),
+            "model",
+            errors,
+        );
+        let models_list = render_models_list(models, providers, &allowed);
+        let prompt_names: Vec<&str> = prompts.iter().map(|p| p.name.as_str()).collect();
+        let allowed_prompts = allow_list(
+            &raw.prompts,
+            &prompt_names,
+            &format!("{path}.prompts"),
+            "prompt",
+            errors,
+        );
+        let prompts_list = render_prompts_list(prompts, &allowed_prompts);
+        // A template call is also a call of its model: count its models as used.
+        let mut uses = allowed.clone();
+        for (prompt, _) in prompts.iter().zip(&allowed_prompts).filter(|(_, ok)| **ok) {
+            for v in &prompt.versions {
+                if let Some(m) = models.iter().position(|m| m.name == v.model) {
+                    if let Some(slot) = uses.get_mut(m) {
+                        *slot = true;
+                    }
                 }
             }
-            if !matched {
-                errors.at(
-                    format!("{path}.models[{j}]"),
-                    format!("`{pattern}` matches no model"),
-                );
-            }
         }
-        let models_list = render_models_list(models, providers, &allowed);
         let scope = format!("consumer `{}`", raw.name);
         let own_limits = raw.limits.as_ref().map_or_else(Vec::new, |l| {
             limits::compile_limits(
@@ -738,7 +805,7 @@ fn compile_consumers(
             let budget_on_model = model_limits
                 .get(&m)
                 .is_some_and(|ls: &Vec<Limit>| ls.iter().any(|l| l.unit == Unit::MicroUsd));
-            let ok = allowed.get(m).copied().unwrap_or(false);
+            let ok = uses.get(m).copied().unwrap_or(false);
             if (has_budget || budget_on_model) && ok && model.pricing.is_none() {
                 errors.at(
                     format!("{path}.limits"),
@@ -749,15 +816,64 @@ fn compile_consumers(
                 );
             }
         }
+        let decorators = prompts::compile_decorators(
+            raw.decorators.as_ref(),
+            &format!("{path}.decorators"),
+            errors,
+        );
+        let guard = prompts::compile_guard(&raw.guard, &format!("{path}.guard"), errors);
         out.push(Consumer {
             name: raw.name,
             allowed_models: allowed,
             models_list,
             limits: own_limits,
             model_limits,
+            allowed_prompts,
+            prompts_list,
+            decorators,
+            guard,
         });
     }
     (out, by_key)
+}
+
+/// Which of `names` a list of names and `*` globs allows; a pattern that matches nothing is
+/// an error (a typo would otherwise silently allow nothing).
+fn allow_list(
+    patterns: &[String],
+    names: &[&str],
+    path: &str,
+    what: &str,
+    errors: &mut Errors,
+) -> Vec<bool> {
+    let mut allowed = vec![false; names.len()];
+    for (j, pattern) in patterns.iter().enumerate() {
+        let mut matched = false;
+        for (slot, name) in allowed.iter_mut().zip(names) {
+            if glob_match(pattern, name) {
+                *slot = true;
+                matched = true;
+            }
+        }
+        if !matched {
+            errors.at(
+                format!("{path}[{j}]"),
+                format!("`{pattern}` matches no {what}"),
+            );
+        }
+    }
+    allowed
+}
+
+/// The `GET /v1/prompts` list of the templates a consumer may call.
+fn render_prompts_list(prompts: &[PromptTemplate], allowed: &[bool]) -> Vec<u8> {
+    let data: Vec<Value> = prompts
+        .iter()
+        .zip(allowed)
+        .filter(|(_, ok)| **ok)
+        .map(|(p, _)| p.describe())
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "object": "list", "data": data })).unwrap_or_default()
 }
 
 /// The OpenAI `GET /v1/models` list of the models a consumer may use.

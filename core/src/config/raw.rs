@@ -28,6 +28,92 @@ pub struct RawConsumer {
     /// Limits of this consumer on one model, by public model name.
     #[serde(default)]
     pub model_limits: std::collections::BTreeMap<String, RawLimits>,
+    /// Prompt template names or `*` globs this consumer may call.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Messages added to every chat request of this consumer.
+    #[serde(default)]
+    pub decorators: Option<RawDecorators>,
+    /// Deny rules over the messages of this consumer's requests.
+    #[serde(default)]
+    pub guard: Vec<RawGuardRule>,
+}
+
+/// Messages added around a request's own: `prepend` before them, `append` after.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDecorators {
+    #[serde(default)]
+    pub prepend: Vec<RawMessage>,
+    #[serde(default)]
+    pub append: Vec<RawMessage>,
+}
+
+/// A chat message written in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A named deny rule: a request whose message text matches any pattern is refused with the
+/// rule's name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuardRule {
+    pub name: String,
+    /// Regular expressions (Rust `regex` syntax; `(?i)` for case-insensitive).
+    pub deny: Vec<String>,
+}
+
+/// A prompt template: a name, the path it is published at, and its versions.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrompt {
+    pub name: String,
+    /// Defaults to `/v1/prompts/<name>`.
+    pub path: Option<String>,
+    pub versions: Vec<RawPromptVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPromptVersion {
+    /// A positive integer; the highest is served unless a client pins another.
+    pub version: u32,
+    /// A public model name.
+    pub model: String,
+    /// Generation parameters sent with the request (`temperature`, `max_tokens`, ...).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// `raw` (default), `text` or `json`.
+    pub response: Option<String>,
+    #[serde(default)]
+    pub variables: Vec<RawVariable>,
+    /// Messages with `{{variable}}` placeholders.
+    pub messages: Vec<RawMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVariable {
+    pub name: String,
+    /// `string`, `number`, `boolean`, `enum` or `array` (of strings).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Required unless it has a default (default true).
+    pub required: Option<bool>,
+    pub default: Option<serde_json::Value>,
+    /// Longest string (characters); for arrays, the longest item.
+    pub max_length: Option<u64>,
+    /// Arrays: most items.
+    pub max_items: Option<u64>,
+    /// Enums: the allowed values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Shown to clients by `GET /v1/prompts`.
+    pub description: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +205,12 @@ pub struct RawModel {
     /// key that serves it.
     #[serde(default)]
     pub keys: Vec<String>,
+    /// Messages added to every chat request for this model.
+    #[serde(default)]
+    pub decorators: Option<RawDecorators>,
+    /// Deny rules over the messages of every request for this model.
+    #[serde(default)]
+    pub guard: Vec<RawGuardRule>,
 }
 
 /// Limits of one scope (a consumer, a consumer on one model, or a model across consumers).

@@ -92,6 +92,7 @@ fn run_with(config: Arc<Config>, store: &CellStore, events: &[Event]) -> Vec<Str
                     line
                 }
                 OnResponse::Replace(r) => format!("replace with {}", respond(&r)),
+                OnResponse::Collect { limit } => format!("collect up to {limit}"),
             },
             Event::Chunk(c, end) => match x.on_response_chunk(c.as_bytes(), *end) {
                 Chunk::Unchanged => "Unchanged".to_string(),

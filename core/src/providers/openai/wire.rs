@@ -161,20 +161,36 @@ fn describe(e: &serde_json::Error) -> String {
     }
 }
 
-/// Returns the body with `model` replaced (if given) and, if `force_stream_usage`,
-/// `stream_options.include_usage` set, every other field kept as sent.
-pub fn rewrite(
-    body: &[u8],
-    model: Option<&str>,
-    force_stream_usage: bool,
-) -> Result<Vec<u8>, String> {
+/// Edits to a chat request body on its way upstream; every other field is kept as sent.
+#[derive(Debug, Default)]
+pub struct Edits<'a> {
+    /// Replaces `model`.
+    pub model: Option<&'a str>,
+    /// Sets `stream_options.include_usage`.
+    pub force_stream_usage: bool,
+    /// Messages to put before and after the request's own (decorators).
+    pub prepend: Vec<&'a serde_json::Value>,
+    pub append: Vec<&'a serde_json::Value>,
+}
+
+impl Edits<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.model.is_none()
+            && !self.force_stream_usage
+            && self.prepend.is_empty()
+            && self.append.is_empty()
+    }
+}
+
+/// Returns the body with `edits` applied.
+pub fn rewrite(body: &[u8], edits: &Edits<'_>) -> Result<Vec<u8>, String> {
     use serde_json::Value;
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| describe(&e))?;
-    if let Some(model) = model {
+    if let Some(model) = edits.model {
         v.insert("model".into(), Value::String(model.to_string()));
     }
-    if force_stream_usage {
+    if edits.force_stream_usage {
         let options = v
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
@@ -183,6 +199,14 @@ pub fn rewrite(
         }
         if let Value::Object(o) = options {
             o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    if !edits.prepend.is_empty() || !edits.append.is_empty() {
+        if let Some(Value::Array(own)) = v.get_mut("messages") {
+            let mut all: Vec<Value> = edits.prepend.iter().map(|m| (*m).clone()).collect();
+            all.append(own);
+            all.extend(edits.append.iter().map(|m| (*m).clone()));
+            *own = all;
         }
     }
     serde_json::to_vec(&v).map_err(|e| e.to_string())
@@ -227,23 +251,50 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_other_fields() {
-        let out = rewrite(
-            br#"{"model":"a","messages":[],"x":{"y":1}}"#,
-            Some("b"),
-            false,
-        )
-        .unwrap();
+        let edits = Edits {
+            model: Some("b"),
+            ..Edits::default()
+        };
+        let out = rewrite(br#"{"model":"a","messages":[],"x":{"y":1}}"#, &edits).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "b");
         assert_eq!(v["x"]["y"], 1);
         assert!(v.get("stream_options").is_none());
-        let out = rewrite(br#"{"model":"a","stream_options":{"other":1}}"#, None, true).unwrap();
+        let edits = Edits {
+            force_stream_usage: true,
+            ..Edits::default()
+        };
+        let out = rewrite(br#"{"model":"a","stream_options":{"other":1}}"#, &edits).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "a");
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"other": 1, "include_usage": true})
         );
+    }
+
+    #[test]
+    fn decorators_go_around_the_requests_own_messages() {
+        let sys = serde_json::json!({"role": "system", "content": "be kind"});
+        let end = serde_json::json!({"role": "user", "content": "answer briefly"});
+        let edits = Edits {
+            prepend: vec![&sys],
+            append: vec![&end],
+            ..Edits::default()
+        };
+        let out = rewrite(
+            br#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#,
+            &edits,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let roles: Vec<&str> = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["be kind", "hi", "answer briefly"]);
     }
 
     #[test]
