@@ -75,10 +75,11 @@ pub struct Forward {
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
 pub enum OnResponse {
-    /// Pass it on without `remove_headers` and with `add_headers`; its body goes through
-    /// `on_response_chunk`. If `body_rewritten`, the body's length changes: drop the
-    /// provider's `content-length`.
+    /// Pass it on with `status` instead of its own (if set), without `remove_headers` and
+    /// with `add_headers`; its body goes through `on_response_chunk`. If `body_rewritten`,
+    /// the body's length changes: drop the provider's `content-length`.
     Relay {
+        status: Option<u16>,
         remove_headers: &'static [&'static str],
         add_headers: Vec<(&'static str, String)>,
         body_rewritten: bool,
@@ -603,14 +604,14 @@ impl Exchange {
         if let Some(marker) = headers.header(LOCAL_REPLY_HEADER) {
             // The key role's own refusal: already the error the client should see. It went
             // through Envoy's router under a status no retry policy retries; restore its own.
-            let mut add_headers = self.rate_headers();
-            if let Some(real) = local_reply_status(marker) {
-                self.status = Some(real);
-                add_headers.push((":status", real.to_string()));
+            let real = local_reply_status(marker);
+            if real.is_some() {
+                self.status = real;
             }
             return OnResponse::Relay {
+                status: real,
                 remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
-                add_headers,
+                add_headers: self.rate_headers(),
                 body_rewritten: false,
             };
         }
@@ -634,6 +635,7 @@ impl Exchange {
             self.sse = Some(SseParser::new());
         }
         OnResponse::Relay {
+            status: None,
             remove_headers: &RELAY_REMOVE_HEADERS,
             add_headers: self.rate_headers(),
             body_rewritten: success && self.strip_usage_chunk,

@@ -182,10 +182,14 @@ impl HttpContext for GatewayFlow {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
             match self.exchange.on_response_headers(status, &headers) {
                 OnResponse::Relay {
+                    status,
                     remove_headers,
                     add_headers,
                     body_rewritten,
                 } => {
+                    if let Some(status) = status {
+                        host::set_header(map, ":status", &status.to_string())?;
+                    }
                     for name in remove_headers {
                         host::remove_header(map, name)?;
                     }

@@ -87,7 +87,14 @@ impl KeyFlow {
     }
 }
 
-impl Context for KeyFlow {}
+impl Context for KeyFlow {
+    fn on_done(&mut self) -> bool {
+        // Envoy does not call `on_log` for an attempt its router abandons for a retry, but
+        // every context is done at its end.
+        self.conclude();
+        true
+    }
+}
 
 impl HttpContext for KeyFlow {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -101,9 +108,9 @@ impl HttpContext for KeyFlow {
                 response
                     .headers
                     .push((LOCAL_REPLY_HEADER, local_reply_marker(response.status)));
-                if e != GatewayError::NotRoutedByGateway {
-                    response.status = LOCAL_REPLY_CARRIER_STATUS;
-                }
+                // Even without the gateway role (which would restore the status), a refusal
+                // that can never succeed must not be retried by whatever route sent it here.
+                response.status = LOCAL_REPLY_CARRIER_STATUS;
                 self.replied = true;
                 host::send(&response);
                 Action::Pause
@@ -154,14 +161,23 @@ impl HttpContext for KeyFlow {
     }
 
     fn on_log(&mut self) {
-        if let (false, false, Some((provider, key))) = (self.answered, self.replied, &self.used) {
+        self.conclude();
+    }
+}
+
+impl KeyFlow {
+    /// Ends the attempt, once: counts a key that never answered, and gives back what the
+    /// attempt reserved on it unless the gateway role took it over.
+    fn conclude(&mut self) {
+        let used = self.used.take();
+        if let (false, false, Some((provider, key))) = (self.answered, self.replied, used) {
             // Sent with this key, never answered: connection failure, reset or timeout.
-            self.metrics.count(provider, key, None);
+            self.metrics.count(&provider, &key, None);
             let no_headers: [(String, String); 0] = [];
             let _ = keys::observe(
                 &self.config,
-                provider,
-                key,
+                &provider,
+                &key,
                 None,
                 &no_headers[..],
                 host::now_ms(),

@@ -35,6 +35,9 @@ pub const CDS_FILE: &str = "cds.yaml";
 
 pub const VM_ID: &str = "tollgate";
 
+/// Retries a provider cluster may have in flight at once (Envoy's default is 3).
+const MAX_RETRIES_IN_FLIGHT: u32 = 10_000;
+
 fn socket_address(addr: &std::net::SocketAddr) -> Value {
     json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
 }
@@ -177,6 +180,13 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                 "type": if ip { "STATIC" } else { "STRICT_DNS" },
                 "dns_lookup_family": "V4_PREFERRED",
                 "connect_timeout": "5s",
+                // Envoy allows 3 retries in flight per cluster by default and drops the rest
+                // (`upstream_rq_retry_overflow`): exactly when many keys are rate limited at
+                // once. Retries are bounded per request by `retry.attempts` instead.
+                "circuit_breakers": { "thresholds": [{
+                    "priority": "DEFAULT",
+                    "max_retries": MAX_RETRIES_IN_FLIGHT,
+                }]},
                 "load_assignment": {
                     "cluster_name": cluster_name(&p.name),
                     "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {

@@ -359,14 +359,24 @@ async fn relay(
         Ok(x) => x,
         Err(lost) => return *lost,
     };
-    // Settled with the exchange, on the usage the response reports.
-    exchange.attach_key_reservation(std::mem::take(&mut guard.key_reservation));
+    if parts.status.is_success() {
+        // Settled with the exchange, on the usage the response reports.
+        exchange.attach_key_reservation(std::mem::take(&mut guard.key_reservation));
+    } else {
+        // A failed answer used no tokens of the key, but the provider saw a request (as the
+        // key role settles it in Envoy).
+        guard.give_back_key();
+    }
     match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
         OnResponse::Relay {
+            status,
             remove_headers,
             add_headers,
             body_rewritten,
         } => {
+            if let Some(s) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
+                parts.status = s;
+            }
             strip_hop_by_hop(&mut parts.headers);
             for name in remove_headers {
                 parts.headers.remove(*name);

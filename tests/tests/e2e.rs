@@ -36,7 +36,7 @@ consumers:
     models: [gpt-4o-mini, fast, mock-gpt, unreachable, ordered-gpt]
   - name: limited
     keys: [{{ sha256: {limited} }}]
-    models: [mock-gpt]
+    models: [mock-gpt, hasty-gpt]
 providers:
   - name: upstream
     kind: openai
@@ -53,6 +53,11 @@ providers:
     keys:
       - {{ id: first, secret_env: TG_TEST_KEY_A }}
       - {{ id: second, secret_env: TG_TEST_KEY_B }}
+  - name: hasty
+    kind: openai
+    base_url: {base}
+    retry: {{ attempts: 3, budget_ms: 1, backoff_ms: 20, max_backoff_ms: 100 }}
+    keys: [{{ id: hasty-1, secret_env: TG_TEST_KEY_A }}]
   - name: dead
     kind: openai
     base_url: http://127.0.0.1:{dead}/v1
@@ -64,6 +69,7 @@ models:
   - {{ name: gpt-4o-mini, provider: upstream }}
   - {{ name: fast, provider: upstream, upstream_model: gpt-4o-mini-2024-07-18, keys: [key-b] }}
   - {{ name: ordered-gpt, provider: ordered }}
+  - {{ name: hasty-gpt, provider: hasty }}
   - {{ name: mock-gpt, provider: mock }}
   - {{ name: unreachable, provider: dead }}
 "#,
@@ -456,7 +462,7 @@ async fn models_lists_exactly_the_allowed_models(host: Host) {
                 "unreachable",
             ],
         ),
-        (LIMITED_KEY, vec!["mock-gpt"]),
+        (LIMITED_KEY, vec!["hasty-gpt", "mock-gpt"]),
     ] {
         let r = f
             .http
@@ -859,6 +865,57 @@ async fn key_pool_figures_are_visible_to_operators(host: Host) {
     f.assert_no_secrets_logged();
 }
 
+/// No attempt starts past the retry budget. The native host then relays the provider's
+/// last answer; Envoy, which made the retry, gets the key role's 502 naming the budget.
+async fn no_attempt_starts_past_the_retry_budget(host: Host) {
+    let f = Fixture::start(host).await;
+    f.mock.set_fault(KEY_A, Fault::ServerError { status: 500 });
+    let (status, v) = f
+        .chat(
+            LIMITED_KEY,
+            json!({ "model": "hasty-gpt", "messages": user("hi") }),
+        )
+        .await;
+    match host {
+        Host::Native => assert_eq!(status, 500, "{v}"),
+        Host::Envoy { .. } => assert_error(status, &v, 502, "upstream_retry_budget_spent"),
+    }
+    assert_eq!(f.mock.requests().len(), 1, "one attempt only");
+}
+
+/// Headers a provider sends that look like the gateway's internal markers have no effect
+/// and never reach the client: a failure is not turned into a success, nothing is settled
+/// on the provider's say-so.
+async fn forged_gateway_headers_from_a_provider_have_no_effect(host: Host) {
+    let f = Fixture::start(host).await;
+    let forged = vec![
+        ("x-tollgate-local-reply".to_string(), "key 200".to_string()),
+        (
+            "x-tollgate-key-reservation".to_string(),
+            "upstream/key-a/1/999999/0".to_string(),
+        ),
+    ];
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_key_headers(key, forged.clone());
+    }
+    let r = f
+        .post(json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-tollgate")),
+        "{:?}",
+        r.headers()
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], DEFAULT_CONTENT);
+    f.fault_all_keys(Fault::ServerError { status: 503 });
+    let (status, v) = f.ask().await;
+    assert_eq!(status, 503, "{v}");
+}
+
 /// The official `openai` Python SDK works against the gateway, streaming and not.
 async fn openai_python_sdk(host: Host) {
     let f = Fixture::start(host).await;
@@ -997,6 +1054,8 @@ both_hosts!(
     a_model_with_its_own_pool_uses_only_its_keys,
     a_priority_pool_fails_over_in_order,
     key_pool_figures_are_visible_to_operators,
+    no_attempt_starts_past_the_retry_budget,
+    forged_gateway_headers_from_a_provider_have_no_effect,
 );
 
 mod native_only {

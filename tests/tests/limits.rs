@@ -367,6 +367,31 @@ async fn a_key_at_its_own_limit_is_skipped(host: Host) {
     assert_eq!((used(KEY_A), used(KEY_B)), (2, 4));
 }
 
+/// A failed attempt gives the tokens it reserved on its key back (the provider used none):
+/// after two failures on key A (each retried on B), A still has room for a request that
+/// would not fit if those reservations had stayed.
+async fn a_failed_attempt_gives_its_key_reservation_back(host: Host) {
+    let f = start_with_keys(
+        host,
+        "[{ id: key-a, secret_env: TG_LIMITS_KEY_A, limits: { tokens_per_minute: 1000 } }, \
+          { id: key-b, secret_env: TG_LIMITS_KEY_B }]\n    strategy: priority",
+    )
+    .await;
+    f.mock.set_fault(KEY_A, Fault::ServerError { status: 500 });
+    for i in 0..2 {
+        assert_eq!(f.send(chat(600)).await.status(), 200, "request {i}");
+    }
+    f.mock.clear_fault(KEY_A);
+    assert_eq!(f.send(chat(600)).await.status(), 200);
+    let keys: Vec<String> = f
+        .mock
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.key)
+        .collect();
+    assert_eq!(keys, [KEY_A, KEY_B, KEY_A, KEY_B, KEY_A], "{keys:?}");
+}
+
 /// A key's token limit is settled on the provider's reported usage (in Envoy the key role
 /// hands its reservation to the gateway role, which sees the usage); when every key is full,
 /// the client gets 429 naming the provider's pool, and no call goes out.
@@ -475,6 +500,7 @@ both_hosts!(
     a_client_that_disconnects_frees_its_slot_and_is_charged_what_was_streamed,
     a_client_that_leaves_before_the_answer_frees_its_slot,
     a_key_at_its_own_limit_is_skipped,
+    a_failed_attempt_gives_its_key_reservation_back,
     key_token_limits_settle_on_usage_and_a_full_pool_is_429,
     reload_keeps_the_counters_of_unchanged_limits,
     the_429_retry_after_is_honest,

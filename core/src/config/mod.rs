@@ -97,6 +97,9 @@ pub struct Model {
     pub pricing: Option<Pricing>,
     /// Indexes of the provider's keys that serve this model (its pool), in listed order.
     pub pool: Vec<usize>,
+    /// Store key of the pool's turn cursor, shared by every worker. One per model: models
+    /// with different pools sharing one cursor would each see only some turns.
+    pub cursor_key: String,
     pub decorators: Decorators,
     pub guard: Vec<GuardRule>,
 }
@@ -237,10 +240,12 @@ impl Config {
     /// Every shared counter the key pools use (cursors, health, headroom, key counters), for
     /// hosts that create counters up front.
     pub fn pool_store_keys(&self) -> impl Iterator<Item = &str> {
-        self.providers.iter().flat_map(|p| {
-            std::iter::once(p.cursor_key.as_str())
-                .chain(p.keys.iter().flat_map(ProviderKey::store_keys))
-        })
+        let cursors = self.models.iter().map(|m| m.cursor_key.as_str());
+        let keys = self
+            .providers
+            .iter()
+            .flat_map(|p| p.keys.iter().flat_map(ProviderKey::store_keys));
+        cursors.chain(keys)
     }
 
     /// Every limit a request of `consumer` to `model` counts against.
@@ -646,7 +651,13 @@ fn compile_models(
             errors,
         );
         let guard = prompts::compile_guard(&raw.guard, &format!("{path}.guard"), errors);
+        let cursor_key = format!(
+            "tollgate/rr/{}/{}",
+            providers.get(provider).map_or("", |p| p.name.as_str()),
+            raw.name
+        );
         out.push(Model {
+            cursor_key,
             name: raw.name,
             provider,
             upstream_model,

@@ -218,7 +218,8 @@ pub fn attempt_key<'c>(
     if pool.is_empty() {
         return Ok(attempt(None, Reservation::default()));
     }
-    let order = order_pool(provider, &pool, ticket, store, now_ms).map_err(store_error)?;
+    let order = order_pool(provider, &model.cursor_key, &pool, ticket, store, now_ms)
+        .map_err(store_error)?;
     // The refusal to report if every key refuses: the soonest retry, else the largest key.
     let mut best: Option<Refusal> = None;
     // The soonest a cooling key is usable again, and whether every skipped key is revoked.
@@ -279,6 +280,7 @@ pub fn attempt_key<'c>(
 /// is worth another go).
 fn order_pool<'c>(
     provider: &Provider,
+    cursor_key: &str,
     pool: &[&'c ProviderKey],
     ticket: &Ticket,
     store: &impl CounterStore,
@@ -286,7 +288,7 @@ fn order_pool<'c>(
 ) -> Result<Vec<&'c ProviderKey>, crate::store::StoreError> {
     let n = pool.len();
     let turn = if n > 1 && provider.strategy != Strategy::Priority {
-        provider.next_turn(store)?
+        next_turn(store, cursor_key)?
     } else {
         0
     };
@@ -337,6 +339,19 @@ fn refusal_wait(r: &Refusal) -> Option<u64> {
             Some(*retry_after_ms)
         }
         _ => None,
+    }
+}
+
+/// The next turn of a pool's cursor, shared by every worker (the caller takes it modulo
+/// what it rotates over).
+fn next_turn(store: &impl CounterStore, cursor_key: &str) -> Result<u64, crate::store::StoreError> {
+    let turn = store.measure_and_replace(cursor_key, |old| {
+        let turn = old.unwrap_or(0);
+        Ok::<_, std::convert::Infallible>((turn, turn.wrapping_add(1)))
+    })?;
+    match turn {
+        Ok(t) => Ok(t),
+        Err(never) => match never {},
     }
 }
 

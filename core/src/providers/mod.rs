@@ -9,7 +9,6 @@ use crate::health::HealthPolicy;
 use crate::keys::{KeyCounter, Strategy};
 use crate::limits::Limit;
 use crate::retry::RetryPolicy;
-use crate::store::{CounterStore, StoreError};
 
 /// The protocol a provider speaks, which decides how a key is presented and how requests and
 /// responses are translated.
@@ -255,8 +254,6 @@ pub struct Provider {
     pub health: HealthPolicy,
     pub strategy: Strategy,
     pub retry: RetryPolicy,
-    /// Store key of the round-robin cursor shared by every worker.
-    pub cursor_key: String,
 }
 
 impl Provider {
@@ -266,7 +263,6 @@ impl Provider {
         base_url: Option<BaseUrl>,
         mut keys: Vec<ProviderKey>,
     ) -> Self {
-        let cursor_key = format!("tollgate/rr/{name}");
         // Health is per provider and key: key ids are unique within a provider only.
         for key in &mut keys {
             key.health_key = format!("tollgate/health/{name}/{}", key.id);
@@ -284,20 +280,6 @@ impl Provider {
             health: HealthPolicy::default(),
             strategy: Strategy::default(),
             retry: RetryPolicy::default(),
-            cursor_key,
-        }
-    }
-
-    /// The next turn of the pool's cursor, shared by every worker (the caller takes it
-    /// modulo what it rotates over).
-    pub fn next_turn(&self, store: &impl CounterStore) -> Result<u64, StoreError> {
-        let turn = store.measure_and_replace(&self.cursor_key, |old| {
-            let turn = old.unwrap_or(0);
-            Ok::<_, std::convert::Infallible>((turn, turn.wrapping_add(1)))
-        })?;
-        match turn {
-            Ok(t) => Ok(t),
-            Err(never) => match never {},
         }
     }
 
