@@ -434,11 +434,7 @@ impl Exchange {
         };
         // Guard rules see the request's own messages (a template's as rendered), not the
         // decorators the gateway adds.
-        let texts: Vec<_> = req
-            .messages
-            .iter()
-            .filter_map(|m| m.content.as_ref().map(|c| c.text()))
-            .collect();
+        let texts = req.guarded_texts();
         let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
         if let Some(rule) = guard::first_denial(model.guard.iter().chain(consumer_guard), &texts) {
             return Err(GatewayError::ContentRejected {
@@ -627,8 +623,10 @@ impl Exchange {
             && !self.stream
             && matches!(self.prompt, Some(c) if c.response != ResponseMode::Raw)
         {
+            // Envoy holds the body in a buffer no larger than the connection's, which is
+            // sized from `max_body_bytes`: the same bound in both hosts.
             return OnResponse::Collect {
-                limit: MAX_USAGE_BODY,
+                limit: usize::try_from(self.config.server.max_body_bytes).unwrap_or(usize::MAX),
             };
         }
         if success && self.stream {
@@ -659,6 +657,27 @@ impl Exchange {
         response
     }
 
+    /// After `OnResponse::Collect`, when the provider's body is larger than the limit: 502
+    /// (its usage cannot be read, so the reservation is charged).
+    pub fn on_collect_overflow(&mut self, limit: usize) -> LocalResponse {
+        self.stage = Stage::Done;
+        self.body_overflowed = true;
+        let prompt = self.prompt_name();
+        let mut response = self.refuse(GatewayError::PromptOutputInvalid {
+            prompt,
+            detail: format!("the provider's answer is larger than {limit} bytes"),
+        });
+        response.headers.extend(self.rate_headers());
+        response
+    }
+
+    fn prompt_name(&self) -> String {
+        self.prompt
+            .and_then(|c| self.config.prompt(c.id))
+            .map(|p| p.name.clone())
+            .unwrap_or_default()
+    }
+
     /// A prompt's answer in its response mode, from a chat completion.
     fn shape(&mut self, completion: &[u8]) -> LocalResponse {
         let Some(call) = self.prompt else {
@@ -675,11 +694,7 @@ impl Exchange {
                 LocalResponse::json(200, body)
             }
             Err(detail) => {
-                let prompt = self
-                    .config
-                    .prompt(call.id)
-                    .map(|p| p.name.clone())
-                    .unwrap_or_default();
+                let prompt = self.prompt_name();
                 self.refuse(GatewayError::PromptOutputInvalid { prompt, detail })
             }
         }
@@ -752,14 +767,19 @@ impl Exchange {
             // time out on silence while the model thinks.
             out.extend(sse.take_idle());
             if sse.pending() > MAX_HELD_EVENT {
-                // An "event" this large is no OpenAI stream: stop holding anything back.
-                out.extend(sse.abandon());
-                self.strip_usage_chunk = false;
+                // An "event" this large is no OpenAI stream: stop holding anything back. A
+                // reshaped (`text` prompt) stream only ever sends what it reshaped: the
+                // oversized event is dropped, and reshaping goes on.
+                let held = sse.abandon();
+                if !reshape {
+                    out.extend(held);
+                    self.strip_usage_chunk = false;
+                }
             }
         }
         if end_of_stream {
             let tail = sse.finish(|e| handle(e, &mut out));
-            if strip {
+            if strip && !reshape {
                 out.extend_from_slice(&tail);
             }
         } else {

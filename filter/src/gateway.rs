@@ -26,6 +26,8 @@ pub struct GatewayFlow {
     /// The response is held until its whole body is here (a prompt's shaped answer), up to
     /// this many bytes.
     collecting: Option<usize>,
+    /// Bytes of response body buffered so far while collecting.
+    collected: usize,
 }
 
 impl GatewayFlow {
@@ -38,6 +40,7 @@ impl GatewayFlow {
             replacement: None,
             replacing: false,
             collecting: None,
+            collected: 0,
         }
     }
 
@@ -113,6 +116,27 @@ impl GatewayFlow {
             }
         }
     }
+
+    /// Ends a held response with the exchange's answer for the body collected so far
+    /// (`size` bytes; past `limit`, the answer says the body was too large).
+    fn finish_collect(&mut self, size: usize, limit: usize) {
+        self.collecting = None;
+        // Whatever follows is dropped: the answer is ours.
+        self.replacing = true;
+        let result = host::body(BufferType::HttpResponseBody, size.min(limit)).and_then(|body| {
+            let response = if size > limit {
+                self.exchange.on_collect_overflow(limit)
+            } else {
+                self.exchange.on_collected(&body)
+            };
+            let headers = host::headers(MapType::HttpResponseHeaders)?;
+            replace_response_headers(&headers, &response)?;
+            host::replace_body(BufferType::HttpResponseBody, size, &response.body)
+        });
+        if let Err(e) = result {
+            host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
+        }
+    }
 }
 
 /// Turns the response head into `response`'s: the provider's headers go, ours come.
@@ -173,7 +197,7 @@ impl HttpContext for GatewayFlow {
             .unwrap_or_else(|e| self.fail(e))
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if !self.forwarded {
             return Action::Continue;
         }
@@ -215,6 +239,13 @@ impl HttpContext for GatewayFlow {
             host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
         }
         if self.collecting.is_some() {
+            if end_of_stream {
+                // Nothing to wait for: a success with no body cannot be shaped.
+                self.collecting = None;
+                let response = self.exchange.on_collected(&[]);
+                host::send(&response);
+                return Action::Pause;
+            }
             // Held (headers included) until the body is complete: its answer may differ.
             return Action::Pause;
         }
@@ -226,22 +257,11 @@ impl HttpContext for GatewayFlow {
             return Action::Continue;
         }
         if let Some(limit) = self.collecting {
+            self.collected = body_size;
             if !end_of_stream && body_size <= limit {
                 return Action::Pause;
             }
-            self.collecting = None;
-            // Whatever follows (a body past the limit) is dropped: the answer is ours.
-            self.replacing = true;
-            let result =
-                host::body(BufferType::HttpResponseBody, body_size.min(limit)).and_then(|body| {
-                    let response = self.exchange.on_collected(&body);
-                    let headers = host::headers(MapType::HttpResponseHeaders)?;
-                    replace_response_headers(&headers, &response)?;
-                    host::replace_body(BufferType::HttpResponseBody, body_size, &response.body)
-                });
-            if let Err(e) = result {
-                host::log(LogLevel::Error, &format!("tollgate gateway: {e}"));
-            }
+            self.finish_collect(body_size, limit);
             return Action::Continue;
         }
         let result = if self.replacing {
@@ -267,6 +287,11 @@ impl HttpContext for GatewayFlow {
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
         // Trailers end the body without an end-of-stream body callback: tell the exchange,
         // so that it reads the usage of what it kept. Nothing can be emitted after them.
+        if let Some(limit) = self.collecting {
+            // A held response ends here: answer from what was buffered.
+            self.finish_collect(self.collected, limit);
+            return Action::Continue;
+        }
         if self.forwarded && !self.replacing {
             let _ = self.exchange.on_response_chunk(&[], true);
         }

@@ -438,6 +438,9 @@ async fn collect(
     let provider = exchange.provider_name().unwrap_or_default();
     let r = match read {
         Ok(Ok(collected)) => exchange.on_collected(&collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            exchange.on_collect_overflow(limit)
+        }
         Ok(Err(_)) => exchange.refuse(GatewayError::UpstreamUnavailable { provider }),
         Err(_) => exchange.refuse(GatewayError::UpstreamTimeout { provider }),
     };

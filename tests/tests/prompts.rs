@@ -5,11 +5,12 @@
 use serde_json::{json, Value};
 use tollgate_e2e::both_hosts;
 use tollgate_e2e::gateway::Host;
-use tollgate_e2e::mock_provider::{MockProvider, MockUsage};
+use tollgate_e2e::mock_provider::{Fault, MockProvider, MockUsage};
 use tollgate_e2e::scenario::{assert_error, sha256_hex, sse_data, Stack};
 
 const APP_KEY: &str = "tg-prompts-app-key";
 const OTHER_KEY: &str = "tg-prompts-other-key";
+const METERED_KEY: &str = "tg-prompts-metered-key";
 const PROVIDER_KEY: &str = "sk-prompts-provider";
 
 struct Fixture(Stack);
@@ -32,11 +33,16 @@ consumers:
     limits: {{ requests_per_minute: 6 }}
     decorators:
       prepend: [{{ role: system, content: "consumer: be polite" }}]
+      append: [{{ role: user, content: "consumer: thank you" }}]
     guard:
       - {{ name: no-provider-keys, deny: ["sk-[A-Za-z0-9]{{8,}}"] }}
   - name: other
     keys: [{{ sha256: {other} }}]
     prompts: [summary]
+  - name: metered
+    keys: [{{ sha256: {metered} }}]
+    prompts: ["*"]
+    limits: {{ daily_tokens: 1000000 }}
 providers:
   - name: upstream
     kind: openai
@@ -84,6 +90,7 @@ prompts:
 "#,
         app = sha256_hex(APP_KEY),
         other = sha256_hex(OTHER_KEY),
+        metered = sha256_hex(METERED_KEY),
         base = mock.base_url(),
     )
 }
@@ -173,6 +180,7 @@ async fn a_call_sends_the_rendered_request_and_answers_json(host: Host) {
             "system: Classify the sentiment of the text between <text> tags. Reply in en as JSON."
                 .to_string(),
             format!("user: <text>{hostile}</text>"),
+            "user: consumer: thank you".to_string(),
             "user: model: answer briefly".to_string(),
         ]
     );
@@ -190,17 +198,23 @@ async fn versions_can_be_pinned(host: Host) {
         .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(contents(&f.sent())[2], "user: v1 ok");
-    let r = f
-        .http
-        .post(f.url("/v1/prompts/sentiment"))
-        .bearer_auth(APP_KEY)
-        .header("x-prompt-version", "1")
-        .json(&json!({ "text": "by header" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(contents(&f.sent())[2], "user: v1 by header");
+    // By header; and the query wins over the header.
+    for (path, header, text) in [
+        ("/v1/prompts/sentiment", "1", "by header"),
+        ("/v1/prompts/sentiment?version=1", "2", "both"),
+    ] {
+        let r = f
+            .http
+            .post(f.url(path))
+            .bearer_auth(APP_KEY)
+            .header("x-prompt-version", header)
+            .json(&json!({ "text": text }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(contents(&f.sent())[2], format!("user: v1 {text}"));
+    }
     let (status, v) = f
         .call("/v1/prompts/sentiment?version=5", json!({ "text": "ok" }))
         .await;
@@ -264,6 +278,28 @@ async fn each_response_mode(host: Host) {
         .call("/v1/prompts/sentiment", json!({ "text": "ok" }))
         .await;
     assert_error(status, &v, 502, "prompt_output_invalid");
+
+    // A streamed `raw` call is the provider's stream, with the pool's key injected.
+    let r = f
+        .call_as(
+            APP_KEY,
+            "/v1/prompts/completion?stream=true",
+            json!({ "topic": "tea" }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    assert_eq!(f.sent()["stream"], true);
+
+    // A provider error on a shaped call is relayed as the provider's error.
+    f.mock
+        .set_fault(PROVIDER_KEY, Fault::ServerError { status: 500 });
+    let (status, v) = f
+        .call("/v1/prompts/sentiment", json!({ "text": "ok" }))
+        .await;
+    assert_eq!(status, 500, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
 }
 
 /// Bad calls are refused before anything goes upstream, naming the variable or the rule.
@@ -364,6 +400,58 @@ async fn limits_apply_to_template_calls(host: Host) {
     assert_eq!(f.mock.requests().len(), 6);
 }
 
+/// Template calls are charged the provider's reported usage — shaped, streamed, and a
+/// `json` answer the gateway could not parse alike. Each call's charge is the drop in the
+/// remaining daily tokens between two identical calls (the same reservation each time; a
+/// calendar allowance does not refill between calls, as a bucket would).
+async fn template_calls_are_charged_their_real_usage(host: Host) {
+    let f = Fixture::start(host).await;
+    let usage = MockUsage {
+        prompt_tokens: 40,
+        completion_tokens: 6,
+    };
+    let remaining = |path: &'static str| {
+        let f = &f;
+        async move {
+            let r = f.call_as(METERED_KEY, path, json!({ "text": "t" })).await;
+            let left: u64 = r
+                .headers()
+                .get("x-ratelimit-remaining-tokens")
+                .unwrap_or_else(|| panic!("no rate headers on {path}"))
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let _ = r.bytes().await.unwrap();
+            left
+        }
+    };
+    f.mock.set_reply("Short.", usage);
+    let calls = [
+        "/api/summarize",
+        "/api/summarize?stream=true",
+        "/api/summarize",
+        "/api/summarize",
+    ];
+    let mut left = Vec::new();
+    for path in calls {
+        left.push(remaining(path).await);
+    }
+    for (i, pair) in left.windows(2).enumerate() {
+        assert_eq!(
+            pair[0] - pair[1],
+            usage.total_tokens(),
+            "call {i} ({}): {left:?}",
+            calls[i]
+        );
+    }
+    // A `json` prompt whose model answers prose: 502, and charged all the same.
+    f.mock.set_reply("Not JSON at all.", usage);
+    let first = remaining("/v1/prompts/sentiment").await;
+    let second = remaining("/v1/prompts/sentiment").await;
+    assert_eq!(first - second, usage.total_tokens());
+}
+
 both_hosts!(
     a_call_sends_the_rendered_request_and_answers_json,
     versions_can_be_pinned,
@@ -371,4 +459,5 @@ both_hosts!(
     bad_calls_are_refused_clearly,
     the_prompt_list_describes_what_a_consumer_may_call,
     limits_apply_to_template_calls,
+    template_calls_are_charged_their_real_usage,
 );

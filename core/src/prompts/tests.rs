@@ -194,9 +194,15 @@ fn every_validation_error_names_its_variable() {
     let template = c
         .prompt(c.prompt_at("/v1/prompts/sentiment").unwrap())
         .unwrap();
+    for bad in [&b"[1]"[..], b"not json", b"\"text\""] {
+        assert!(matches!(
+            template.version(None).unwrap().render(bad, false),
+            Err(GatewayError::MalformedBody { .. })
+        ));
+    }
     assert!(matches!(
-        template.version(None).unwrap().render(b"[1]", false),
-        Err(GatewayError::MalformedBody { .. })
+        template.version(Some("abc")),
+        Err(GatewayError::PromptVersionNotFound { .. })
     ));
     let err = template.version(Some("7")).unwrap_err();
     assert_eq!(err.status(), 404);
@@ -232,6 +238,23 @@ prompts:
   - name: c
     path: /x
     versions: []
+  - name: a
+    path: nope?
+    versions:
+      - version: 0
+        model: m
+        messages: []
+        variables:
+          - { name: "bad name", type: string, values: [x] }
+      - version: 0
+        model: m
+        messages: [{ role: user, content: "{{e}} {{d}} {{n2}} {{s}}" }]
+        variables:
+          - { name: e, type: enum }
+          - { name: d, type: string, default: x, required: true }
+          - { name: n2, type: number, max_items: 3, max_length: 4 }
+          - { name: s, type: string }
+          - { name: s, type: string }
 "#;
     let errors = Config::load(text, &|_| None).unwrap_err().to_string();
     for expected in [
@@ -249,6 +272,18 @@ prompts:
         "prompts[2].versions: must list at least one version",
         "consumers[0].prompts[0]: `nothing-like-this` matches no prompt",
         "consumers[0].guard[0].deny[0]: is not a valid pattern",
+        "prompts[3].name: prompt `a` is defined twice",
+        "prompts[3].path: must start with `/`",
+        "prompts[3].versions[0].version: must be at least 1",
+        "prompts[3].versions[1].version: version 0 is listed twice",
+        "prompts[3].versions[0].messages: must list at least one message",
+        "prompts[3].versions[0].variables[0].name: `bad name` must be letters, digits and `_`",
+        "prompts[3].versions[0].variables[0].values: only an enum lists values",
+        "prompts[3].versions[1].variables[0].values: an enum lists its values",
+        "prompts[3].versions[1].variables[1].required: a variable with a default is not required",
+        "prompts[3].versions[1].variables[2].max_items: only an array has items",
+        "prompts[3].versions[1].variables[2].max_length: only a string or an array of strings has a length",
+        "prompts[3].versions[1].variables[4].name: variable `s` is declared twice",
     ] {
         assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
     }
@@ -423,9 +458,7 @@ fn json_mode_parses_the_answer_or_says_502_and_still_charges() {
     let _ = forwarded(on);
     assert_eq!(
         call.x.on_response_headers(200, &Vec::new()),
-        OnResponse::Collect {
-            limit: 4 * 1024 * 1024
-        }
+        OnResponse::Collect { limit: 1024 * 1024 }
     );
     let completion = |content: &str| {
         json!({
@@ -577,4 +610,89 @@ fn decorators_wrap_in_order_and_the_guard_refuses_by_rule_name() {
         json!({ "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "HELLO" }] }),
     );
     assert_eq!(refused(on), (400, "content_rejected".into()));
+}
+
+#[test]
+fn the_guard_sees_every_text_the_model_sees() {
+    let c = config_with(
+        SENTIMENT,
+        r#", guard: [{ name: no-keys, deny: ["sk-[a-z0-9]{6,}"] }]"#,
+        "",
+    );
+    let chat = |messages: Value, extra: Value| {
+        let mut body = json!({ "model": "gpt-4o-mini", "messages": messages });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        Call::post(&c, "/v1/chat/completions", body).1
+    };
+    let rejected = [
+        // Split across text parts.
+        chat(
+            json!([{ "role": "user", "content": [
+            { "type": "text", "text": "key: sk-abc" }, { "type": "text", "text": "def123" } ] }]),
+            json!({}),
+        ),
+        // A refusal part.
+        chat(
+            json!([{ "role": "assistant", "content": [{ "type": "refusal", "refusal": "sk-abcdef1" }] },
+                     { "role": "user", "content": "ok" }]),
+            json!({}),
+        ),
+        // Tool call arguments (a JSON text inside a string).
+        chat(
+            json!([{ "role": "assistant", "content": null, "tool_calls": [{ "id": "1", "type": "function",
+            "function": { "name": "f", "arguments": "{\"key\":\"sk-abcdef1\"}" } }] },
+            { "role": "tool", "tool_call_id": "1", "content": "done" }]),
+            json!({}),
+        ),
+        // A tool message's content.
+        chat(
+            json!([{ "role": "tool", "tool_call_id": "1", "content": "sk-abcdef1" }]),
+            json!({}),
+        ),
+        // Tool definitions.
+        chat(
+            json!([{ "role": "user", "content": "hi" }]),
+            json!({ "tools": [{ "type": "function", "function": { "name": "f", "description": "uses sk-abcdef1" } }] }),
+        ),
+    ];
+    for (i, on) in rejected.into_iter().enumerate() {
+        assert_eq!(refused(on), (400, "content_rejected".into()), "case {i}");
+    }
+    let fine = chat(
+        json!([{ "role": "user", "content": [{ "type": "text", "text": "sk-abc" }] }]),
+        json!({}),
+    );
+    let _ = forwarded(fine);
+}
+
+#[test]
+fn a_reshaped_stream_never_leaks_raw_provider_bytes() {
+    let c = config();
+    let (mut call, on) = Call::post(&c, "/api/summarize?stream=true", json!({ "text": "t" }));
+    let _ = forwarded(on);
+    let _ = call.x.on_response_headers(200, &Vec::new());
+    let mut out = Vec::new();
+    let mut push = |chunk: crate::exchange::Chunk| match chunk {
+        crate::exchange::Chunk::Replace(b) => out.extend(b),
+        crate::exchange::Chunk::Unchanged => panic!("a reshaped stream passed raw bytes"),
+    };
+    // An oversized "event" that never ends, then the stream goes on.
+    let huge = format!("data: {{\"junk\":\"{}", "x".repeat(300 * 1024));
+    push(call.x.on_response_chunk(huge.as_bytes(), false));
+    push(call.x.on_response_chunk(
+        b"\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\n",
+        false,
+    ));
+    push(call.x.on_response_chunk(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"!\"}}]}",
+        true,
+    ));
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        !text.contains("junk") && !text.contains("choices"),
+        "{text}"
+    );
+    assert!(text.contains("data: {\"output\":\"ok\"}"), "{text}");
 }

@@ -70,6 +70,34 @@ impl ChatRequest<'_> {
             + raw(self.response_format)
     }
 
+    /// Every piece of text the request carries to the model, for guard rules: each message's
+    /// content (its text and refusal parts joined with nothing between, so that a word split
+    /// across parts is still seen whole), its name, the strings inside its tool calls, and
+    /// the strings of the tool and function definitions.
+    pub fn guarded_texts(&self) -> Vec<Cow<'_, str>> {
+        let mut out: Vec<Cow<'_, str>> = Vec::new();
+        for m in &self.messages {
+            match &m.content {
+                Some(Content::Text(t)) => out.push(Cow::Borrowed(t.as_ref())),
+                Some(Content::Parts(parts)) => out.push(Cow::Owned(
+                    parts
+                        .iter()
+                        .flat_map(|p| [p.text.as_deref(), p.refusal.as_deref()])
+                        .flatten()
+                        .collect(),
+                )),
+                None => {}
+            }
+            if let Some(name) = &m.name {
+                out.push(Cow::Borrowed(name.as_ref()));
+            }
+            string_leaves(m.tool_calls, &mut out);
+        }
+        string_leaves(self.tools, &mut out);
+        string_leaves(self.functions, &mut out);
+        out
+    }
+
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
@@ -97,6 +125,8 @@ pub struct Message<'a> {
     pub content: Option<Content<'a>>,
     #[serde(default, borrow)]
     pub tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
 }
 
 /// A message's content: a string, or a list of parts of which only text parts carry text.
@@ -113,6 +143,8 @@ pub struct ContentPart<'a> {
     pub kind: Cow<'a, str>,
     #[serde(default, borrow)]
     pub text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub refusal: Option<Cow<'a, str>>,
 }
 
 impl Content<'_> {
@@ -137,6 +169,22 @@ impl Content<'_> {
                 Cow::Owned(texts.join("\n"))
             }
         }
+    }
+}
+
+/// Every string inside a raw JSON value (a tool call's arguments are a JSON text in a string:
+/// its string is what the model sees).
+fn string_leaves<'a>(raw: Option<&RawValue>, out: &mut Vec<Cow<'a, str>>) {
+    fn walk<'a>(v: serde_json::Value, out: &mut Vec<Cow<'a, str>>) {
+        match v {
+            serde_json::Value::String(s) => out.push(Cow::Owned(s)),
+            serde_json::Value::Array(items) => items.into_iter().for_each(|i| walk(i, out)),
+            serde_json::Value::Object(map) => map.into_iter().for_each(|(_, i)| walk(i, out)),
+            _ => {}
+        }
+    }
+    if let Some(v) = raw.and_then(|r| serde_json::from_str(r.get()).ok()) {
+        walk(v, out);
     }
 }
 
