@@ -22,7 +22,7 @@ define print_curl
 	@echo ""
 endef
 
-.PHONY: run envoy test lint wasm native envoy-install sdk-install rust-targets bench envoy-config clean
+.PHONY: run envoy test lint wasm native envoy-install sdk-install rust-targets bench bench-load envoy-config clean
 
 ## run: build and start the native gateway on the default config (mock provider, demo key)
 run:
@@ -88,6 +88,13 @@ envoy-config: native
 ## bench: criterion benches of the core
 bench:
 	$(CARGO) bench -p tollgate-benches
+
+## bench-load: the load bench (mock, bare Envoy, Envoy + tollgate, native, crabllm, Portkey,
+## LiteLLM); installs what it needs and writes benches/RESULTS.md
+bench-load: wasm envoy-install
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(CARGO) build --release --bin tollgate --bin mock-provider
+	$(PYTHON) benches/load.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

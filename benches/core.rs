@@ -123,5 +123,112 @@ fn limiter(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_path, limiter);
+/// Routing a request's model name to its model (a map lookup by name).
+fn routing(c: &mut Criterion) {
+    let config = config();
+    c.bench_function("core/route model", |b| {
+        b.iter(|| black_box(config.model_id(black_box("gpt-4o-mini"))))
+    });
+}
+
+/// Mixed English prose and code, as prompts are.
+fn sample_text(bytes: usize) -> String {
+    let piece =
+        "The gateway estimates tokens before the call; fn main() { println!(\"{}\", 42); } ";
+    piece.repeat(bytes / piece.len() + 1)
+}
+
+/// A streamed completion: many small delta events, then the usage chunk, `[DONE]`.
+fn sample_stream(events: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..events {
+        out.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    out.push_str("data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":500,\"total_tokens\":520}}\n\ndata: [DONE]\n\n");
+    out.into_bytes()
+}
+
+/// Token estimate and SSE parsing in MB/s; reading usage from a completion and a chunk.
+fn streams(c: &mut Criterion) {
+    use tollgate_core::providers::openai::usage;
+    use tollgate_core::sse::SseParser;
+    use tollgate_core::tokens;
+
+    let mut group = c.benchmark_group("throughput");
+    let text = sample_text(64 * 1024);
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    group.bench_function("token estimate", |b| {
+        b.iter(|| black_box(tokens::estimate_text(black_box(&text))))
+    });
+    let stream = sample_stream(500);
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.bench_function("SSE parse (4 KB chunks)", |b| {
+        b.iter(|| {
+            let mut parser = SseParser::new();
+            let mut events = 0usize;
+            for chunk in stream.chunks(4096) {
+                parser.feed(chunk, |e| events += e.data.len());
+            }
+            black_box(parser.finish(|_| {}));
+            black_box(events)
+        })
+    });
+    group.bench_function("SSE parse + usage of every event", |b| {
+        b.iter(|| {
+            let mut parser = SseParser::new();
+            let mut total = 0u64;
+            for chunk in stream.chunks(4096) {
+                parser.feed(chunk, |e| {
+                    if let Some(info) = usage::inspect_chunk(&e.data) {
+                        total += info.usage.map_or(0, |u| u.total());
+                    }
+                });
+            }
+            black_box(total)
+        })
+    });
+    group.finish();
+
+    let completion = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"A short answer of a few words."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":9,"total_tokens":259}}"#;
+    c.bench_function("usage/from completion", |b| {
+        b.iter(|| black_box(usage::from_completion(black_box(completion))))
+    });
+}
+
+/// Rendering a prompt template: checking the variables and building the chat request.
+fn prompts(c: &mut Criterion) {
+    let text = r#"
+providers: [{ name: mock, kind: mock }]
+models: [{ name: m, provider: mock }]
+prompts:
+  - name: sentiment
+    versions:
+      - version: 1
+        model: m
+        response: json
+        params: { temperature: 0, max_tokens: 20 }
+        variables:
+          - { name: text, type: string, max_length: 4000 }
+          - { name: lang, type: enum, values: [en, de], default: en }
+        messages:
+          - { role: system, content: "Classify the text between <text> tags. Reply in {{lang}} as JSON." }
+          - { role: user, content: "<text>{{text}}</text>" }
+"#;
+    let config = Config::load(text, &|_| None).expect("prompt config");
+    let version = config
+        .prompt(0)
+        .and_then(|p| p.version(None).ok())
+        .expect("a version");
+    let body = format!(
+        r#"{{"text":"{}","lang":"de"}}"#,
+        "I loved the film, but the ending was weak. ".repeat(10)
+    );
+    c.bench_function("prompts/render 500 B of variables", |b| {
+        b.iter(|| black_box(version.render(black_box(body.as_bytes()), false)))
+    });
+}
+
+criterion_group!(benches, request_path, limiter, routing, streams, prompts);
 criterion_main!(benches);

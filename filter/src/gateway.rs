@@ -23,6 +23,8 @@ pub struct GatewayFlow {
     /// A body that replaces the provider's; taken by the first body callback.
     replacement: Option<Vec<u8>>,
     replacing: bool,
+    /// The request's headers as the client sent them (minus the gateway's own).
+    request_headers: Vec<(String, String)>,
     /// The response is held until its whole body is here (a prompt's shaped answer), up to
     /// this many bytes.
     collecting: Option<usize>,
@@ -39,6 +41,7 @@ impl GatewayFlow {
             forwarded: false,
             replacement: None,
             replacing: false,
+            request_headers: Vec::new(),
             collecting: None,
             collected: 0,
         }
@@ -74,7 +77,9 @@ impl GatewayFlow {
             path,
             headers: &headers,
         };
-        match self.exchange.on_request_headers(host::now_ms(), &head) {
+        let decision = self.exchange.on_request_headers(host::now_ms(), &head);
+        self.request_headers = headers;
+        match decision {
             OnHeaders::Respond(r) => Ok(self.respond(&r)),
             OnHeaders::ReadBody { limit } => {
                 self.body_limit = Some(limit);
@@ -98,9 +103,7 @@ impl GatewayFlow {
             OnBody::Forward(forward) => {
                 self.body_limit = None;
                 let map = MapType::HttpRequestHeaders;
-                for name in forward.remove_headers {
-                    host::remove_header(map, name)?;
-                }
+                host::remove_present(map, &self.request_headers, forward.remove_headers)?;
                 host::set_header(map, ":path", &forward.path)?;
                 // For every attempt's key role: the pool, the demand, the keys tried.
                 host::set_ticket(&forward.ticket)?;
@@ -214,9 +217,7 @@ impl HttpContext for GatewayFlow {
                     if let Some(status) = status {
                         host::set_header(map, ":status", &status.to_string())?;
                     }
-                    for name in remove_headers {
-                        host::remove_header(map, name)?;
-                    }
+                    host::remove_present(map, &headers, remove_headers)?;
                     if body_rewritten {
                         host::remove_header(map, "content-length")?;
                     }
@@ -302,6 +303,9 @@ impl HttpContext for GatewayFlow {
         // Called on every ending, client aborts and upstream resets included: settles the
         // limits and frees concurrency slots.
         let summary = self.exchange.finish(host::now_ms(), &SharedStore);
+        if !host::logs_at(LogLevel::Debug) {
+            return;
+        }
         host::log(
             LogLevel::Debug,
             &format!(

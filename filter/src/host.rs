@@ -11,6 +11,26 @@ use tollgate_core::keys::Ticket;
 use tollgate_core::store::{CounterStore, StoreError};
 use tollgate_core::GatewayError;
 
+/// Whether Envoy would log at `level` (so that a message is only built when it is shown).
+pub fn logs_at(level: LogLevel) -> bool {
+    hostcalls::get_log_level().is_ok_and(|current| current as u32 <= level as u32)
+}
+
+/// Removes those of `names` that `present` holds: a host call only where there is something
+/// to remove.
+pub fn remove_present(
+    map: MapType,
+    present: &[(String, String)],
+    names: &[&str],
+) -> Result<(), GatewayError> {
+    for name in names {
+        if present.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            remove_header(map, name)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn log(level: LogLevel, message: &str) {
     // Nothing sensible is left to do if logging itself fails.
     let _ = hostcalls::log(level, message);
@@ -75,12 +95,6 @@ pub fn headers(map: MapType) -> Result<Vec<(String, String)>, GatewayError> {
                 .collect()
         })
         .map_err(|s| internal("reading headers", s))
-}
-
-pub fn header(map: MapType, name: &str) -> Result<Option<String>, GatewayError> {
-    hostcalls::get_map_value_bytes(map, name)
-        .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
-        .map_err(|s| internal("reading a header", s))
 }
 
 pub fn set_header(map: MapType, name: &str, value: &str) -> Result<(), GatewayError> {

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
-use tollgate_core::http::{local_reply_marker, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER};
-use tollgate_core::keys::{self, attempt_key, KeyAttempt, KEY_RESERVATION_HEADER};
+use tollgate_core::http::{
+    local_reply_marker, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
+};
+use tollgate_core::keys::{self, attempt_key, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
@@ -75,11 +77,10 @@ impl KeyFlow {
             .tried
             .push(attempt.key_id().unwrap_or("-").to_string());
         host::set_ticket(&ticket)?;
-        // On a retry these are gone already (the first attempt removed them from the one
-        // header map all attempts share); removing is idempotent.
-        for name in KeyAttempt::REMOVE_HEADERS {
-            host::remove_header(map, name)?;
-        }
+        // The routing header goes (on a retry it is gone already: the first attempt removed
+        // it from the one header map all attempts share). The consumer's credential went with
+        // the gateway role, whose ticket this request carries.
+        host::remove_header(map, PROVIDER_HEADER)?;
         if let Some((name, value)) = attempt.header() {
             host::set_header(map, name, value)?;
         }
@@ -120,31 +121,31 @@ impl HttpContext for KeyFlow {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let map = MapType::HttpResponseHeaders;
+        let headers = host::headers(map).unwrap_or_default();
         if !self.replied {
             // A provider's response must not carry the gateway's internal markers.
-            for name in [KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER] {
-                let _ = host::remove_header(map, name);
-            }
+            let _ =
+                host::remove_present(map, &headers, &[KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER]);
         }
-        let status = host::header(map, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u16>().ok());
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
         if let (Some(status), Some((provider, key)), false) = (status, &self.used, self.replied) {
             self.answered = true;
+            // Counted as Envoy stats (every worker adds to the same counter); the shared
+            // store's counters are the native host's admin view.
             self.metrics.count(provider, key, Some(status));
             // Every worker sees what this answer says of the key: cooling, revoked, healthy.
-            let recorded = host::headers(map).and_then(|headers| {
-                keys::observe(
-                    &self.config,
-                    provider,
-                    key,
-                    Some(status),
-                    &headers,
-                    host::now_ms(),
-                    &SharedStore,
-                )
-            });
+            let recorded = keys::observe(
+                &self.config,
+                provider,
+                key,
+                Some(status),
+                &headers,
+                host::now_ms(),
+                &SharedStore,
+            );
             if let Err(e) = recorded {
                 host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
             }
@@ -173,16 +174,6 @@ impl KeyFlow {
         if let (false, false, Some((provider, key))) = (self.answered, self.replied, used) {
             // Sent with this key, never answered: connection failure, reset or timeout.
             self.metrics.count(&provider, &key, None);
-            let no_headers: [(String, String); 0] = [];
-            let _ = keys::observe(
-                &self.config,
-                &provider,
-                &key,
-                None,
-                &no_headers[..],
-                host::now_ms(),
-                &SharedStore,
-            );
         }
         let reservation = std::mem::take(&mut self.reservation);
         if !reservation.is_empty() {

@@ -2,7 +2,8 @@
 //! per key, counters of attempts by outcome (each worker adds to the same process-wide
 //! counter), and gauges of its state, cooldown end and learned headroom, published from the
 //! shared store on a timer. Envoy prefixes the names with `wasmcustom.`:
-//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>`.
+//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>`; and `wasmcustom.tollgate.vm.memory_bytes`,
+//! the linear memory of a worker's VM.
 
 use std::collections::BTreeMap;
 
@@ -21,9 +22,10 @@ struct KeyIds {
     learned_remaining: Option<u32>,
 }
 
-/// Metric ids per (provider, key id).
+/// Metric ids per (provider, key id), and the VM's memory.
 pub struct KeyMetrics {
     keys: BTreeMap<(String, String), KeyIds>,
+    vm_memory: Option<u32>,
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
@@ -48,7 +50,12 @@ impl KeyMetrics {
                 keys.insert((p.name.clone(), k.id.clone()), ids);
             }
         }
-        Self { keys }
+        Self {
+            keys,
+            // Each worker runs one VM; they are alike, so the last one to publish stands for
+            // all.
+            vm_memory: define(MetricType::Gauge, "tollgate.vm.memory_bytes"),
+        }
     }
 
     /// Counts an attempt's outcome (`None`: the provider never answered).
@@ -70,6 +77,9 @@ impl KeyMetrics {
     /// 2 revoked), until when (Unix ms, 0 when healthy), learned remaining capacity (0 when
     /// the provider said nothing or what it said expired).
     pub fn publish(&self, config: &Config, now_ms: u64) {
+        if let Some(id) = self.vm_memory {
+            let _ = hostcalls::record_metric(id, linear_memory_bytes());
+        }
         for pool in report::pools(config, &SharedStore, now_ms) {
             for key in &pool.keys {
                 if let Some(ids) = self.keys.get(&(pool.provider.clone(), key.id.clone())) {
@@ -89,4 +99,16 @@ fn record(ids: &KeyIds, key: &KeyReport) {
     set(ids.state, key.state.gauge());
     set(ids.until_ms, key.until_ms.unwrap_or(0));
     set(ids.learned_remaining, key.learned_remaining.unwrap_or(0));
+}
+
+/// The size of this VM's linear memory: all the memory the filter's VM holds.
+fn linear_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * 65_536
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
 }

@@ -332,7 +332,7 @@ fn observe(
 ) {
     let Some(key) = key else { return };
     let now = crate::now_ms();
-    if let Err(e) = keys::observe(
+    let recorded = keys::observe(
         config,
         provider,
         key,
@@ -340,7 +340,9 @@ fn observe(
         &Headers(headers),
         now,
         &gw.store,
-    ) {
+    )
+    .and_then(|()| keys::count(config, provider, key, status, &gw.store));
+    if let Err(e) = recorded {
         tracing::warn!(provider = %provider, key, error = %e, "key health not recorded");
     }
 }

@@ -355,10 +355,41 @@ fn next_turn(store: &impl CounterStore, cursor_key: &str) -> Result<u64, crate::
     }
 }
 
+/// Adds an attempt's outcome to its key's counters in the store (`status` is `None` when the
+/// provider never answered), for the admin view. (Envoy counts them as stats instead.)
+pub fn count(
+    config: &Config,
+    provider: &str,
+    key_id: &str,
+    status: Option<u16>,
+    store: &impl CounterStore,
+) -> Result<(), GatewayError> {
+    let Some(key) = config
+        .provider_by_name(provider)
+        .and_then(|p| p.keys.iter().find(|k| k.id == key_id))
+    else {
+        return Ok(());
+    };
+    for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status)]
+        .into_iter()
+        .flatten()
+    {
+        store
+            .measure_and_replace(key.counter_key(counter), |n| {
+                Ok::<_, ()>(((), n.unwrap_or(0).saturating_add(1)))
+            })
+            .map_err(|e| GatewayError::SharedStateUnavailable {
+                detail: e.to_string(),
+            })?
+            .ok();
+    }
+    Ok(())
+}
+
 /// Records what an attempt's answer says of its key: cooling after a 429 (until the time
 /// the provider gives), revoked after a 401/403, healthy again after a successful probe,
-/// the remaining capacity the provider reports, and the key's counters. `status` is `None`
-/// when the provider never answered (connection failure, timeout). Hosts call it once per
+/// and the remaining capacity the provider reports. `status` is `None` when the provider
+/// never answered (connection failure, timeout): nothing to record. Hosts call it once per
 /// attempt.
 pub fn observe<H: HeaderLookup + ?Sized>(
     config: &Config,
@@ -378,17 +409,6 @@ pub fn observe<H: HeaderLookup + ?Sized>(
     let store_error = |e: crate::store::StoreError| GatewayError::SharedStateUnavailable {
         detail: e.to_string(),
     };
-    for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status)]
-        .into_iter()
-        .flatten()
-    {
-        store
-            .measure_and_replace(key.counter_key(counter), |n| {
-                Ok::<_, ()>(((), n.unwrap_or(0).saturating_add(1)))
-            })
-            .map_err(store_error)?
-            .ok();
-    }
     let Some(status) = status else {
         return Ok(());
     };

@@ -177,15 +177,19 @@ fn observe_counts_attempts_and_the_report_shows_state_without_secrets() {
     let c = config("", ABC, ONE_MODEL);
     let store = CellStore::default();
     let none = crate::http::test_headers(&[]);
-    observe(&c, "openai", "a", Some(200), &none, NOW, &store).unwrap();
-    observe(&c, "openai", "a", Some(500), &none, NOW, &store).unwrap();
+    let seen = |key: &str, status: Option<u16>, h: &Vec<(String, String)>| {
+        observe(&c, "openai", key, status, h, NOW, &store).unwrap();
+        count(&c, "openai", key, status, &store).unwrap();
+    };
+    seen("a", Some(200), &none);
+    seen("a", Some(500), &none);
     let h = crate::http::test_headers(&[
         ("retry-after-ms", "1500"),
         ("x-ratelimit-remaining-requests", "0"),
     ]);
-    observe(&c, "openai", "b", Some(429), &h, NOW, &store).unwrap();
-    observe(&c, "openai", "c", Some(401), &none, NOW, &store).unwrap();
-    observe(&c, "openai", "c", None, &none, NOW, &store).unwrap();
+    seen("b", Some(429), &h);
+    seen("c", Some(401), &none);
+    seen("c", None, &none);
     let pools = report::pools(&c, &store, NOW + 1);
     let keys = &pools[0].keys;
     assert_eq!(pools[0].strategy, "most-headroom");
