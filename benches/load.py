@@ -470,21 +470,25 @@ def measure(name, args, mock, mock_port):
 
 
 def versions():
+    def first_version(text):
+        m = re.search(r"\d+\.\d+\.\d+", text)
+        return m.group(0) if m else ""
+
     v = {
-        "tollgate": output([TOLLGATE, "--version"]),
-        "Envoy": output([ENVOY, "--version"]).split("version:")[-1].strip()[:60],
-        "wrk": output(["wrk", "-v"]).splitlines()[0] if output(["wrk", "-v"]) else "",
+        "tollgate": first_version(output([TOLLGATE, "--version"])),
+        "Envoy": first_version(output([ENVOY, "--version"]).split("version:")[-1]),
+        "wrk": first_version(output(["wrk", "-v"])),
     }
     crab = PEERS / "crabllm" / "bin" / "crabllm"
     if crab.exists():
-        v["crabllm"] = output([crab, "--version"]) or CRABLLM_VERSION
+        v["crabllm"] = first_version(output([crab, "--version"])) or CRABLLM_VERSION
     pip = PEERS / "litellm-venv" / "bin" / "pip"
     if pip.exists():
         show = output([pip, "show", "litellm"])
         v["LiteLLM"] = next((l.split(":", 1)[1].strip() for l in show.splitlines() if l.startswith("Version:")), "")
     if (PEERS / "portkey").exists():
         v["Portkey gateway"] = PORTKEY_VERSION
-    v["Node"] = output(["node", "--version"])
+    v["Node"] = first_version(output(["node", "--version"]))
     return v
 
 
