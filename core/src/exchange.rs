@@ -434,12 +434,16 @@ impl Exchange {
         };
         // Guard rules see the request's own messages (a template's as rendered), not the
         // decorators the gateway adds.
-        let texts = req.guarded_texts();
         let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
-        if let Some(rule) = guard::first_denial(model.guard.iter().chain(consumer_guard), &texts) {
-            return Err(GatewayError::ContentRejected {
-                rule: rule.to_string(),
-            });
+        if !model.guard.is_empty() || !consumer_guard.is_empty() {
+            let texts = req.guarded_texts();
+            if let Some(rule) =
+                guard::first_denial(model.guard.iter().chain(consumer_guard), &texts)
+            {
+                return Err(GatewayError::ContentRejected {
+                    rule: rule.to_string(),
+                });
+            }
         }
         let no_decorators = Decorators::default();
         let consumer_decorators = consumer.map_or(&no_decorators, |c| &c.decorators);
