@@ -30,10 +30,6 @@ impl Decorators {
             tokens: text + count as u64 * tokens::PER_MESSAGE_OVERHEAD,
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.prepend.is_empty() && self.append.is_empty()
-    }
 }
 
 /// The messages to put before and after a request's own, for a model's and a consumer's
