@@ -730,19 +730,7 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
     let c = Arc::new(Config::load(&text, &|_| Some("sk".into())).unwrap());
     let store = CellStore::default();
     // The gateway role: the request is estimated although the consumer has no limits.
-    let mut x = Exchange::new(Arc::clone(&c));
-    let headers: Vec<(String, String)> = vec![("authorization".into(), "Bearer tg-app".into())];
-    let _ = x.on_request_headers(
-        0,
-        &RequestHead {
-            method: "POST",
-            path: CHAT,
-            headers: &headers,
-        },
-    );
-    let OnBody::Forward(f) = x.on_request_body(0, SMALL.as_bytes(), &store) else {
-        panic!()
-    };
+    let (mut x, f) = forwarded_small(&c, &store);
     assert_eq!(f.ticket.tokens, reserved_small());
     assert_eq!(f.ticket.model, "gpt-4o-mini");
     assert_eq!(
@@ -841,19 +829,7 @@ fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
 fn a_key_role_reply_gets_its_real_status_back() {
     let c = config();
     let store = CellStore::default();
-    let mut x = Exchange::new(Arc::clone(&c));
-    let headers = crate::http::test_headers(&[("authorization", "Bearer tg-app")]);
-    let _ = x.on_request_headers(
-        0,
-        &RequestHead {
-            method: "POST",
-            path: CHAT,
-            headers: &headers,
-        },
-    );
-    let OnBody::Forward(_) = x.on_request_body(0, SMALL.as_bytes(), &store) else {
-        panic!()
-    };
+    let (mut x, _) = forwarded_small(&c, &store);
     // Through Envoy's router it travels as 400 (never retried), marked with its status.
     let reply = crate::http::test_headers(&[(
         crate::http::LOCAL_REPLY_HEADER,
@@ -870,4 +846,22 @@ fn a_key_role_reply_gets_its_real_status_back() {
     assert!(remove_headers.contains(&crate::http::LOCAL_REPLY_HEADER));
     assert_eq!(status, Some(429));
     assert_eq!(x.finish(0, &store).status, Some(429));
+}
+
+/// An exchange of `app` that forwarded the small chat request, and how it forwarded it.
+fn forwarded_small(c: &Arc<Config>, store: &CellStore) -> (Exchange, crate::exchange::Forward) {
+    let mut x = Exchange::new(Arc::clone(c));
+    let headers = crate::http::test_headers(&[("authorization", "Bearer tg-app")]);
+    let _ = x.on_request_headers(
+        0,
+        &RequestHead {
+            method: "POST",
+            path: CHAT,
+            headers: &headers,
+        },
+    );
+    let OnBody::Forward(f) = x.on_request_body(0, SMALL.as_bytes(), store) else {
+        panic!("not forwarded")
+    };
+    (x, f)
 }
