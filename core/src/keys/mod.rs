@@ -21,7 +21,7 @@ mod tests;
 pub use report::KeyCounter;
 
 /// Response header by which Envoy's key role hands a key's reservation to the gateway role,
-/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens/at_ms`.
+/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens/at_ms/slot_ends` (the rates' slot ends, comma-separated).
 pub const KEY_RESERVATION_HEADER: &str = "x-tollgate-key-reservation";
 
 /// The key chosen for one attempt, and the header edits that present it.
@@ -51,13 +51,19 @@ impl KeyAttempt<'_> {
     pub fn handover(&self) -> Option<String> {
         let key = self.key?;
         (!self.reservation.is_empty()).then(|| {
+            let slot_ends: Vec<String> = self
+                .reservation
+                .slot_ends()
+                .map(|e| e.to_string())
+                .collect();
             format!(
-                "{}/{}/{}/{}/{}",
+                "{}/{}/{}/{}/{}/{}",
                 self.provider.name,
                 key.id,
                 self.demand.requests,
                 self.demand.tokens,
-                self.reservation.at_ms()
+                self.reservation.at_ms(),
+                slot_ends.join(",")
             )
         })
     }
@@ -80,6 +86,13 @@ pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
     let requests = parts.next()?.parse().ok()?;
     let tokens = parts.next()?.parse().ok()?;
     let at_ms = parts.next()?.parse().ok()?;
+    // Where the key's rate buckets stood right after the reservation (see `Reservation::of`).
+    let slot_ends: Vec<u64> = parts
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|e| e.parse().ok())
+        .collect();
     let key = config
         .provider_by_name(provider)?
         .keys
@@ -90,7 +103,7 @@ pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
         tokens,
         micro_usd: 0,
     };
-    Some(Reservation::of(&key.limits, demand, at_ms))
+    Some(Reservation::of(&key.limits, demand, at_ms, &slot_ends))
 }
 
 /// How a pool orders its keys for an attempt. Every strategy skips keys that are cooling,

@@ -124,10 +124,20 @@ impl Refusal {
     }
 }
 
+/// What a request took from one limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Taken {
+    limit: Limit,
+    units: u64,
+    /// For a rate: the bucket's state right after this reservation, the end of its slot
+    /// (a refund gives back only the part of the slot still ahead); `u64::MAX` when unknown.
+    slot_end: u64,
+}
+
 /// What a request took from each limit, to be settled when it ends.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reservation {
-    taken: Vec<(Limit, u64)>,
+    taken: Vec<Taken>,
     /// When it was made (Unix ms): a calendar allowance refunds only within that period.
     at_ms: u64,
 }
@@ -247,11 +257,16 @@ impl Limit {
         }
     }
 
-    fn settle(&self, state: Option<u64>, now_ms: u64, at_ms: u64, reserved: u64, used: u64) -> u64 {
+    fn settle(&self, state: Option<u64>, now_ms: u64, at_ms: u64, taken: &Taken, used: u64) -> u64 {
+        let reserved = taken.units;
         match self.meter {
-            Meter::Rate(rate) => {
-                rate.settle(state, now_ms.saturating_mul(NS_PER_MS), reserved, used)
-            }
+            Meter::Rate(rate) => rate.settle(
+                state,
+                now_ms.saturating_mul(NS_PER_MS),
+                reserved,
+                used,
+                taken.slot_end,
+            ),
             Meter::Quota(q) => q.settle(state, now_ms, at_ms, reserved, used),
             // The slot is given back, whatever was used.
             Meter::Concurrency(_) => state.unwrap_or(0).saturating_sub(1),
@@ -296,10 +311,10 @@ pub fn admit<'a>(
         let outcome = store.measure_and_replace(&limit.store_key, |state| {
             limit
                 .reserve(state, now_ms, units)
-                .map(|new| (limit.headroom(Some(new), now_ms), new))
+                .map(|new| ((limit.headroom(Some(new), now_ms), new), new))
         });
         let refusal = match outcome {
-            Ok(Ok(headroom)) => {
+            Ok(Ok((headroom, new_state))) => {
                 let slot = match limit.unit {
                     Unit::Requests => Some(&mut headers.requests),
                     Unit::Tokens => Some(&mut headers.tokens),
@@ -310,7 +325,15 @@ pub fn admit<'a>(
                         *slot = Some(h);
                     }
                 }
-                reservation.taken.push((limit.clone(), units));
+                let slot_end = match limit.meter {
+                    Meter::Rate(_) => new_state,
+                    Meter::Quota(_) | Meter::Concurrency(_) => u64::MAX,
+                };
+                reservation.taken.push(Taken {
+                    limit: limit.clone(),
+                    units,
+                    slot_end,
+                });
                 continue;
             }
             Ok(Err(refusal)) => refusal,
@@ -345,11 +368,12 @@ fn give_back(
 ) -> Result<(), StoreError> {
     let mut result = Ok(());
     let at_ms = reservation.at_ms;
-    for (limit, reserved) in reservation.taken {
+    for taken in reservation.taken {
+        let limit = &taken.limit;
         let used = match limit.unit {
             // A request that was made counts, answered or not; concurrency frees its slot
             // regardless.
-            Unit::Requests if request_was_made => reserved,
+            Unit::Requests if request_was_made => taken.units,
             unit => used.of(unit),
         };
         // A settlement that is lost can leave a concurrency slot taken for good: insist on
@@ -359,7 +383,7 @@ fn give_back(
             let outcome = store.measure_and_replace(&limit.store_key, |state| {
                 Ok::<_, std::convert::Infallible>((
                     (),
-                    limit.settle(state, now_ms, at_ms, reserved, used),
+                    limit.settle(state, now_ms, at_ms, &taken, used),
                 ))
             });
             tries += 1;
@@ -384,16 +408,33 @@ impl Reservation {
         self.at_ms
     }
 
-    /// The reservation `admit` made of `amounts` against `limits` (which all admitted it):
+    /// The reservation `admit` made of `amounts` against `limits` (which all admitted it),
+    /// with the rates' slot ends (`slot_ends`, in the order of `limits`' rates) where known:
     /// lets one host role settle what another reserved.
-    pub fn of(limits: &[Limit], amounts: Amounts, at_ms: u64) -> Self {
+    pub fn of(limits: &[Limit], amounts: Amounts, at_ms: u64, slot_ends: &[u64]) -> Self {
+        let mut slot_ends = slot_ends.iter().copied();
         Self {
             taken: limits
                 .iter()
-                .map(|l| (l.clone(), amounts.of(l.unit)))
+                .map(|l| Taken {
+                    limit: l.clone(),
+                    units: amounts.of(l.unit),
+                    slot_end: match l.meter {
+                        Meter::Rate(_) => slot_ends.next().unwrap_or(u64::MAX),
+                        Meter::Quota(_) | Meter::Concurrency(_) => u64::MAX,
+                    },
+                })
                 .collect(),
             at_ms,
         }
+    }
+
+    /// The slot ends of its rates, in order (see `Reservation::of`).
+    pub fn slot_ends(&self) -> impl Iterator<Item = u64> + '_ {
+        self.taken
+            .iter()
+            .filter(|t| matches!(t.limit.meter, Meter::Rate(_)))
+            .map(|t| t.slot_end)
     }
 
     /// Adds another reservation's takings, to be settled together.
