@@ -36,6 +36,9 @@ pub enum GatewayError {
     UpstreamAuthFailed { provider: String },
     /// The provider did not answer within `server.upstream_timeout_ms`.
     UpstreamTimeout { provider: String },
+    /// The provider failed with a body that is not JSON (typically an HTML page from its
+    /// CDN edge): the client gets the provider's status with an error it can parse.
+    UpstreamErrorNotJson { provider: String, status: u16 },
     /// The request reached a part of the gateway that only the gateway itself may call
     /// (Envoy's key role without the gateway role's routing header).
     NotRoutedByGateway,
@@ -120,6 +123,8 @@ impl GatewayError {
             | Self::RetryBudgetSpent { .. }
             | Self::PromptOutputInvalid { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
+            Self::UpstreamErrorNotJson { status, .. } if (400..600).contains(status) => *status,
+            Self::UpstreamErrorNotJson { .. } => 502,
             Self::Internal { .. } => 500,
             Self::UpstreamTimeout { .. } => 504,
         }
@@ -164,6 +169,7 @@ impl GatewayError {
             Self::PromptOutputInvalid { .. } => "prompt_output_invalid",
             Self::ContentRejected { .. } => "content_rejected",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::UpstreamErrorNotJson { .. } => "upstream_error",
             Self::NotRoutedByGateway => "not_routed_by_gateway",
             Self::SharedStateUnavailable { .. } => "shared_state_unavailable",
             Self::Internal { .. } => "internal_error",
@@ -176,6 +182,7 @@ impl GatewayError {
             self,
             Self::UpstreamUnavailable { .. }
                 | Self::UpstreamTimeout { .. }
+                | Self::UpstreamErrorNotJson { .. }
                 | Self::RetryBudgetSpent { .. }
                 | Self::SharedStateUnavailable { .. }
                 | Self::RateLimited { .. }
@@ -227,6 +234,7 @@ impl GatewayError {
             Self::ContentRejected { rule } => format!("The request was rejected by the content rule `{rule}`."),
             Self::RetryBudgetSpent { provider, attempts } => format!("The provider `{provider}` failed {attempts} attempts, and the retry time budget is spent."),
             Self::UpstreamTimeout { provider } => format!("The provider `{provider}` did not answer in time."),
+            Self::UpstreamErrorNotJson { provider, status } => format!("The provider `{provider}` failed with status {status} and a body that is not JSON (an error page of its network edge)."),
             Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),
             Self::SharedStateUnavailable { detail } => format!("The gateway's shared state is unavailable ({detail}); try again."),
             Self::Internal { detail } => format!("Internal gateway error: {detail}."),

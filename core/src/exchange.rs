@@ -19,7 +19,7 @@ use crate::decorators::{self, Decorators};
 use crate::error::GatewayError;
 use crate::guard;
 use crate::http::{
-    local_reply_status, HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS,
+    FinalAnswer, HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS,
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
@@ -94,7 +94,7 @@ pub enum OnResponse {
 /// Response headers the client does not see: those that identify the provider account behind
 /// a key or its limits (the gateway's own `x-ratelimit-*` replace them), that try to set
 /// state on the client, and the key role's internal handover.
-pub const RELAY_REMOVE_HEADERS: [&str; 10] = [
+pub const RELAY_REMOVE_HEADERS: [&str; 11] = [
     "openai-organization",
     "openai-project",
     "set-cookie",
@@ -105,6 +105,7 @@ pub const RELAY_REMOVE_HEADERS: [&str; 10] = [
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
     KEY_RESERVATION_HEADER,
+    LOCAL_REPLY_HEADER,
 ];
 
 /// What to emit for one chunk of the provider's response body.
@@ -601,25 +602,43 @@ impl Exchange {
                 self.attach_key_reservation(r);
             }
         }
-        if let Some(marker) = headers.header(LOCAL_REPLY_HEADER) {
-            // The key role's own refusal: already the error the client should see. It went
-            // through Envoy's router under a status no retry policy retries; restore its own.
-            let real = local_reply_status(marker);
-            if real.is_some() {
-                self.status = real;
+        // Both kinds of final answer went through Envoy's router under a status no retry
+        // policy retries; their own comes back here.
+        let mut restored = None;
+        match headers.header(LOCAL_REPLY_HEADER).map(FinalAnswer::parse) {
+            None => {}
+            Some(Some(FinalAnswer::Provider(real))) => restored = Some(real),
+            // The key role's own refusal: already the error the client should see.
+            Some(answer) => {
+                let real = answer.map(|(FinalAnswer::KeyRole(s) | FinalAnswer::Provider(s))| s);
+                if real.is_some() {
+                    self.status = real;
+                }
+                return OnResponse::Relay {
+                    status: real,
+                    remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
+                    add_headers: self.rate_headers(),
+                    body_rewritten: false,
+                };
             }
-            return OnResponse::Relay {
-                status: real,
-                remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
-                add_headers: self.rate_headers(),
-                body_rewritten: false,
-            };
         }
+        let status = restored.unwrap_or(status);
+        self.status = Some(status);
         if matches!(status, 401 | 403) {
             // The gateway's key was refused: the client's own key is fine, and the
             // provider's message may quote the key, so answer with our own error.
             let provider = self.provider_name().unwrap_or_default();
             return OnResponse::Replace(self.refuse(GatewayError::UpstreamAuthFailed { provider }));
+        }
+        let declared_not_json = headers
+            .header("content-type")
+            .is_some_and(|t| !t.to_ascii_lowercase().contains("json"));
+        if status >= 400 && declared_not_json {
+            // An edge's HTML page means nothing to an OpenAI client: say what happened in
+            // the shape it parses, under the provider's status.
+            let provider = self.provider_name().unwrap_or_default();
+            let error = GatewayError::UpstreamErrorNotJson { provider, status };
+            return OnResponse::Replace(self.refuse(error));
         }
         let success = (200..300).contains(&status);
         self.provider_succeeded = success;
@@ -637,7 +656,7 @@ impl Exchange {
             self.sse = Some(SseParser::new());
         }
         OnResponse::Relay {
-            status: None,
+            status: restored,
             remove_headers: &RELAY_REMOVE_HEADERS,
             add_headers: self.rate_headers(),
             body_rewritten: success && self.strip_usage_chunk,

@@ -6,24 +6,46 @@
 /// removes it before the request leaves.
 pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
 
-/// Response header that marks a reply of the key role's own (in Envoy it travels back
-/// through the gateway role like a provider's response), with its real status: `key 429`.
-/// Removed before the client sees it.
+/// Response header that marks an answer the key role made final, with its real status: a
+/// reply of the key role's own (`key 429`; in Envoy it travels back through the gateway role
+/// like a provider's response), or a provider's answer that no further attempt may follow
+/// (`final 500`: the retry budget is spent, so the router must not retry it). Removed before
+/// the client sees it.
 pub const LOCAL_REPLY_HEADER: &str = "x-tollgate-local-reply";
 
-/// The status the key role's replies carry through Envoy's router: one its retry policy never
-/// retries (it retries 429, 401, 403 and 5xx, and a key role refusal such as "every key is
-/// cooling" is final). The gateway role restores the real status from `LOCAL_REPLY_HEADER`.
+/// The status such answers carry through Envoy's router: one its retry policy never retries
+/// (it retries 429, 401, 403 and 5xx, and a key role refusal such as "every key is cooling"
+/// is final). The gateway role restores the real status from `LOCAL_REPLY_HEADER`.
 pub const LOCAL_REPLY_CARRIER_STATUS: u16 = 400;
 
-/// The `LOCAL_REPLY_HEADER` value for a key role reply with `status`.
-pub fn local_reply_marker(status: u16) -> String {
-    format!("key {status}")
+/// What a `LOCAL_REPLY_HEADER` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalAnswer {
+    /// The key role's own reply, already the error the client should see.
+    KeyRole(u16),
+    /// The provider's answer, to be handled as any provider answer with this status.
+    Provider(u16),
 }
 
-/// The real status of a key role reply, from its `LOCAL_REPLY_HEADER` value.
-pub fn local_reply_status(marker: &str) -> Option<u16> {
-    marker.strip_prefix("key ")?.trim().parse().ok()
+impl FinalAnswer {
+    /// The `LOCAL_REPLY_HEADER` value.
+    pub fn marker(self) -> String {
+        match self {
+            FinalAnswer::KeyRole(status) => format!("key {status}"),
+            FinalAnswer::Provider(status) => format!("final {status}"),
+        }
+    }
+
+    /// Reads a `LOCAL_REPLY_HEADER` value.
+    pub fn parse(marker: &str) -> Option<FinalAnswer> {
+        let (kind, status) = marker.trim().split_once(' ')?;
+        let status = status.trim().parse().ok()?;
+        match kind {
+            "key" => Some(FinalAnswer::KeyRole(status)),
+            "final" => Some(FinalAnswer::Provider(status)),
+            _ => None,
+        }
+    }
 }
 
 /// Request headers that carry a consumer's credential. Stripped before anything goes upstream.

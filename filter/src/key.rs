@@ -8,10 +8,11 @@ use std::sync::Arc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 use tollgate_core::http::{
-    local_reply_marker, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
+    FinalAnswer, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use tollgate_core::keys::{self, attempt_key, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
+use tollgate_core::retry::{is_retryable, RetryPolicy};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
 
@@ -31,6 +32,9 @@ pub struct KeyFlow {
     used: Option<(String, String)>,
     /// The provider answered (else, at the end, the key counts as unreachable).
     answered: bool,
+    /// The provider's retry policy and when the request was forwarded: an answer after the
+    /// budget is final, as in the native host.
+    retry: Option<(RetryPolicy, u64)>,
 }
 
 impl KeyFlow {
@@ -43,6 +47,7 @@ impl KeyFlow {
             replied: false,
             used: None,
             answered: false,
+            retry: None,
         }
     }
 
@@ -57,9 +62,12 @@ impl KeyFlow {
             return Err(GatewayError::NotRoutedByGateway);
         }
         let now = host::now_ms();
+        let provider = self.config.provider_by_name(&ticket.provider);
+        self.retry = provider.map(|p| (p.retry, ticket.started_ms));
         if !ticket.tried.is_empty() {
-            // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours.
-            let provider = self.config.provider_by_name(&ticket.provider);
+            // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours. Only a
+            // budget that ran out during Envoy's backoff gets here: an answer that came after
+            // it was made final (see `on_http_response_headers`).
             if provider.is_some_and(|p| !p.retry.within_budget(ticket.started_ms, now)) {
                 return Err(GatewayError::RetryBudgetSpent {
                     provider: ticket.provider.clone(),
@@ -106,9 +114,10 @@ impl HttpContext for KeyFlow {
                 let mut response = e.respond();
                 // Marks the reply as ours and carries its status; it travels under a status
                 // Envoy's retry policy leaves alone, and the gateway role restores it.
-                response
-                    .headers
-                    .push((LOCAL_REPLY_HEADER, local_reply_marker(response.status)));
+                response.headers.push((
+                    LOCAL_REPLY_HEADER,
+                    FinalAnswer::KeyRole(response.status).marker(),
+                ));
                 // Even without the gateway role (which would restore the status), a refusal
                 // that can never succeed must not be retried by whatever route sent it here.
                 response.status = LOCAL_REPLY_CARRIER_STATUS;
@@ -150,6 +159,9 @@ impl HttpContext for KeyFlow {
                 host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
             }
         }
+        if let (Some(status), false) = (status, self.replied) {
+            self.make_final_past_budget(map, status);
+        }
         let success = status.is_some_and(|s| (200..300).contains(&s));
         // A successful response reaches the gateway role, which sees its usage: hand it the
         // reservation to settle. Anything else (a retry, an error) is settled here.
@@ -167,6 +179,26 @@ impl HttpContext for KeyFlow {
 }
 
 impl KeyFlow {
+    /// A failed answer that Envoy's router would retry, arriving when no attempt may start
+    /// any more: the client should get it, as the native host relays a provider's last answer
+    /// (not the next attempt's refusal). It travels under a status the router never retries,
+    /// marked with its own, which the gateway role restores.
+    fn make_final_past_budget(&self, map: MapType, status: u16) {
+        let Some((policy, started_ms)) = self.retry else {
+            return;
+        };
+        if policy.attempts < 2
+            || !is_retryable(status)
+            || policy.within_budget(started_ms, host::now_ms())
+        {
+            return;
+        }
+        let marker = FinalAnswer::Provider(status).marker();
+        if host::set_header(map, LOCAL_REPLY_HEADER, &marker).is_ok() {
+            let _ = host::set_header(map, ":status", &LOCAL_REPLY_CARRIER_STATUS.to_string());
+        }
+    }
+
     /// Ends the attempt, once: counts a key that never answered, and gives back what the
     /// attempt reserved on it unless the gateway role took it over.
     fn conclude(&mut self) {

@@ -4,14 +4,17 @@
 //! Binaries are found through environment variables that `make test` sets, else at their
 //! usual places in the workspace: `TOLLGATE_BIN` (target/debug/tollgate), `TOLLGATE_WASM`
 //! (target/wasm32-wasip1/release/tollgate_filter.wasm), `ENVOY_BIN` (.venv/bin/envoy).
-//! A missing one is a test failure that says how to build it, never a skip.
+//! A missing one is a test failure that says how to build it, never a skip; so is one older
+//! than the sources it is built from (checked once per process), since `cargo test` alone does
+//! not rebuild the filter or, for this crate's tests, the binary.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Which host runs the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +27,8 @@ pub enum Host {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests.parent().unwrap_or(tests).to_path_buf()
 }
 
 fn binary(var: &str, default: &str, how: &str) -> PathBuf {
@@ -38,19 +42,111 @@ fn binary(var: &str, default: &str, how: &str) -> PathBuf {
 }
 
 pub fn tollgate_bin() -> PathBuf {
-    binary(
-        "TOLLGATE_BIN",
-        "target/debug/tollgate",
-        "cargo build -p tollgate",
-    )
+    const BUILD: &str = "cargo build -p tollgate";
+    static FRESH: OnceLock<Result<(), String>> = OnceLock::new();
+    let path = binary("TOLLGATE_BIN", "target/debug/tollgate", BUILD);
+    if let Err(why) = FRESH.get_or_init(|| check_fresh(&path, &workspace(), BIN_SOURCES, BUILD)) {
+        panic!("{why}");
+    }
+    path
 }
 
 pub fn wasm_path() -> PathBuf {
-    binary(
+    const BUILD: &str = "make wasm";
+    static FRESH: OnceLock<Result<(), String>> = OnceLock::new();
+    let path = binary(
         "TOLLGATE_WASM",
         "target/wasm32-wasip1/release/tollgate_filter.wasm",
-        "make wasm",
-    )
+        BUILD,
+    );
+    if let Err(why) = FRESH.get_or_init(|| check_fresh(&path, &workspace(), WASM_SOURCES, BUILD)) {
+        panic!("{why}");
+    }
+    path
+}
+
+/// The workspace crates the native binary is built from.
+const BIN_SOURCES: &[&str] = &["core", "native-host"];
+/// The workspace crates the filter is built from.
+const WASM_SOURCES: &[&str] = &["core", "filter"];
+
+/// The newest file among an artifact's sources: in each of the workspace crates `crates`, its
+/// `Cargo.toml`, `build.rs` and every file under `src`; and the workspace's `Cargo.toml` and
+/// `Cargo.lock`. Not what a crate does not build into the artifact (its `tests`, `benches`,
+/// `target`, a `proptest-regressions` file a failing test wrote): cargo would not rebuild the
+/// artifact when that changes, so it would stay "stale". Nor hidden files and editor backups
+/// (`.x.rs.swp`, `x.rs~`), which an open editor changes.
+fn newest_source(workspace: &Path, crates: &[&str]) -> Option<(PathBuf, SystemTime)> {
+    fn walk(dir: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name.ends_with('~') {
+                continue;
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&entry.path(), newest);
+            } else {
+                consider(&entry.path(), newest);
+            }
+        }
+    }
+    fn consider(path: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        // `metadata` follows symlinks: a linked source counts with its target's time.
+        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+            return;
+        };
+        if newest.as_ref().is_none_or(|(_, t)| modified > *t) {
+            *newest = Some((path.to_path_buf(), modified));
+        }
+    }
+    let mut newest = None;
+    for krate in crates {
+        let krate = workspace.join(krate);
+        walk(&krate.join("src"), &mut newest);
+        for file in ["Cargo.toml", "build.rs"] {
+            consider(&krate.join(file), &mut newest);
+        }
+    }
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        consider(&workspace.join(file), &mut newest);
+    }
+    newest
+}
+
+/// `Err` saying what to run when a source of `artifact` (see `newest_source`) changed after
+/// it was built.
+fn check_fresh(
+    artifact: &Path,
+    workspace: &Path,
+    crates: &[&str],
+    rebuild: &str,
+) -> Result<(), String> {
+    let built = std::fs::metadata(artifact)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("{}: {e}", artifact.display()))?;
+    let Some((source, changed)) = newest_source(workspace, crates) else {
+        return Ok(());
+    };
+    let Ok(after) = changed.duration_since(built) else {
+        return Ok(());
+    };
+    if after.is_zero() {
+        return Ok(());
+    }
+    let source = source.strip_prefix(workspace).unwrap_or(&source);
+    Err(format!(
+        "{} is stale: {} changed {:.1} s after it was built. Rebuild it with `{rebuild}` \
+         (`make test` rebuilds everything and runs every test). If cargo finds nothing to \
+         rebuild (a manifest change that does not affect it), `touch {}`.",
+        artifact.display(),
+        source.display(),
+        after.as_secs_f64(),
+        artifact.display(),
+    ))
 }
 
 pub fn envoy_bin() -> PathBuf {
@@ -91,6 +187,9 @@ pub struct Gateway {
     xds: Option<Xds>,
     /// Envoy's admin address.
     envoy_admin: Option<String>,
+    /// The address Envoy's listener was configured with (`127.0.0.1:0` unless it has a fixed
+    /// port), which its stats are named after.
+    envoy_listen: Option<String>,
     _dir: TempDir,
 }
 
@@ -131,6 +230,44 @@ impl Gateway {
             self.envoy_admin.as_deref()?,
             &format!("/stats?filter={filter}"),
         )
+    }
+
+    /// How many connections each Envoy worker has accepted on the tollgate listener so far
+    /// (`listener.<address>.worker_<N>.downstream_cx_total`), indexed by worker; `None` for
+    /// the native host. Sequential requests on one kept-alive connection all reach one worker:
+    /// a test that means to reach every worker sends on fresh connections
+    /// (`scenario::fresh_client`).
+    pub fn envoy_worker_connections(&self) -> Option<Vec<u64>> {
+        let Host::Envoy { workers } = self.host else {
+            return None;
+        };
+        let listen = self.envoy_listen.as_deref()?;
+        let prefix = format!("listener.{}.worker_", listen.replace(':', "_"));
+        let stats = self.envoy_stats(&prefix).unwrap_or_else(|| {
+            panic!(
+                "Envoy's admin API did not answer for stats:\n{}",
+                self.logs()
+            )
+        });
+        let mut counts = vec![None; workers as usize];
+        for line in stats.lines() {
+            let Some((worker, stat)) = line.strip_prefix(&prefix).and_then(|l| l.split_once('.'))
+            else {
+                continue;
+            };
+            let Some(value) = stat.strip_prefix("downstream_cx_total: ") else {
+                continue;
+            };
+            if let (Ok(worker), Ok(value)) = (worker.parse::<usize>(), value.trim().parse()) {
+                if let Some(count) = counts.get_mut(worker) {
+                    *count = Some(value);
+                }
+            }
+        }
+        let counts: Option<Vec<u64>> = counts.into_iter().collect();
+        Some(counts.unwrap_or_else(|| {
+            panic!("no {prefix}<N>.downstream_cx_total for each of {workers} workers in:\n{stats}")
+        }))
     }
 
     /// Everything the process logged so far.
@@ -290,6 +427,7 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         config_path: config.to_path_buf(),
         xds: None,
         envoy_admin: None,
+        envoy_listen: None,
         _dir: dir,
     })
 }
@@ -328,30 +466,92 @@ fn start_envoy(
     workers: u32,
     xds: bool,
 ) -> Result<Gateway, String> {
-    let bootstrap = dir.path().join("envoy.yaml");
-    // A listener served over xDS keeps its address across updates: give it a fixed port.
-    let listen = if xds {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe a port");
-        probe.local_addr().expect("probed port").to_string()
-    } else {
-        "127.0.0.1:0".to_string()
-    };
-    let xds_dir = dir.path().join("xds");
+    // A listener served over xDS keeps its address across updates: give it a fixed port,
+    // probed by binding then releasing it. Another process may take it meanwhile; then Envoy
+    // cannot bind it, and another port is tried.
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let listen = if xds {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe a port");
+            probe.local_addr().expect("probed port").to_string()
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        match launch_envoy(dir.path(), config, env, workers, xds, &listen) {
+            Ok(started) => {
+                return Ok(Gateway {
+                    host: Host::Envoy { workers },
+                    addr: started.addr,
+                    child: started.child,
+                    log_path: started.log_path,
+                    config_path: config.to_path_buf(),
+                    xds: xds.then(|| Xds {
+                        dir: dir.path().join("xds"),
+                        admin: started.admin.clone(),
+                    }),
+                    envoy_admin: Some(started.admin),
+                    envoy_listen: Some(listen),
+                    _dir: dir,
+                })
+            }
+            Err(failed) if failed.address_in_use && xds && attempt < ATTEMPTS => attempt += 1,
+            Err(failed) if failed.address_in_use && xds => {
+                return Err(format!("{attempt} ports tried, each taken: {}", failed.why))
+            }
+            Err(failed) => return Err(failed.why),
+        }
+    }
+}
+
+/// An Envoy that is live, with the tollgate listener.
+struct EnvoyStarted {
+    child: Child,
+    addr: SocketAddr,
+    admin: String,
+    log_path: PathBuf,
+}
+
+/// Why Envoy did not start (with its log), and whether it was because its listener's address
+/// was taken.
+struct EnvoyFailed {
+    why: String,
+    address_in_use: bool,
+}
+
+/// One attempt at starting Envoy in `dir` with its listener on `listen`; a failed one is
+/// stopped before this returns.
+fn launch_envoy(
+    dir: &Path,
+    config: &Path,
+    env: &[(&str, &str)],
+    workers: u32,
+    xds: bool,
+    listen: &str,
+) -> Result<EnvoyStarted, EnvoyFailed> {
+    let bootstrap = dir.join("envoy.yaml");
+    let xds_dir = dir.join("xds");
     if xds {
         std::fs::create_dir_all(&xds_dir).expect("create xds dir");
     }
     let rendered = render(
         config,
-        &listen,
+        listen,
         "127.0.0.1:0",
         xds.then_some(xds_dir.as_path()),
-    )?;
+    )
+    .map_err(|why| EnvoyFailed {
+        why,
+        address_in_use: false,
+    })?;
     std::fs::write(&bootstrap, &rendered).expect("write bootstrap");
 
-    let admin_path = dir.path().join("admin-address");
-    let log_path = dir.path().join("envoy.log");
+    let admin_path = dir.join("admin-address");
+    // Left from an earlier attempt, it would name that Envoy's admin.
+    let _ = std::fs::remove_file(&admin_path);
+    let log_path = dir.join("envoy.log");
     let log = std::fs::File::create(&log_path).expect("create log");
-    let child = Command::new(envoy_bin())
+    let mut child = Command::new(envoy_bin())
         .arg("-c")
         .arg(&bootstrap)
         .args([
@@ -373,31 +573,24 @@ fn start_envoy(
         .stderr(log)
         .spawn()
         .expect("start envoy");
-    let mut gateway = Gateway {
-        host: Host::Envoy { workers },
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        child,
-        log_path,
-        config_path: config.to_path_buf(),
-        xds: None,
-        envoy_admin: None,
-        _dir: dir,
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let fail = |gateway: &Gateway, why: &str| {
-        Err(format!(
-            "envoy did not start: {why}; its log:\n{}",
-            gateway.logs()
-        ))
+    let fail = |mut child: Child, why: &str| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+        Err(EnvoyFailed {
+            address_in_use: logs.contains("Address already in use"),
+            why: format!("envoy did not start: {why}; its log:\n{logs}"),
+        })
     };
     // Envoy writes its admin address once it listens; the listener's port comes from the
     // admin API once the server is live.
     loop {
         if Instant::now() > deadline {
-            return fail(&gateway, "timed out");
+            return fail(child, "timed out");
         }
-        if let Ok(Some(status)) = gateway.child.try_wait() {
-            return fail(&gateway, &format!("it exited with {status}"));
+        if let Ok(Some(status)) = child.try_wait() {
+            return fail(child, &format!("it exited with {status}"));
         }
         let admin = std::fs::read_to_string(&admin_path).unwrap_or_default();
         let admin = admin.trim();
@@ -410,20 +603,16 @@ fn start_envoy(
                 .lines()
                 .find_map(|l| l.strip_prefix("tollgate::"))
                 .and_then(|a| a.trim().parse().ok());
-            match addr {
-                Some(addr) => {
-                    gateway.addr = addr;
-                    gateway.envoy_admin = Some(admin.to_string());
-                    if xds {
-                        gateway.xds = Some(Xds {
-                            dir: xds_dir,
-                            admin: admin.to_string(),
-                        });
-                    }
-                    return Ok(gateway);
-                }
-                None => return fail(&gateway, &format!("no tollgate listener in {listeners:?}")),
-            }
+            let Some(addr) = addr else {
+                return fail(child, &format!("no tollgate listener in {listeners:?}"));
+            };
+            let admin = admin.to_string();
+            return Ok(EnvoyStarted {
+                child,
+                addr,
+                admin,
+                log_path,
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -444,4 +633,118 @@ fn admin_get(addr: &str, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A workspace with an artifact built at `t(0)` and sources at `t(-10)`.
+    fn workspace_at(dir: &Path, t: impl Fn(i64) -> SystemTime) -> PathBuf {
+        let files = [
+            "Cargo.toml",
+            "Cargo.lock",
+            "core/Cargo.toml",
+            "core/src/lib.rs",
+            "core/src/limits/gcra.rs",
+            "native-host/src/main.rs",
+            "filter/src/lib.rs",
+        ];
+        for file in files {
+            touch(&dir.join(file), t(-10));
+        }
+        let artifact = dir.join("target/debug/tollgate");
+        touch(&artifact, t(0));
+        artifact
+    }
+
+    fn touch(path: &Path, at: SystemTime) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        file.set_modified(at).unwrap();
+    }
+
+    fn times() -> impl Fn(i64) -> SystemTime {
+        let base = SystemTime::now() - Duration::from_secs(3_600);
+        move |s| {
+            if s < 0 {
+                base - Duration::from_secs(s.unsigned_abs())
+            } else {
+                base + Duration::from_secs(s.unsigned_abs())
+            }
+        }
+    }
+
+    #[test]
+    fn an_artifact_newer_than_its_sources_is_fresh() {
+        let dir = TempDir::new("fresh");
+        let t = times();
+        let artifact = workspace_at(dir.path(), &t);
+        assert_eq!(check_fresh(&artifact, dir.path(), BIN_SOURCES, "b"), Ok(()));
+        let (newest, at) = newest_source(dir.path(), BIN_SOURCES).unwrap();
+        assert_eq!(at, t(-10));
+        assert!(newest.starts_with(dir.path()));
+    }
+
+    #[test]
+    fn a_newer_source_makes_it_stale_and_is_named() {
+        let t = times();
+        for (changed, crates) in [
+            ("core/src/limits/gcra.rs", BIN_SOURCES),
+            ("native-host/src/main.rs", BIN_SOURCES),
+            ("filter/src/lib.rs", WASM_SOURCES),
+            ("core/Cargo.toml", WASM_SOURCES),
+            ("Cargo.toml", BIN_SOURCES),
+            ("Cargo.lock", WASM_SOURCES),
+        ] {
+            let dir = TempDir::new("stale");
+            let artifact = workspace_at(dir.path(), &t);
+            touch(&dir.path().join("core/src/other.rs"), t(-1));
+            touch(&dir.path().join(changed), t(5));
+            let why = check_fresh(&artifact, dir.path(), crates, "make wasm").unwrap_err();
+            assert!(
+                why.contains(&format!(" {changed} changed 5.0 s after")),
+                "{why}"
+            );
+            assert!(why.contains("`make wasm`"), "{why}");
+            assert!(why.contains(&artifact.display().to_string()), "{why}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_built_into_the_artifact_does_not_count() {
+        let t = times();
+        let dir = TempDir::new("unrelated");
+        let artifact = workspace_at(dir.path(), &t);
+        for file in [
+            "filter/src/lib.rs", // not a source of the binary
+            "tests/src/gateway.rs",
+            "core/target/debug/x",
+            "native-host/tests/cli.rs",
+            "core/benches/b.rs",
+            "core/examples/e.rs",
+            "core/src/.gcra.rs.swp",
+            "core/src/gcra.rs~",
+            "core/clippy.toml",
+            "core/proptest-regressions/limits/gcra.txt",
+            "README.md",
+        ] {
+            touch(&dir.path().join(file), t(60));
+        }
+        assert_eq!(check_fresh(&artifact, dir.path(), BIN_SOURCES, "b"), Ok(()));
+        // A `tests` directory under `src` is a module like any other; so is a build script.
+        for file in ["core/src/exchange/tests/mod.rs", "native-host/build.rs"] {
+            touch(&dir.path().join(file), t(1));
+            let why = check_fresh(&artifact, dir.path(), BIN_SOURCES, "b").unwrap_err();
+            assert!(why.contains(file), "{why}");
+            touch(&dir.path().join(file), t(-1));
+        }
+    }
+
+    #[test]
+    fn a_missing_artifact_is_an_error() {
+        let dir = TempDir::new("missing");
+        let why = check_fresh(&dir.path().join("nope"), dir.path(), BIN_SOURCES, "b");
+        assert!(why.is_err());
+    }
 }

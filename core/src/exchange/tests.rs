@@ -138,7 +138,7 @@ fn forwarded_completion() {
         [
             "read body up to 200",
             "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai",
-            r#"relay without ["openai-organization", "openai-project", "set-cookie", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "x-tollgate-key-reservation"]"#,
+            r#"relay without ["openai-organization", "openai-project", "set-cookie", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "x-tollgate-key-reservation", "x-tollgate-local-reply"]"#,
             "Unchanged",
             "Unchanged",
             r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
@@ -836,7 +836,7 @@ fn a_key_role_reply_gets_its_real_status_back() {
     // Through Envoy's router it travels as 400 (never retried), marked with its status.
     let reply = crate::http::test_headers(&[(
         crate::http::LOCAL_REPLY_HEADER,
-        &crate::http::local_reply_marker(429),
+        &crate::http::FinalAnswer::KeyRole(429).marker(),
     )]);
     let OnResponse::Relay {
         status,
@@ -849,6 +849,69 @@ fn a_key_role_reply_gets_its_real_status_back() {
     assert!(remove_headers.contains(&crate::http::LOCAL_REPLY_HEADER));
     assert_eq!(status, Some(429));
     assert_eq!(x.finish(0, &store).status, Some(429));
+}
+
+#[test]
+fn a_provider_answer_made_final_is_handled_as_the_provider_answered() {
+    let c = config();
+    let store = CellStore::default();
+    let marked = |status: u16| {
+        crate::http::test_headers(&[
+            (
+                crate::http::LOCAL_REPLY_HEADER,
+                &crate::http::FinalAnswer::Provider(status).marker(),
+            ),
+            ("content-type", "application/json"),
+        ])
+    };
+    // A 500 after the retry budget: relayed under its own status, marker removed.
+    let (mut x, _) = forwarded_small(&c, &store);
+    let OnResponse::Relay {
+        status,
+        remove_headers,
+        ..
+    } = x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &marked(500))
+    else {
+        panic!()
+    };
+    assert_eq!(status, Some(500));
+    assert!(remove_headers.contains(&crate::http::LOCAL_REPLY_HEADER));
+    assert_eq!(x.finish(0, &store).status, Some(500));
+    // A refused key stays the gateway's problem, whatever carried the answer.
+    let (mut x, _) = forwarded_small(&c, &store);
+    let OnResponse::Replace(r) =
+        x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &marked(401))
+    else {
+        panic!()
+    };
+    assert_eq!(r.status, 502);
+}
+
+#[test]
+fn a_provider_error_that_is_not_json_becomes_an_openai_error_with_its_status() {
+    let c = config();
+    let store = CellStore::default();
+    for (status, content_type, replaced) in [
+        (502, "text/html", true),
+        (503, "text/plain; charset=utf-8", true),
+        (500, "application/json; charset=utf-8", false),
+        (429, "application/json", false),
+        (200, "text/html", false),
+    ] {
+        let (mut x, _) = forwarded_small(&c, &store);
+        let headers = crate::http::test_headers(&[("content-type", content_type)]);
+        match x.on_response_headers(status, &headers) {
+            OnResponse::Replace(r) => {
+                assert!(replaced, "{status} {content_type}");
+                assert_eq!(r.status, status);
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(v["error"]["code"], "upstream_error");
+                assert!(v["error"]["message"].as_str().unwrap().contains("not JSON"));
+            }
+            OnResponse::Relay { .. } => assert!(!replaced, "{status} {content_type}"),
+            OnResponse::Collect { .. } => panic!("collected"),
+        }
+    }
 }
 
 /// An exchange of `app` that forwarded the small chat request, and how it forwarded it.

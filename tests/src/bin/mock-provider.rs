@@ -2,7 +2,7 @@
 //! runs:
 //!
 //! ```text
-//! mock-provider [--listen 127.0.0.1:0] [--no-record] [--workers N]
+//! mock-provider [--listen 127.0.0.1:0] [--no-record] [--no-rate-limit-headers] [--workers N]
 //! ```
 //!
 //! Once listening it prints exactly one line, `listening on ADDR`, to stdout,
@@ -13,11 +13,14 @@ use std::process::ExitCode;
 
 use tollgate_e2e::mock_provider::{MockOptions, MockProvider};
 
-const USAGE: &str = "usage: mock-provider [--listen ADDR] [--no-record] [--workers N]
+const USAGE: &str =
+    "usage: mock-provider [--listen ADDR] [--no-record] [--no-rate-limit-headers] [--workers N]
 
-  --listen ADDR   address to listen on (default 127.0.0.1:0, a free port)
-  --no-record     do not keep received requests (keeps memory flat under load)
-  --workers N     tokio worker threads (default 1)";
+  --listen ADDR             address to listen on (default 127.0.0.1:0, a free port)
+  --no-record               do not keep received requests (keeps memory flat under load)
+  --no-rate-limit-headers   do not send x-ratelimit-* headers (sent by default, as
+                            real providers do; costs one short mutex per keyed request)
+  --workers N               tokio worker threads (default 1)";
 
 struct Args {
     options: MockOptions,
@@ -61,6 +64,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
                 };
             }
             "--no-record" if inline_value.is_none() => parsed.options.record = false,
+            "--no-rate-limit-headers" if inline_value.is_none() => {
+                parsed.options.rate_limit_headers = false;
+            }
             "-h" | "--help" => return Ok(Command::Help),
             _ => return Err(format!("unexpected argument {flag}")),
         }
