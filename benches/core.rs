@@ -230,5 +230,84 @@ prompts:
     });
 }
 
-criterion_group!(benches, request_path, limiter, routing, streams, prompts);
+/// Translating between OpenAI's chat completions and Anthropic's Messages API: requests,
+/// and streams in both directions (4 KB chunks, as a host feeds them).
+fn translation(c: &mut Criterion) {
+    use tollgate_core::providers::anthropic::{client, provider};
+
+    let mut group = c.benchmark_group("translation");
+    let chat = chat_body("claude-sonnet");
+    group.throughput(Throughput::Bytes(chat.len() as u64));
+    group.bench_function("chat request 1KB to Messages", |b| {
+        b.iter(|| {
+            black_box(provider::messages_request(
+                black_box(&chat),
+                "claude-sonnet-4-5",
+                1024,
+            ))
+        })
+    });
+    let messages = provider::messages_request(&chat, "claude-sonnet", 1024).expect("a request");
+    group.throughput(Throughput::Bytes(messages.len() as u64));
+    group.bench_function("Messages request 1KB to chat", |b| {
+        b.iter(|| black_box(client::chat_request(black_box(&messages))))
+    });
+
+    let anthropic = anthropic_stream(500);
+    group.throughput(Throughput::Bytes(anthropic.len() as u64));
+    group.bench_function("Messages stream to chat chunks", |b| {
+        b.iter(|| {
+            let mut translator = provider::ChatStream::new("claude-sonnet", 1, true);
+            let mut out = Vec::with_capacity(anthropic.len() * 2);
+            for chunk in anthropic.chunks(4096) {
+                translator.feed(chunk, &mut out);
+            }
+            translator.finish(&mut out);
+            black_box(out.len())
+        })
+    });
+    let openai = sample_stream(500);
+    group.throughput(Throughput::Bytes(openai.len() as u64));
+    group.bench_function("chat stream to Messages events", |b| {
+        b.iter(|| {
+            let mut translator = client::MessagesStream::new("gpt-4o-mini");
+            let mut out = Vec::with_capacity(openai.len() * 2);
+            for chunk in openai.chunks(4096) {
+                translator.feed(chunk, &mut out);
+            }
+            translator.finish(&mut out);
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
+/// A Messages stream of `words` text deltas, as Anthropic sends it.
+fn anthropic_stream(words: usize) -> Vec<u8> {
+    let mut s = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+         event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    );
+    for i in 0..words {
+        s.push_str(&format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" word{i}\"}}}}\n\n"
+        ));
+    }
+    s.push_str(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+         event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":500}}\n\n\
+         event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    s.into_bytes()
+}
+
+criterion_group!(
+    benches,
+    request_path,
+    limiter,
+    routing,
+    streams,
+    prompts,
+    translation
+);
 criterion_main!(benches);

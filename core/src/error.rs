@@ -19,6 +19,15 @@ pub enum GatewayError {
     MalformedBody { detail: String },
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge { limit: u64 },
+    /// The request asks for something the model's provider cannot do (`n` > 1 of a Claude
+    /// model, say): refused, never silently dropped.
+    UnsupportedParameter {
+        param: String,
+        provider_kind: &'static str,
+        reason: String,
+    },
+    /// The provider answered success with a body the gateway cannot read as its API's answer.
+    UpstreamInvalidAnswer { provider: String },
     /// No endpoint at this path.
     NotFound { path: String },
     /// The endpoint exists but not for this method; `allowed` is the one it takes.
@@ -69,6 +78,16 @@ pub enum GatewayError {
     },
     /// Every key of the provider was refused (401/403).
     KeysRevoked { provider: String },
+    /// Every key of the provider is out: its account's quota exhausted (or, for some, still
+    /// cooling or revoked); the first is usable again after `retry_after_ms`.
+    KeysExhausted {
+        provider: String,
+        retry_after_ms: u64,
+    },
+    /// The provider refused the request as larger than its key's limits allow (OpenAI's
+    /// "Request too large" 429, Anthropic's 413): no key would take it. `reason` is the
+    /// provider's message, account identifiers removed.
+    RequestTooLargeForProvider { provider: String, reason: String },
     /// Attempts on the provider's keys failed until the retry budget was spent (Envoy: a
     /// retry Envoy scheduled would start past `retry.budget_ms`).
     RetryBudgetSpent { provider: String, attempts: u32 },
@@ -109,6 +128,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => 405,
             Self::RequestTimeout => 408,
             Self::MalformedBody { .. }
+            | Self::UnsupportedParameter { .. }
             | Self::ExceedsLimit { .. }
             | Self::InvalidPromptVariable { .. }
             | Self::PromptCannotStream { .. }
@@ -116,10 +136,12 @@ impl GatewayError {
             Self::RateLimited { .. } | Self::QuotaExhausted { .. } | Self::KeysCooling { .. } => {
                 429
             }
-            Self::KeysRevoked { .. } => 503,
+            Self::KeysRevoked { .. } | Self::KeysExhausted { .. } => 503,
+            Self::RequestTooLargeForProvider { .. } => 400,
             Self::BodyTooLarge { .. } => 413,
             Self::UpstreamUnavailable { .. }
             | Self::UpstreamAuthFailed { .. }
+            | Self::UpstreamInvalidAnswer { .. }
             | Self::RetryBudgetSpent { .. }
             | Self::PromptOutputInvalid { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
@@ -150,9 +172,13 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::UnknownModel { .. } => "model_not_found",
             Self::MalformedBody { .. } => "invalid_request_body",
+            Self::UnsupportedParameter { .. } => "unsupported_parameter",
+            Self::UpstreamInvalidAnswer { .. } => "upstream_invalid_answer",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::KeysCooling { .. } => "provider_keys_cooling",
             Self::KeysRevoked { .. } => "provider_keys_revoked",
+            Self::KeysExhausted { .. } => "provider_keys_exhausted",
+            Self::RequestTooLargeForProvider { .. } => "request_too_large_for_provider",
             Self::QuotaExhausted { .. } => "quota_exhausted",
             Self::ExceedsLimit { .. } => "request_exceeds_limit",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -198,6 +224,8 @@ impl GatewayError {
             Self::ModelNotAllowed { model } => format!("This API key may not use the model `{model}`."),
             Self::UnknownModel { model } => format!("The model `{model}` does not exist."),
             Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
+            Self::UnsupportedParameter { param, provider_kind, reason } => format!("`{param}` is not supported by this model's provider (kind `{provider_kind}`): {reason}"),
+            Self::UpstreamInvalidAnswer { provider } => format!("The provider `{provider}` answered with a body the gateway cannot read."),
             Self::RateLimited { limit, scope, retry_after_ms } => format!(
                 "Rate limit reached: `{limit}` of {scope}. Retry after {}.",
                 crate::limits::format_duration(*retry_after_ms)
@@ -207,6 +235,13 @@ impl GatewayError {
                 crate::limits::format_duration(*retry_after_ms)
             ),
             Self::KeysRevoked { provider } => format!("Every key of provider `{provider}` was refused by the provider."),
+            Self::KeysExhausted { provider, retry_after_ms } => format!(
+                "Every key of provider `{provider}` is out of quota at the provider. Retry after {}.",
+                crate::limits::format_duration(*retry_after_ms)
+            ),
+            Self::RequestTooLargeForProvider { provider, reason } => format!(
+                "The provider `{provider}` refused this request as too large for its limits: {reason}"
+            ),
             Self::QuotaExhausted { limit, scope, retry_after_ms } => format!(
                 "Allowance spent: `{limit}` of {scope}. It renews in {}.",
                 crate::limits::format_duration(*retry_after_ms)
@@ -243,7 +278,14 @@ impl GatewayError {
 
     /// The OpenAI-shaped body: `{"error":{"message","type","param","code"}}`.
     pub fn body(&self) -> Vec<u8> {
-        error_body(&self.message(), self.kind(), self.code())
+        let param = match self {
+            Self::UnsupportedParameter { param, .. } => serde_json::Value::from(param.as_str()),
+            _ => serde_json::Value::Null,
+        };
+        let v = serde_json::json!({
+            "error": { "message": self.message(), "type": self.kind(), "param": param, "code": self.code() }
+        });
+        v.to_string().into_bytes()
     }
 
     /// The whole response a host sends for this error.
@@ -255,7 +297,8 @@ impl GatewayError {
             }
             Self::RateLimited { retry_after_ms, .. }
             | Self::QuotaExhausted { retry_after_ms, .. }
-            | Self::KeysCooling { retry_after_ms, .. } => {
+            | Self::KeysCooling { retry_after_ms, .. }
+            | Self::KeysExhausted { retry_after_ms, .. } => {
                 r.headers
                     .push(("retry-after", retry_after_ms.div_ceil(1_000).to_string()));
                 r.headers
@@ -265,15 +308,6 @@ impl GatewayError {
         }
         r
     }
-}
-
-/// Serializes an OpenAI-shaped error body. Shared with hosts that map their own transport
-/// failures, so every error a client sees has the same shape.
-pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
-    let v = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    v.to_string().into_bytes()
 }
 
 impl From<crate::limits::Refusal> for GatewayError {

@@ -25,6 +25,8 @@ use crate::http::{
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
 use crate::limits::{self, Amounts, RateHeaders, Reservation};
 use crate::prompts::{self, shape, ResponseMode};
+use crate::providers::anthropic::client::{self as messages, MessagesStream, MessagesStreamUsage};
+use crate::providers::anthropic::{self, provider::ChatStream};
 use crate::providers::openai::usage::{self, Usage};
 use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
 use crate::providers::{mock, ProviderKind};
@@ -64,6 +66,8 @@ pub struct Forward {
     pub body: Option<Vec<u8>>,
     /// Request headers to remove: the consumer's credential, `accept-encoding`.
     pub remove_headers: &'static [&'static str],
+    /// Request headers to set when the client did not send them (a provider's API version).
+    pub default_headers: Vec<(&'static str, String)>,
     /// Header naming the provider (routes the request in Envoy, tells the key role its pool).
     pub route_header: (&'static str, String),
     /// What every attempt needs to pick its key (`keys::attempt_key`); in Envoy it travels
@@ -94,9 +98,22 @@ pub enum OnResponse {
 /// Response headers the client does not see: those that identify the provider account behind
 /// a key or its limits (the gateway's own `x-ratelimit-*` replace them), that try to set
 /// state on the client, and the key role's internal handover.
-pub const RELAY_REMOVE_HEADERS: [&str; 11] = [
+pub const RELAY_REMOVE_HEADERS: [&str; 24] = [
     "openai-organization",
     "openai-project",
+    "anthropic-organization-id",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
     "set-cookie",
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",
@@ -186,7 +203,35 @@ pub struct Exchange {
     prompt: Option<PromptCall>,
     /// A `text` prompt's stream: each event is reshaped for the client.
     shape_stream: bool,
+    /// The provider speaks Anthropic's Messages API to this OpenAI-shaped request: its
+    /// answer is translated into the hub shape before anything else reads it.
+    upstream_messages: bool,
+    /// A streamed Messages answer, being translated into chat completion chunks.
+    messages_stream: Option<Box<ChatStream>>,
+    /// When the request was forwarded, in seconds: the `created` of translated answers.
+    created_s: u64,
+    /// The client speaks Anthropic's Messages API (`POST /v1/messages`): its refusals and
+    /// answers are in that dialect.
+    client_messages: bool,
+    /// `POST /v1/messages/count_tokens`: answered from the gateway's estimator.
+    count_tokens: bool,
+    /// A Messages request to an Anthropic model: passed through, only its usage is read.
+    passthrough: Option<MessagesStreamUsage>,
+    /// A Messages client's stream from an OpenAI-shaped provider, being translated back.
+    to_messages_stream: Option<Box<MessagesStream>>,
 }
+
+/// What a request asks of the model, for its reservation: the prompt estimate (decorations
+/// included), the most output it allows per choice, and how many choices.
+struct Demand {
+    prompt: u64,
+    max_output: Option<u64>,
+    choices: u64,
+}
+
+/// Anthropic's Messages endpoint and its token counter, on the gateway's front door.
+const MESSAGES_PATH: &str = "/v1/messages";
+const COUNT_TOKENS_PATH: &str = "/v1/messages/count_tokens";
 
 /// Which template and version a prompt call renders, and how its answer is shaped.
 #[derive(Debug, Clone, Copy)]
@@ -218,6 +263,13 @@ impl Exchange {
             provider_succeeded: false,
             prompt: None,
             shape_stream: false,
+            upstream_messages: false,
+            messages_stream: None,
+            created_s: 0,
+            client_messages: false,
+            count_tokens: false,
+            passthrough: None,
+            to_messages_stream: None,
         }
     }
 
@@ -262,6 +314,12 @@ impl Exchange {
                 self.status = Some(200);
                 OnHeaders::Respond(LocalResponse::json(200, list))
             }),
+            (MESSAGES_PATH | COUNT_TOKENS_PATH, "POST") => {
+                self.client_messages = true;
+                self.count_tokens = path == COUNT_TOKENS_PATH;
+                self.authenticate(head.headers)
+                    .and_then(|()| self.read_body(head.headers))
+            }
             (prompts::PROMPTS_PATH, "GET") => self.authenticate(head.headers).map(|()| {
                 let list = self
                     .consumer
@@ -282,23 +340,48 @@ impl Exchange {
                 })
             }
             (
-                known
-                @ ("/healthz" | "/v1/chat/completions" | "/v1/models" | prompts::PROMPTS_PATH),
+                known @ ("/healthz"
+                | "/v1/chat/completions"
+                | "/v1/models"
+                | prompts::PROMPTS_PATH
+                | MESSAGES_PATH
+                | COUNT_TOKENS_PATH),
                 method,
-            ) => Err(GatewayError::MethodNotAllowed {
-                method: method.to_string(),
-                path: path.to_string(),
-                allowed: if known == "/v1/chat/completions" {
-                    "POST"
-                } else {
-                    "GET"
-                },
-            }),
+            ) => {
+                self.client_messages = matches!(known, MESSAGES_PATH | COUNT_TOKENS_PATH);
+                Err(GatewayError::MethodNotAllowed {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    allowed: if matches!(
+                        known,
+                        "/v1/chat/completions" | MESSAGES_PATH | COUNT_TOKENS_PATH
+                    ) {
+                        "POST"
+                    } else {
+                        "GET"
+                    },
+                })
+            }
             _ => Err(GatewayError::NotFound {
                 path: path.to_string(),
             }),
         };
         decision.unwrap_or_else(|e| OnHeaders::Respond(self.refuse(e)))
+    }
+
+    /// Reads the body next, unless it says it is too large.
+    fn read_body<H: HeaderLookup + ?Sized>(
+        &mut self,
+        headers: &H,
+    ) -> Result<OnHeaders, GatewayError> {
+        let limit = self.config.server.max_body_bytes;
+        match declared_length(headers) {
+            Some(n) if n > limit => Err(GatewayError::BodyTooLarge { limit }),
+            _ => {
+                self.stage = Stage::Body;
+                Ok(OnHeaders::ReadBody { limit })
+            }
+        }
     }
 
     /// A call of the template at `path`: who may call it, which version, streamed or not.
@@ -406,23 +489,23 @@ impl Exchange {
             }
             None => body,
         };
+        let hub;
+        let body = if self.client_messages {
+            if let Some(decision) = self.route_messages(now_ms, body, store)? {
+                return Ok(decision);
+            }
+            // To an OpenAI-shaped model: on through the hub shape, and back at the end.
+            hub = messages::chat_request(body)
+                .map_err(|detail| GatewayError::MalformedBody { detail })?;
+            hub.as_slice()
+        } else {
+            body
+        };
         let req = wire::parse_chat_request(body)
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         self.stream = req.is_stream();
-        let model_id = config
-            .model_id(&req.model)
-            .ok_or_else(|| GatewayError::UnknownModel {
-                model: req.model.to_string(),
-            })?;
+        let model_id = self.allowed_model(&req.model)?;
         let consumer = self.consumer.and_then(|c| config.consumer(c));
-        // A template the consumer may call is its own permission to use the template's model.
-        let allowed = self.prompt.is_some() || consumer.is_some_and(|c| c.may_use(model_id));
-        if !allowed {
-            return Err(GatewayError::ModelNotAllowed {
-                model: req.model.to_string(),
-            });
-        }
-        self.model = Some(model_id);
         let (Some(model), Some(provider)) = (
             config.model(model_id),
             config
@@ -452,8 +535,11 @@ impl Exchange {
         let decorated_tokens = model.decorators.tokens + consumer_decorators.tokens;
         let demand = self.admit(
             now_ms,
-            &req,
-            decorated_tokens,
+            || Demand {
+                prompt: req.estimate_prompt_tokens() + decorated_tokens,
+                max_output: req.max_output_tokens(),
+                choices: req.choices(),
+            },
             model_id,
             provider.has_key_limits(),
             store,
@@ -462,26 +548,48 @@ impl Exchange {
         // Streams report usage only when asked: ask, so that streams are charged what they
         // really used, and hide the extra chunk from a client that did not ask.
         let is_mock = provider.kind == ProviderKind::Mock;
+        let is_messages = provider.kind == ProviderKind::Anthropic;
+        // A translated Messages stream always ends with a usage chunk (see `ChatStream`):
+        // stripped the same way.
         self.strip_usage_chunk = req.is_stream() && !req.wants_stream_usage() && !is_mock;
         self.shape_stream =
             req.is_stream() && matches!(self.prompt, Some(c) if c.response == ResponseMode::Text);
-        let rename = (model.upstream_model != req.model && !is_mock)
+        // A Messages request names its model and asks for usage its own way.
+        let rename = (model.upstream_model != req.model && !is_mock && !is_messages)
             .then_some(model.upstream_model.as_str());
         let edits = wire::Edits {
             model: rename,
-            force_stream_usage: self.strip_usage_chunk,
+            force_stream_usage: self.strip_usage_chunk && !is_messages,
             prepend,
             append,
         };
-        let upstream_body = if !edits.is_empty() {
+        let mut upstream_body = if !edits.is_empty() {
             Some(
                 wire::rewrite(body, &edits)
                     .map_err(|detail| GatewayError::MalformedBody { detail })?,
             )
         } else {
-            // A template's request is the gateway's own, never the client's body.
-            self.prompt.map(|_| body.to_vec())
+            // A template's request is the gateway's own, never the client's body; nor is a
+            // Messages client's translated request.
+            (self.prompt.is_some() || self.client_messages).then(|| body.to_vec())
         };
+        let mut default_headers = Vec::new();
+        if is_messages {
+            let hub = upstream_body.as_deref().unwrap_or(body);
+            let messages = anthropic::provider::messages_request(
+                hub,
+                &model.upstream_model,
+                model.default_max_tokens,
+            )
+            .map_err(|u| GatewayError::UnsupportedParameter {
+                param: u.param,
+                provider_kind: provider.kind.as_str(),
+                reason: u.reason,
+            })?;
+            upstream_body = Some(messages);
+            default_headers.push(("anthropic-version", provider.anthropic_version.clone()));
+            self.upstream_messages = true;
+        }
         if is_mock {
             // Answered here, from the request as a provider would have received it.
             let sent = upstream_body.as_deref().unwrap_or(body);
@@ -492,6 +600,9 @@ impl Exchange {
             self.provider_succeeded = true;
             self.usage = Some(mock::usage(&req, &mock::reply_text(&req)));
             let mut response = self.shape_local(mock::respond(&req, &model.name, now_ms));
+            if self.client_messages {
+                response = self.local_as_message(response, &model.name);
+            }
             response.headers.extend(rate_headers);
             return Ok(OnBody::Respond(response));
         }
@@ -499,18 +610,25 @@ impl Exchange {
             .base_url
             .as_ref()
             .map_or("", |u| u.path_prefix.as_str());
-        let mut path = format!("{prefix}{CHAT_COMPLETIONS_PATH}");
+        let endpoint = if is_messages {
+            anthropic::MESSAGES_PATH
+        } else {
+            CHAT_COMPLETIONS_PATH
+        };
+        let mut path = format!("{prefix}{endpoint}");
         if !self.query.is_empty() {
             path.push('?');
             path.push_str(&self.query);
         }
         self.stage = Stage::Upstream;
         self.forwarded = true;
+        self.created_s = now_ms / 1_000;
         Ok(OnBody::Forward(Forward {
             provider: model.provider,
             path,
             body: upstream_body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
+            default_headers,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
             ticket: Ticket {
                 provider: provider.name.clone(),
@@ -522,14 +640,163 @@ impl Exchange {
         }))
     }
 
+    /// A Messages client's request, before it goes through the hub shape: counted tokens
+    /// are answered here, and a request for an Anthropic model is passed through as it is
+    /// (only the model renamed). `None`: translate it into the hub shape.
+    fn route_messages(
+        &mut self,
+        now_ms: u64,
+        body: &[u8],
+        store: &impl CounterStore,
+    ) -> Result<Option<OnBody>, GatewayError> {
+        let config = Arc::clone(&self.config);
+        if self.count_tokens {
+            return self.count_message_tokens(body).map(Some);
+        }
+        let req = messages::parse_messages_request(body)
+            .map_err(|detail| GatewayError::MalformedBody { detail })?;
+        let model_id = self.allowed_model(req.model())?;
+        let (Some(model), Some(provider)) = (
+            config.model(model_id),
+            config
+                .model(model_id)
+                .and_then(|m| config.provider(m.provider)),
+        ) else {
+            return Err(GatewayError::UnknownModel {
+                model: req.model().to_string(),
+            });
+        };
+        if provider.kind != ProviderKind::Anthropic {
+            return Ok(None);
+        }
+        self.stream = req.is_stream();
+        let consumer = self.consumer.and_then(|c| config.consumer(c));
+        let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
+        if !model.guard.is_empty() || !consumer_guard.is_empty() {
+            let texts = req.guarded_texts();
+            if let Some(rule) =
+                guard::first_denial(model.guard.iter().chain(consumer_guard), &texts)
+            {
+                return Err(GatewayError::ContentRejected {
+                    rule: rule.to_string(),
+                });
+            }
+        }
+        let demand = self.admit(
+            now_ms,
+            || Demand {
+                prompt: req.estimate_prompt_tokens(),
+                max_output: Some(req.max_tokens()),
+                choices: 1,
+            },
+            model_id,
+            provider.has_key_limits(),
+            store,
+        )?;
+        let upstream_body = if model.upstream_model != req.model() {
+            Some(
+                messages::rename_model(body, &model.upstream_model)
+                    .map_err(|detail| GatewayError::MalformedBody { detail })?,
+            )
+        } else {
+            None
+        };
+        let prefix = provider
+            .base_url
+            .as_ref()
+            .map_or("", |u| u.path_prefix.as_str());
+        self.passthrough = Some(MessagesStreamUsage::new());
+        self.stage = Stage::Upstream;
+        self.forwarded = true;
+        self.created_s = now_ms / 1_000;
+        Ok(Some(OnBody::Forward(Forward {
+            provider: model.provider,
+            path: format!("{prefix}{}", anthropic::MESSAGES_PATH),
+            body: upstream_body,
+            remove_headers: &FORWARD_REMOVE_HEADERS,
+            default_headers: vec![("anthropic-version", provider.anthropic_version.clone())],
+            route_header: (PROVIDER_HEADER, provider.name.clone()),
+            ticket: Ticket {
+                provider: provider.name.clone(),
+                model: model.name.clone(),
+                tokens: demand.tokens,
+                started_ms: now_ms,
+                tried: Vec::new(),
+            },
+        })))
+    }
+
+    /// `POST /v1/messages/count_tokens`: the gateway's estimate of the prompt, for a model
+    /// the consumer may use (the request has no `max_tokens`, which the reader requires).
+    fn count_message_tokens(&mut self, body: &[u8]) -> Result<OnBody, GatewayError> {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| GatewayError::MalformedBody {
+                detail: e.to_string(),
+            })?;
+        if let Some(object) = value.as_object_mut() {
+            object
+                .entry("max_tokens")
+                .or_insert(serde_json::Value::from(1));
+        }
+        let with_max = value.to_string();
+        let req = messages::parse_messages_request(with_max.as_bytes())
+            .map_err(|detail| GatewayError::MalformedBody { detail })?;
+        self.allowed_model(req.model())?;
+        let tokens = req.estimate_prompt_tokens();
+        self.stage = Stage::Done;
+        self.status = Some(200);
+        let answer = serde_json::json!({ "input_tokens": tokens }).to_string();
+        Ok(OnBody::Respond(LocalResponse::json(
+            200,
+            answer.into_bytes(),
+        )))
+    }
+
+    /// The model called `name`, if it exists and the consumer may use it.
+    fn allowed_model(&mut self, name: &str) -> Result<ModelId, GatewayError> {
+        let config = Arc::clone(&self.config);
+        let model_id = config
+            .model_id(name)
+            .ok_or_else(|| GatewayError::UnknownModel {
+                model: name.to_string(),
+            })?;
+        let consumer = self.consumer.and_then(|c| config.consumer(c));
+        // A template the consumer may call is its own permission to use the template's model.
+        let allowed = self.prompt.is_some() || consumer.is_some_and(|c| c.may_use(model_id));
+        if !allowed {
+            return Err(GatewayError::ModelNotAllowed {
+                model: name.to_string(),
+            });
+        }
+        self.model = Some(model_id);
+        Ok(model_id)
+    }
+
+    /// An answer the gateway made in the hub shape (the mock provider's), for a Messages
+    /// client.
+    fn local_as_message(&mut self, response: LocalResponse, model: &str) -> LocalResponse {
+        let body = if self.stream {
+            let mut out = Vec::new();
+            let mut translator = MessagesStream::new(model);
+            translator.feed(&response.body, &mut out);
+            translator.finish(&mut out);
+            out
+        } else {
+            match messages::message_from_chat(&response.body, model) {
+                Some(message) => message,
+                None => return response,
+            }
+        };
+        LocalResponse { body, ..response }
+    }
+
     /// Reserves the request's estimated cost against every limit that applies, and returns
     /// it (the key role reserves it again against the chosen key). Requests under no limit,
     /// to a pool without key limits, skip the estimate.
     fn admit(
         &mut self,
         now_ms: u64,
-        req: &wire::ChatRequest<'_>,
-        decorated_tokens: u64,
+        demand: impl FnOnce() -> Demand,
         model_id: ModelId,
         key_limits: bool,
         store: &impl CounterStore,
@@ -545,17 +812,18 @@ impl Exchange {
                 ..Amounts::default()
             });
         }
-        let prompt = req.estimate_prompt_tokens() + decorated_tokens;
-        let completion = req
-            .max_output_tokens()
+        let demand = demand();
+        let prompt = demand.prompt;
+        let completion = demand
+            .max_output
             .unwrap_or(model.default_max_tokens)
-            .saturating_mul(req.choices());
+            .saturating_mul(demand.choices);
         let amounts = Amounts {
             requests: 1,
             tokens: prompt.saturating_add(completion),
             micro_usd: model
                 .pricing
-                .map_or(0, |p| p.micro_usd(prompt, 0, completion)),
+                .map_or(0, |p| p.micro_usd(prompt, 0, 0, completion)),
         };
         let (reservation, headers) = limits::admit(limits, store, now_ms, amounts)?;
         self.metering = Some(Metering {
@@ -642,25 +910,68 @@ impl Exchange {
         }
         let success = (200..300).contains(&status);
         self.provider_succeeded = success;
+        let limit = usize::try_from(self.config.server.max_body_bytes).unwrap_or(usize::MAX);
+        if self.passthrough.is_some() {
+            // Anthropic to an Anthropic client: relayed as it is; only its usage is read.
+            if success && self.stream {
+                self.sse = Some(SseParser::new());
+            }
+            return OnResponse::Relay {
+                status: restored,
+                remove_headers: &RELAY_REMOVE_HEADERS,
+                add_headers: self.rate_headers(),
+                body_rewritten: false,
+            };
+        }
+        if self.client_messages && !(success && self.stream) {
+            // A chat completion or error, read whole and translated back (`on_collected`).
+            return OnResponse::Collect { limit };
+        }
+        if self.client_messages {
+            let model = self.public_model_name();
+            self.to_messages_stream = Some(Box::new(MessagesStream::new(&model)));
+            self.sse = Some(SseParser::new());
+            return OnResponse::Relay {
+                status: restored,
+                remove_headers: &RELAY_REMOVE_HEADERS,
+                add_headers: self.rate_headers(),
+                body_rewritten: true,
+            };
+        }
+        if self.upstream_messages && !(success && self.stream) {
+            // A Messages answer or error, read whole and translated (`on_collected`).
+            return OnResponse::Collect { limit };
+        }
         if success
             && !self.stream
             && matches!(self.prompt, Some(c) if c.response != ResponseMode::Raw)
         {
             // Envoy holds the body in a buffer no larger than the connection's, which is
             // sized from `max_body_bytes`: the same bound in both hosts.
-            return OnResponse::Collect {
-                limit: usize::try_from(self.config.server.max_body_bytes).unwrap_or(usize::MAX),
-            };
+            return OnResponse::Collect { limit };
         }
         if success && self.stream {
             self.sse = Some(SseParser::new());
+            if self.upstream_messages {
+                let model = self.public_model_name();
+                self.messages_stream =
+                    Some(Box::new(ChatStream::new(&model, self.created_s, true)));
+            }
         }
         OnResponse::Relay {
             status: restored,
             remove_headers: &RELAY_REMOVE_HEADERS,
             add_headers: self.rate_headers(),
-            body_rewritten: success && self.strip_usage_chunk,
+            body_rewritten: success && (self.strip_usage_chunk || self.upstream_messages),
         }
+    }
+
+    /// The model's public name, as the client asked for it.
+    fn public_model_name(&self) -> String {
+        self.model
+            .and_then(|m| self.config.model(m))
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
     }
 
     /// The provider the request went to, once routed.
@@ -674,10 +985,62 @@ impl Exchange {
     /// usage is read and charged either way).
     pub fn on_collected(&mut self, body: &[u8]) -> LocalResponse {
         self.stage = Stage::Done;
-        self.usage = usage::from_completion(body);
-        let mut response = self.shape(body);
+        let mut response = if self.upstream_messages {
+            self.translate_messages_answer(body)
+        } else if self.client_messages {
+            self.translate_chat_answer(body)
+        } else {
+            self.usage = usage::from_completion(body);
+            self.shape(body)
+        };
         response.headers.extend(self.rate_headers());
         response
+    }
+
+    /// A whole chat completion (or error) for a Messages client: the message it means; an
+    /// error in Anthropic's shape.
+    fn translate_chat_answer(&mut self, body: &[u8]) -> LocalResponse {
+        let status = self.status.unwrap_or(502);
+        if !(200..300).contains(&status) {
+            return LocalResponse::json(status, messages::error_from_openai(status, body));
+        }
+        self.usage = usage::from_completion(body);
+        let model = self.public_model_name();
+        match messages::message_from_chat(body, &model) {
+            Some(message) => LocalResponse::json(200, message),
+            None => {
+                let provider = self.provider_name().unwrap_or_default();
+                self.refuse(GatewayError::UpstreamInvalidAnswer { provider })
+            }
+        }
+    }
+
+    /// A whole Messages answer (or error) for an OpenAI client: the chat completion it
+    /// means, shaped as a prompt's answer where it is one; an error in OpenAI's shape.
+    fn translate_messages_answer(&mut self, body: &[u8]) -> LocalResponse {
+        let status = self.status.unwrap_or(502);
+        let provider = self.provider_name().unwrap_or_default();
+        if !(200..300).contains(&status) {
+            // 529 (overloaded) is Anthropic's own; OpenAI clients know 503.
+            let status = if status == 529 { 503 } else { status };
+            self.status = Some(status);
+            let error = anthropic::provider::openai_error(body).unwrap_or_else(|| {
+                GatewayError::UpstreamErrorNotJson {
+                    provider: provider.clone(),
+                    status,
+                }
+                .body()
+            });
+            return LocalResponse::json(status, error);
+        }
+        let model = self.public_model_name();
+        match anthropic::provider::chat_completion(body, &model, self.created_s) {
+            Some((completion, usage)) => {
+                self.usage = Some(usage);
+                self.shape(&completion)
+            }
+            None => self.refuse(GatewayError::UpstreamInvalidAnswer { provider }),
+        }
     }
 
     /// After `OnResponse::Collect`, when the provider's body is larger than the limit: 502
@@ -749,6 +1112,79 @@ impl Exchange {
         if end_of_stream {
             self.stage = Stage::Done;
         }
+        if let Some(mut observer) = self.passthrough.take() {
+            self.observe_passthrough(&mut observer, chunk, end_of_stream);
+            self.passthrough = Some(observer);
+            return Chunk::Unchanged;
+        }
+        if let Some(mut translator) = self.to_messages_stream.take() {
+            // The hub pipeline reads the chat stream (usage); then it goes out as Messages.
+            let hub = match self.on_hub_chunk(chunk, end_of_stream) {
+                Chunk::Unchanged => chunk.to_vec(),
+                Chunk::Replace(bytes) => bytes,
+            };
+            let mut out = Vec::new();
+            translator.feed(&hub, &mut out);
+            if end_of_stream {
+                translator.finish(&mut out);
+            } else {
+                self.to_messages_stream = Some(translator);
+            }
+            return Chunk::Replace(out);
+        }
+        if let Some(mut translator) = self.messages_stream.take() {
+            // Into the hub shape first: everything after reads chat completion chunks.
+            let mut translated = Vec::new();
+            translator.feed(chunk, &mut translated);
+            if end_of_stream {
+                translator.finish(&mut translated);
+            } else {
+                self.messages_stream = Some(translator);
+            }
+            return match self.on_hub_chunk(&translated, end_of_stream) {
+                Chunk::Unchanged => Chunk::Replace(translated),
+                replaced => replaced,
+            };
+        }
+        self.on_hub_chunk(chunk, end_of_stream)
+    }
+
+    /// Reads the usage of a passed-through Messages answer (a stream's events, or the whole
+    /// body), without changing a byte.
+    fn observe_passthrough(
+        &mut self,
+        observer: &mut MessagesStreamUsage,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) {
+        if !self.provider_succeeded {
+            return;
+        }
+        if let Some(mut sse) = self.sse.take() {
+            sse.feed(chunk, |e| observer.observe(&e.data));
+            if end_of_stream {
+                let _ = sse.finish(|e| observer.observe(&e.data));
+            } else {
+                self.sse = Some(sse);
+            }
+            self.usage = observer.usage();
+            self.streamed_tokens = observer.streamed_text_tokens();
+            return;
+        }
+        if self.body_overflowed || self.body.len() + chunk.len() > MAX_USAGE_BODY {
+            // Too large to keep: the reservation is charged instead (see `used`).
+            self.body_overflowed = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(chunk);
+        if end_of_stream {
+            self.usage = messages::usage_of_message(&self.body);
+        }
+    }
+
+    /// One chunk of a response in the hub shape (the provider's own, or translated).
+    fn on_hub_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Chunk {
         let Some(mut sse) = self.sse.take() else {
             if self.metering.is_some() && !self.stream && !self.body_overflowed {
                 if self.body.len() + chunk.len() <= MAX_USAGE_BODY {
@@ -867,7 +1303,7 @@ impl Exchange {
             None => Usage {
                 prompt_tokens: prompt_estimate,
                 completion_tokens: self.streamed_tokens,
-                cached_prompt_tokens: 0,
+                ..Usage::default()
             },
         };
         let pricing = self
@@ -881,6 +1317,7 @@ impl Exchange {
                 p.micro_usd(
                     usage.prompt_tokens,
                     usage.cached_prompt_tokens,
+                    usage.cache_write_tokens,
                     usage.completion_tokens,
                 )
             }),
@@ -902,7 +1339,12 @@ impl Exchange {
     pub fn refuse(&mut self, e: GatewayError) -> LocalResponse {
         self.stage = Stage::Done;
         self.status = Some(e.status());
-        e.respond()
+        let mut response = e.respond();
+        if self.client_messages {
+            // Anthropic's SDK reads Anthropic's error shape; the headers (retry-after) stay.
+            response.body = messages::error_from_openai(response.status, &response.body);
+        }
+        response
     }
 }
 

@@ -105,6 +105,15 @@ impl GatewayFlow {
                 let map = MapType::HttpRequestHeaders;
                 host::remove_present(map, &self.request_headers, forward.remove_headers)?;
                 host::set_header(map, ":path", &forward.path)?;
+                for (name, value) in &forward.default_headers {
+                    let sent = self
+                        .request_headers
+                        .iter()
+                        .any(|(k, _)| k.eq_ignore_ascii_case(name));
+                    if !sent {
+                        host::set_header(map, name, value)?;
+                    }
+                }
                 // For every attempt's key role: the pool, the demand, the keys tried.
                 host::set_ticket(&forward.ticket)?;
                 if let Some(new_body) = &forward.body {

@@ -1,23 +1,46 @@
 //! The key role: in a provider cluster's upstream HTTP filters, once per upstream attempt
 //! (Envoy's route `retry_policy` makes the retries), picks a key from the pool the gateway
 //! role routed to — one this request has not tried yet — and injects it; then records what
-//! the provider's answer says of the key.
+//! the provider's answer says of the key. A failed answer's headers are held until its body
+//! is read (the router decides retries on the headers): the body tells a rate limit from an
+//! exhausted quota or a request too large for the key's limits (see
+//! `providers::refusal`), which decides the key's state and whether the router may retry.
 
 use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use tollgate_core::http::{
-    FinalAnswer, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
+    FinalAnswer, HeaderLookup, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
-use tollgate_core::keys::{self, attempt_key, KEY_RESERVATION_HEADER};
+use tollgate_core::keys::{self, attempt_key, Attempted, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
+use tollgate_core::providers::refusal::{self, RefusalClass};
 use tollgate_core::retry::{is_retryable, RetryPolicy};
 use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
 
 use crate::host::{self, SharedStore};
 use crate::metrics::KeyMetrics;
+
+/// Most bytes of a failed answer's body held to read what the refusal means. Error bodies
+/// are a few hundred bytes; past this the answer is judged on its status and what came.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The status a refusal another key may fix travels under when its own is one the router
+/// does not retry (an account out of credit answering 400): one the retry policy retries.
+const RETRIED_CARRIER_STATUS: u16 = 429;
+
+/// The attempt in flight.
+struct Attempt {
+    provider: String,
+    /// `None` when the provider takes no key.
+    key: Option<String>,
+    /// The public model the request is for (rate limits may be per upstream model).
+    model: String,
+    /// Its number (1 for the first), to know whether the router may retry it.
+    number: u32,
+}
 
 pub struct KeyFlow {
     config: Arc<Config>,
@@ -28,10 +51,13 @@ pub struct KeyFlow {
     handover: Option<String>,
     /// The key role answered this attempt itself (its reply carries its own marker).
     replied: bool,
-    /// (provider, key id) of the attempt, to record what the answer says of the key.
-    used: Option<(String, String)>,
+    /// The attempt, once a key (or none) was picked.
+    attempt: Option<Attempt>,
     /// The provider answered (else, at the end, the key counts as unreachable).
     answered: bool,
+    /// A failed answer whose headers are held until its body is read: its status and
+    /// headers.
+    held: Option<(u16, Vec<(String, String)>)>,
     /// The provider's retry policy and when the request was forwarded: an answer after the
     /// budget is final, as in the native host.
     retry: Option<(RetryPolicy, u64)>,
@@ -45,8 +71,9 @@ impl KeyFlow {
             reservation: Reservation::default(),
             handover: None,
             replied: false,
-            used: None,
+            attempt: None,
             answered: false,
+            held: None,
             retry: None,
         }
     }
@@ -67,7 +94,7 @@ impl KeyFlow {
         if !ticket.tried.is_empty() {
             // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours. Only a
             // budget that ran out during Envoy's backoff gets here: an answer that came after
-            // it was made final (see `on_http_response_headers`).
+            // it was made final (see `on_answer`).
             if provider.is_some_and(|p| !p.retry.within_budget(ticket.started_ms, now)) {
                 return Err(GatewayError::RetryBudgetSpent {
                     provider: ticket.provider.clone(),
@@ -77,9 +104,12 @@ impl KeyFlow {
         }
         let mut attempt = attempt_key(&self.config, &ticket, &SharedStore, now)?;
         self.handover = attempt.handover();
-        self.used = attempt
-            .key_id()
-            .map(|k| (attempt.provider.name.clone(), k.to_string()));
+        self.attempt = Some(Attempt {
+            provider: attempt.provider.name.clone(),
+            key: attempt.key_id().map(str::to_string),
+            model: ticket.model.clone(),
+            number: ticket.next_attempt(),
+        });
         self.reservation = std::mem::take(&mut attempt.reservation);
         ticket
             .tried
@@ -128,41 +158,31 @@ impl HttpContext for KeyFlow {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let map = MapType::HttpResponseHeaders;
-        let headers = host::headers(map).unwrap_or_default();
-        if !self.replied {
-            // A provider's response must not carry the gateway's internal markers.
-            let _ =
-                host::remove_present(map, &headers, &[KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER]);
+        if self.replied {
+            return Action::Continue;
         }
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
-        if let (Some(status), Some((provider, key)), false) = (status, &self.used, self.replied) {
-            self.answered = true;
-            // Counted as Envoy stats (every worker adds to the same counter); the shared
-            // store's counters are the native host's admin view.
-            self.metrics.count(provider, key, Some(status));
-            // Every worker sees what this answer says of the key: cooling, revoked, healthy.
-            let recorded = keys::observe(
-                &self.config,
-                provider,
-                key,
-                Some(status),
-                &headers,
-                host::now_ms(),
-                &SharedStore,
-            );
-            if let Err(e) = recorded {
-                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
-            }
+        let mut headers = host::headers(map).unwrap_or_default();
+        // A provider's response must not carry the gateway's internal markers.
+        let forged = [KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER];
+        let _ = host::remove_present(map, &headers, &forged);
+        headers.retain(|(k, _)| !forged.iter().any(|f| k.eq_ignore_ascii_case(f)));
+        let Some(status) = headers
+            .header(":status")
+            .and_then(|v| v.parse::<u16>().ok())
+        else {
+            return Action::Continue;
+        };
+        self.answered = true;
+        if status >= 400 && !end_of_stream {
+            // Held until the body tells what the refusal means (`on_http_response_body`):
+            // the router decides on the headers whether to retry.
+            self.held = Some((status, headers));
+            return Action::Pause;
         }
-        if let (Some(status), false) = (status, self.replied) {
-            self.make_final_past_budget(map, status);
-        }
-        let success = status.is_some_and(|s| (200..300).contains(&s));
+        self.on_answer(status, &headers, &[], false);
+        let success = (200..300).contains(&status);
         // A successful response reaches the gateway role, which sees its usage: hand it the
         // reservation to settle. Anything else (a retry, an error) is settled here.
         if let (true, Some(handover)) = (success, self.handover.take()) {
@@ -173,12 +193,139 @@ impl HttpContext for KeyFlow {
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.held.is_none() {
+            return Action::Continue;
+        }
+        if !end_of_stream && body_size <= MAX_ERROR_BODY {
+            // Buffered until the end.
+            return Action::Pause;
+        }
+        let Some((status, headers)) = self.held.take() else {
+            return Action::Continue;
+        };
+        let body = host::body(BufferType::HttpResponseBody, body_size.min(MAX_ERROR_BODY))
+            .unwrap_or_default();
+        // The body may be rewritten only when it is whole.
+        let whole = end_of_stream && body.len() == body_size;
+        self.on_answer(status, &headers, &body, whole);
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         self.conclude();
     }
 }
 
 impl KeyFlow {
+    /// What the provider's answer means, once its status, headers and (for a failed answer,
+    /// up to `MAX_ERROR_BODY`) body are known: records it of the key (every worker sees
+    /// it), then makes the answer what the router and the client should see. `whole`: the
+    /// body is all there and the headers are still held, so both may be rewritten.
+    fn on_answer(&mut self, status: u16, headers: &[(String, String)], body: &[u8], whole: bool) {
+        let Some(attempt) = &self.attempt else {
+            return;
+        };
+        let class = keys::classify(&self.config, &attempt.provider, status, body);
+        if let Some(key) = &attempt.key {
+            // Counted as Envoy stats (every worker adds to the same counter); the shared
+            // store's counters are the native host's admin view.
+            self.metrics
+                .count(&attempt.provider, key, Some(status), class);
+            let who = Attempted {
+                provider: &attempt.provider,
+                key,
+                model: &attempt.model,
+            };
+            let recorded = keys::observe(
+                &self.config,
+                &who,
+                Some(status),
+                class,
+                headers,
+                host::now_ms(),
+                &SharedStore,
+            );
+            if let Err(e) = recorded {
+                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+            }
+        }
+        let Some(class) = class else {
+            return;
+        };
+        let map = MapType::HttpResponseHeaders;
+        if class == RefusalClass::TooLarge {
+            // No other key would take it (the same limits, normally): final either way.
+            if whole {
+                let error = GatewayError::RequestTooLargeForProvider {
+                    provider: attempt.provider.clone(),
+                    reason: refusal::provider_message(body)
+                        .unwrap_or_else(|| format!("status {status}")),
+                };
+                self.replace_answer(headers, body.len(), &error);
+            } else if is_retryable(status) {
+                let marker = FinalAnswer::Provider(status).marker();
+                if host::set_header(map, LOCAL_REPLY_HEADER, &marker).is_ok() {
+                    let _ =
+                        host::set_header(map, ":status", &LOCAL_REPLY_CARRIER_STATUS.to_string());
+                }
+            }
+            return;
+        }
+        if whole {
+            // Relayed provider messages never name the account behind a key.
+            if let Some(scrubbed) = refusal::scrub_account_ids(body) {
+                if host::replace_body(BufferType::HttpResponseBody, body.len(), &scrubbed).is_ok() {
+                    let _ = host::set_header(map, "content-length", &scrubbed.len().to_string());
+                }
+            }
+        }
+        if class.retried() && !is_retryable(status) {
+            // Another key may do (an account out of credit that answers 400), but the
+            // router retries only the statuses of the retry policy: when it has an attempt
+            // left, carry the answer under one it retries, marked with its own status.
+            if self.may_retry() {
+                let marker = FinalAnswer::Provider(status).marker();
+                if host::set_header(map, LOCAL_REPLY_HEADER, &marker).is_ok() {
+                    let _ = host::set_header(map, ":status", &RETRIED_CARRIER_STATUS.to_string());
+                }
+            }
+            return;
+        }
+        self.make_final_past_budget(map, status);
+    }
+
+    /// Whether the router may still retry this attempt: it has attempts left, and the
+    /// retry budget is not spent.
+    fn may_retry(&self) -> bool {
+        let (Some((policy, started_ms)), Some(attempt)) = (self.retry, &self.attempt) else {
+            return false;
+        };
+        attempt.number < policy.attempts && policy.within_budget(started_ms, host::now_ms())
+    }
+
+    /// Answers the client with the key role's own error instead of the provider's answer
+    /// (whose headers are still held and whose whole body, `body_len` bytes, is buffered):
+    /// the provider's headers go, the error's status travels as the key role's refusals do
+    /// (marked, under a status the router never retries), the body is replaced.
+    fn replace_answer(&self, headers: &[(String, String)], body_len: usize, error: &GatewayError) {
+        let map = MapType::HttpResponseHeaders;
+        let response = error.respond();
+        for (name, _) in headers.iter().filter(|(k, _)| !k.starts_with(':')) {
+            let _ = host::remove_header(map, name);
+        }
+        let marker = FinalAnswer::KeyRole(response.status).marker();
+        let _ = host::set_header(map, ":status", &LOCAL_REPLY_CARRIER_STATUS.to_string());
+        let _ = host::set_header(map, LOCAL_REPLY_HEADER, &marker);
+        for (name, value) in &response.headers {
+            let _ = host::set_header(map, name, value);
+        }
+        let _ = host::set_header(map, "content-length", &response.body.len().to_string());
+        if let Err(e) = host::replace_body(BufferType::HttpResponseBody, body_len, &response.body) {
+            host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+        }
+    }
+
     /// A failed answer that Envoy's router would retry, arriving when no attempt may start
     /// any more: the client should get it, as the native host relays a provider's last answer
     /// (not the next attempt's refusal). It travels under a status the router never retries,
@@ -202,10 +349,23 @@ impl KeyFlow {
     /// Ends the attempt, once: counts a key that never answered, and gives back what the
     /// attempt reserved on it unless the gateway role took it over.
     fn conclude(&mut self) {
-        let used = self.used.take();
-        if let (false, false, Some((provider, key))) = (self.answered, self.replied, used) {
+        if let Some((status, headers)) = self.held.take() {
+            // The stream ended before the failed answer's body did: judged on its status.
+            self.on_answer(status, &headers, &[], false);
+        }
+        let attempt = self.attempt.take();
+        if let (
+            false,
+            false,
+            Some(Attempt {
+                provider,
+                key: Some(key),
+                ..
+            }),
+        ) = (self.answered, self.replied, attempt)
+        {
             // Sent with this key, never answered: connection failure, reset or timeout.
-            self.metrics.count(&provider, &key, None);
+            self.metrics.count(&provider, &key, None, None);
         }
         let reservation = std::mem::take(&mut self.reservation);
         if !reservation.is_empty() {

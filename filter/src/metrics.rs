@@ -2,7 +2,8 @@
 //! per key, counters of attempts by outcome (each worker adds to the same process-wide
 //! counter), and gauges of its state, cooldown end and learned headroom, published from the
 //! shared store on a timer. Envoy prefixes the names with `wasmcustom.`:
-//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>`; and `wasmcustom.tollgate.vm.memory_bytes`,
+//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>` (and, where limits are per model,
+//! `….<key>.models.<upstream model>.until_ms`); and `wasmcustom.tollgate.vm.memory_bytes`,
 //! the linear memory of a worker's VM.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use tollgate_core::keys::report::{self, KeyReport};
 use tollgate_core::keys::KeyCounter;
+use tollgate_core::providers::refusal::RefusalClass;
 use tollgate_core::Config;
 
 use crate::host::SharedStore;
@@ -20,6 +22,9 @@ struct KeyIds {
     state: Option<u32>,
     until_ms: Option<u32>,
     learned_remaining: Option<u32>,
+    /// Per upstream model (providers whose limits are per model): until when the key cools
+    /// for it (0 when it does not).
+    models_until_ms: BTreeMap<String, Option<u32>>,
 }
 
 /// Metric ids per (provider, key id), and the VM's memory.
@@ -35,9 +40,23 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
 impl KeyMetrics {
     pub fn define(config: &Config) -> Self {
         let mut keys = BTreeMap::new();
-        for p in config.providers() {
-            for k in &p.keys {
+        for (pi, p) in config.providers().iter().enumerate() {
+            for (ki, k) in p.keys.iter().enumerate() {
                 let name = |figure: &str| format!("tollgate.keys.{}.{}.{figure}", p.name, k.id);
+                // The upstream models the key has a per-model record for.
+                let models_until_ms = config
+                    .models()
+                    .iter()
+                    .filter(|m| m.provider == pi && !m.key_model_health.is_empty())
+                    .filter(|m| m.pool.contains(&ki))
+                    .map(|m| {
+                        let figure = format!("models.{}.until_ms", m.upstream_model);
+                        (
+                            m.upstream_model.clone(),
+                            define(MetricType::Gauge, &name(&figure)),
+                        )
+                    })
+                    .collect();
                 let ids = KeyIds {
                     counters: KeyCounter::ALL
                         .iter()
@@ -46,6 +65,7 @@ impl KeyMetrics {
                     state: define(MetricType::Gauge, &name("state")),
                     until_ms: define(MetricType::Gauge, &name("until_ms")),
                     learned_remaining: define(MetricType::Gauge, &name("learned_remaining")),
+                    models_until_ms,
                 };
                 keys.insert((p.name.clone(), k.id.clone()), ids);
             }
@@ -58,12 +78,19 @@ impl KeyMetrics {
         }
     }
 
-    /// Counts an attempt's outcome (`None`: the provider never answered).
-    pub fn count(&self, provider: &str, key: &str, status: Option<u16>) {
+    /// Counts an attempt's outcome (`status` `None`: the provider never answered; `class`:
+    /// what its refusal meant).
+    pub fn count(
+        &self,
+        provider: &str,
+        key: &str,
+        status: Option<u16>,
+        class: Option<RefusalClass>,
+    ) {
         let Some(ids) = self.keys.get(&(provider.to_string(), key.to_string())) else {
             return;
         };
-        for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status)]
+        for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status, class)]
             .into_iter()
             .flatten()
         {
@@ -73,8 +100,8 @@ impl KeyMetrics {
         }
     }
 
-    /// Sets every key's gauges from the shared store: state (0 healthy, 1 cooling,
-    /// 2 revoked), until when (Unix ms, 0 when healthy), learned remaining capacity (0 when
+    /// Sets every key's gauges from the shared store: state (0 healthy, 1 cooling — key-wide
+    /// or for some models —, 2 revoked, 3 exhausted), until when (Unix ms, 0 when healthy), learned remaining capacity (0 when
     /// the provider said nothing or what it said expired).
     pub fn publish(&self, config: &Config, now_ms: u64) {
         if let Some(id) = self.vm_memory {
@@ -99,6 +126,9 @@ fn record(ids: &KeyIds, key: &KeyReport) {
     set(ids.state, key.state.gauge());
     set(ids.until_ms, key.until_ms.unwrap_or(0));
     set(ids.learned_remaining, key.learned_remaining.unwrap_or(0));
+    for (model, id) in &ids.models_until_ms {
+        set(*id, key.cooling_models.get(model).copied().unwrap_or(0));
+    }
 }
 
 /// The size of this VM's linear memory: all the memory the filter's VM holds.

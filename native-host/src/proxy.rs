@@ -13,12 +13,13 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate_core::exchange::{Forward, OnBody, OnHeaders, OnResponse};
+use tollgate_core::exchange::{Chunk, Forward, OnBody, OnHeaders, OnResponse};
 use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
-use tollgate_core::keys::{self, attempt_key, KeyAttempt, Ticket};
+use tollgate_core::keys::{self, attempt_key, Attempted, KeyAttempt, Ticket};
 use tollgate_core::limits::{self, Amounts, Reservation};
+use tollgate_core::providers::refusal::{self, RefusalClass};
 use tollgate_core::providers::Scheme;
-use tollgate_core::retry::{self, RetryPolicy};
+use tollgate_core::retry::RetryPolicy;
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::access_log::{self, Ending};
@@ -233,9 +234,14 @@ async fn forward_upstream(
         };
         let provider = attempt.provider.name.clone();
         let sent = tokio::time::timeout(timeout, gw.client.request(request)).await;
+        let who = key_id.as_deref().map(|key| Attempted {
+            provider: &provider,
+            key,
+            model: &ticket.model,
+        });
         let unanswered = || {
             let none = HeaderMap::new();
-            observe(gw, &config, &provider, key_id.as_deref(), None, &none);
+            observe(gw, &config, who.as_ref(), None, None, &none);
         };
         let failed = match sent {
             Ok(Ok(response)) => {
@@ -251,18 +257,40 @@ async fn forward_upstream(
                     parts.headers.remove(name);
                 }
                 let status = parts.status.as_u16();
+                if status < 400 {
+                    observe(
+                        gw,
+                        &config,
+                        who.as_ref(),
+                        Some(status),
+                        None,
+                        &parts.headers,
+                    );
+                    return relay(gw, guard, parts, upstream_body, key_id, timeout).await;
+                }
+                // A failed answer: its body (small, read within the upstream timeout) tells
+                // what the refusal means, which decides the key's state and the retry.
+                let error_body = read_error_body(upstream_body, timeout).await;
+                let class = keys::classify(&config, &provider, status, &error_body);
                 observe(
                     gw,
                     &config,
-                    &provider,
-                    key_id.as_deref(),
+                    who.as_ref(),
                     Some(status),
+                    class,
                     &parts.headers,
                 );
-                if !retry::is_retryable(status) {
-                    return relay(gw, guard, parts, upstream_body, key_id, timeout).await;
+                match class {
+                    Some(RefusalClass::TooLarge) => {
+                        // No other key would take it (the same limits, normally).
+                        let reason = refusal::provider_message(&error_body)
+                            .unwrap_or_else(|| format!("status {status}"));
+                        let error = GatewayError::RequestTooLargeForProvider { provider, reason };
+                        return guard.fail(error, key_id.as_deref());
+                    }
+                    Some(class) if class.retried() => Failed::Answered(parts, error_body),
+                    _ => return relay_read(gw, guard, parts, error_body, key_id),
                 }
-                Failed::Answered(parts, upstream_body)
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
@@ -284,8 +312,8 @@ async fn forward_upstream(
         // streams included, while attempts and the time budget last.
         let Some(wait) = next_backoff(&retry, &ticket) else {
             return match failed {
-                Failed::Answered(parts, upstream_body) => {
-                    relay(gw, guard, parts, upstream_body, key_id, timeout).await
+                Failed::Answered(parts, error_body) => {
+                    relay_read(gw, guard, parts, error_body, key_id)
                 }
                 Failed::Unreachable(error) => guard.fail(error, key_id.as_deref()),
             };
@@ -300,8 +328,9 @@ async fn forward_upstream(
 
 /// An attempt another key may fix.
 enum Failed {
-    /// The provider answered 429, 401/403 or 5xx.
-    Answered(hyper::http::response::Parts, Incoming),
+    /// The provider refused it (rate limited, quota exhausted, key refused, overloaded,
+    /// server error), with the body it read (`read_error_body`).
+    Answered(hyper::http::response::Parts, Bytes),
     /// It never answered.
     Unreachable(GatewayError),
 }
@@ -321,30 +350,114 @@ fn next_backoff(retry: &RetryPolicy, ticket: &Ticket) -> Option<u64> {
     )
 }
 
-/// Records what an attempt's answer says of its key (health, headroom, counters).
+/// Records what an attempt's answer says of its key (health, headroom, counters): `status`
+/// `None` when the provider never answered, `class` what its refusal meant.
 fn observe(
     gw: &Gateway,
     config: &Config,
-    provider: &str,
-    key: Option<&str>,
+    who: Option<&Attempted<'_>>,
     status: Option<u16>,
+    class: Option<RefusalClass>,
     headers: &HeaderMap,
 ) {
-    let Some(key) = key else { return };
+    let Some(who) = who else { return };
     let now = crate::now_ms();
     let recorded = keys::observe(
         config,
-        provider,
-        key,
+        who,
         status,
+        class,
         &Headers(headers),
         now,
         &gw.store,
     )
-    .and_then(|()| keys::count(config, provider, key, status, &gw.store));
+    .and_then(|()| keys::count(config, who, status, class, &gw.store));
     if let Err(e) = recorded {
-        tracing::warn!(provider = %provider, key, error = %e, "key health not recorded");
+        tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
     }
+}
+
+/// Most bytes of a failed answer's body read to tell what the refusal means (and relayed,
+/// if it is the last answer). Error bodies are a few hundred bytes.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A failed answer's body, up to `MAX_ERROR_BODY` bytes and within `timeout`: what came by
+/// then (a body that fails or stalls is judged on what came).
+async fn read_error_body(mut body: Incoming, timeout: Duration) -> Bytes {
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                let room = MAX_ERROR_BODY.saturating_sub(out.len());
+                out.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
+                if out.len() >= MAX_ERROR_BODY {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, read).await;
+    Bytes::from(out)
+}
+
+/// Relays a failed answer whose body was read (`read_error_body`) to the client through the
+/// exchange, account identifiers removed from it.
+fn relay_read(
+    gw: &Arc<Gateway>,
+    mut guard: InFlight,
+    mut parts: hyper::http::response::Parts,
+    body: Bytes,
+    key_id: Option<String>,
+) -> Response<GatewayBody> {
+    let started = guard.started;
+    let mut exchange = match guard.take_exchange() {
+        Ok(x) => x,
+        Err(lost) => return *lost,
+    };
+    // A failed answer used no tokens of the key, but the provider saw a request.
+    guard.give_back_key();
+    let body = refusal::scrub_account_ids(&body).map_or(body, Bytes::from);
+    let r = match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
+        OnResponse::Relay {
+            status,
+            remove_headers,
+            add_headers,
+            body_rewritten: _,
+        } => {
+            if let Some(s) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
+                parts.status = s;
+            }
+            strip_hop_by_hop(&mut parts.headers);
+            for name in remove_headers {
+                parts.headers.remove(*name);
+            }
+            for (name, value) in add_headers {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    parts.headers.insert(name, v);
+                }
+            }
+            let out = match exchange.on_response_chunk(&body, true) {
+                Chunk::Unchanged => body.to_vec(),
+                Chunk::Replace(bytes) => bytes,
+            };
+            parts
+                .headers
+                .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            let summary = exchange.finish(crate::now_ms(), &gw.store);
+            access_log::record(&summary, key_id.as_deref(), started, Ending::Completed);
+            return Response::from_parts(parts, GatewayBody::local(out));
+        }
+        OnResponse::Replace(r) => r,
+        OnResponse::Collect { .. } => exchange.on_collected(&body),
+    };
+    conclude(
+        gw,
+        exchange,
+        r,
+        key_id.as_deref(),
+        started,
+        Ending::Answered,
+    )
 }
 
 /// Relays the provider's answer to the client through the exchange.
@@ -572,6 +685,13 @@ fn upstream_request(
         })?;
         value.set_sensitive(true);
         headers.insert(HeaderName::from_static(name), value);
+    }
+    for (name, value) in &forward.default_headers {
+        if !headers.contains_key(*name) {
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| internal(format!("header {name}: {e}")))?;
+            headers.insert(HeaderName::from_static(name), value);
+        }
     }
     headers.insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     let mut request = Request::post(uri)

@@ -1,16 +1,27 @@
-//! An OpenAI-compatible mock provider, used as the upstream of the gateway in
-//! end-to-end tests and as the target of load benchmarks.
+//! A mock LLM provider, used as the upstream of the gateway in end-to-end
+//! tests and as the target of load benchmarks. It speaks two dialects:
 //!
-//! It serves `POST /v1/chat/completions` (plain and SSE streaming) and
-//! `GET /v1/models`, records every request it receives, and behaves like a
-//! real provider in the ways a gateway has to cope with:
+//! - OpenAI's: `POST /v1/chat/completions` (plain and SSE streaming) and
+//!   `GET /v1/models`;
+//! - Anthropic's Messages API: `POST /v1/messages` (plain and SSE streaming,
+//!   text or tool use, see [`MockProvider::set_tool_input`]) and
+//!   `POST /v1/messages/count_tokens`, requiring `anthropic-version` and
+//!   `max_tokens` as Anthropic does, answering errors in Anthropic's shape
+//!   with a `request-id`, and reporting usage with its cache fields (see
+//!   [`MockProvider::set_anthropic_usage`]).
+//!
+//! It records every request it receives, and behaves like a real provider in
+//! the ways a gateway has to cope with:
 //!
 //! - every response to a request carrying a provider key reports that key's
-//!   rate limits in OpenAI's `x-ratelimit-*` headers, from a one-minute window
-//!   per key (see [`KeyLimits`]; the mock reports, it never enforces);
+//!   rate limits, in OpenAI's `x-ratelimit-*` headers or, on Anthropic's
+//!   endpoints, in Anthropic's `anthropic-ratelimit-*` headers, from a
+//!   one-minute window per key (see [`KeyLimits`]; the mock reports, it never
+//!   enforces);
 //! - requests carrying a given key can be made to misbehave (see [`Fault`]):
-//!   429s in each of the forms OpenAI sends, 401s, 5xx with JSON or with a
-//!   CDN's HTML page, slow heads and slow bodies, streams that are cut or held;
+//!   429s in each of the forms OpenAI sends (and in Anthropic's form), 401s,
+//!   5xx and 529s with JSON or with a CDN's HTML page, slow heads and slow
+//!   bodies, streams that are cut or held;
 //! - streams to a given key can be shaped as other servers and proxies shape
 //!   them (see [`StreamStyle`]): CRLF line endings, keep-alive comments,
 //!   events coalesced into or split across reads, no `[DONE]`, an error event
@@ -32,7 +43,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -51,7 +62,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Sleep;
 
-/// Reply text of successful completions until [`MockProvider::set_reply`] is called.
+/// Reply text of successful completions (and Anthropic messages) until
+/// [`MockProvider::set_reply`] is called.
 pub const DEFAULT_CONTENT: &str = "Hello from the mock provider.";
 
 /// Usage reported by successful completions until [`MockProvider::set_reply`] is called.
@@ -79,6 +91,44 @@ const SLOW_BODY_FRAMES: usize = 4;
 /// has started.
 const STREAM_ERROR_DATA: &str = r#"data: {"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#;
 
+/// The payload of the error event Anthropic sends when a stream fails after
+/// it has started (its `event: error` line aside).
+const ANTHROPIC_STREAM_ERROR_DATA: &str =
+    r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+
+/// Usage reported by successful Anthropic Messages replies until
+/// [`MockProvider::set_anthropic_usage`] is called.
+pub const DEFAULT_ANTHROPIC_USAGE: AnthropicUsage = AnthropicUsage {
+    input_tokens: 10,
+    output_tokens: 5,
+    cache_creation_input_tokens: 0,
+    cache_read_input_tokens: 0,
+};
+
+/// The `input` of the tool calls of Anthropic Messages replies, as JSON,
+/// until [`MockProvider::set_tool_input`] is called.
+pub const DEFAULT_TOOL_INPUT: &str = r#"{"location":"Paris"}"#;
+
+/// The text block a tool-calling Anthropic reply starts with, as Claude
+/// often says a sentence before calling a tool (see
+/// [`MockProvider::set_tool_input`]).
+pub const TOOL_USE_PREAMBLE: &str = "Let me check.";
+
+/// The Messages endpoint.
+const MESSAGES: &str = "/v1/messages";
+
+/// The token-counting endpoint of the Messages API.
+const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
+
+/// How many bytes of a tool call's input JSON each `input_json_delta` of a
+/// streamed Anthropic reply carries, at most (fewer where a character would
+/// be cut).
+const INPUT_JSON_PIECE: usize = 6;
+
+/// What Anthropic answers, with a 400, when the account's credit is spent.
+const CREDIT_TOO_LOW: &str = "Your credit balance is too low to access the Anthropic API. \
+                              Please go to Plans & Billing to upgrade or purchase credits.";
+
 /// How a [`MockProvider`] is started.
 #[derive(Clone, Debug)]
 pub struct MockOptions {
@@ -87,8 +137,9 @@ pub struct MockOptions {
     pub record: bool,
     /// Where to listen; the default, `127.0.0.1:0`, picks a free port.
     pub listen: SocketAddr,
-    /// Send OpenAI's `x-ratelimit-*` headers on every response to a request
-    /// carrying a provider key (see [`KeyLimits`]). On by default, since real
+    /// Send OpenAI's `x-ratelimit-*` headers (Anthropic's
+    /// `anthropic-ratelimit-*` on its endpoints) on every response to a
+    /// request carrying a provider key (see [`KeyLimits`]). On by default, since real
     /// providers always send them; turn it off to measure the mock without
     /// its one mutex per keyed request.
     pub rate_limit_headers: bool,
@@ -108,10 +159,25 @@ impl Default for MockOptions {
 /// `x-ratelimit-limit-*` headers. The remaining counts are these minus what
 /// the key used in its current one-minute window, which starts with the
 /// key's first request and restarts with the first request after it ended.
-/// A chat completion uses one request and, from its arrival, the total tokens
-/// of the reply's usage (see [`MockProvider::set_reply`]), whatever its
-/// outcome; other endpoints use one request and no tokens. The mock only
+/// A chat completion uses one request and, from its arrival, the tokens of
+/// the reply's usage (see [`MockProvider::set_reply`]), whatever its
+/// outcome; an Anthropic message likewise uses one request and the tokens of
+/// [`MockProvider::set_anthropic_usage`]'s usage (its input tokens and cache
+/// writes as input, its output tokens as output; cache reads are free, as
+/// they are for Anthropic's input limits); other endpoints use one request
+/// and no tokens. Both dialects count in the same window. The mock only
 /// reports: it answers normally past the limits (use [`Fault`] for 429s).
+///
+/// On Anthropic's endpoints the same window is reported as Anthropic reports
+/// it: `anthropic-ratelimit-requests-*` from `requests_per_minute`;
+/// `anthropic-ratelimit-input-tokens-*` and `-output-tokens-*` from a split
+/// of `tokens_per_minute`, a fifth of it (rounded down) for output tokens and
+/// the rest for input tokens, about the ratio of Anthropic's tiers (the
+/// default gives 1,600,000 and 400,000); `anthropic-ratelimit-tokens-*` from
+/// their sum, `tokens_per_minute` itself. As Anthropic does, the token
+/// counts remaining are rounded to the nearest thousand (never above the
+/// limit), so only usage in the thousands shows, and every `-reset` is the
+/// RFC 3339 time (UTC, whole seconds, rounded up) at which the window ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyLimits {
     pub requests_per_minute: u64,
@@ -165,6 +231,12 @@ pub enum Writes {
 /// [`Fault::HoldStream`] and [`Fault::Slow`] pause before the second data
 /// event and before every data event after the first respectively, each
 /// pause coming before the comment that precedes the event.
+///
+/// Streams of Anthropic's Messages API take the style too: the `event:` and
+/// `data:` lines of each event end as `line_ending` says, and `keep_alive`,
+/// `writes` and `error_after` apply alike (there `message_start` is the
+/// first event, and `ping` counts); `done` does not apply, since those
+/// streams end with `message_stop`, never `[DONE]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamStyle {
     /// The end of every line in the stream: the `data:` line's and the blank
@@ -182,6 +254,11 @@ pub struct StreamStyle {
     /// send OpenAI's mid-stream error event (`data: {"error":{…}}`), then end
     /// the body cleanly: no finish chunk, no usage, no `[DONE]`. A count past
     /// the content events sends all of those first.
+    ///
+    /// In an Anthropic stream: after this many events, Anthropic's mid-stream
+    /// error event (`event: error`, an `overloaded_error`), then the body
+    /// ends cleanly: no `message_delta`, no `message_stop`. A count past the
+    /// content blocks' events sends all of those first.
     pub error_after: Option<usize>,
 }
 
@@ -204,6 +281,24 @@ impl StreamStyle {
             LineEnding::Lf => "\n\n",
             LineEnding::CrLf => "\r\n\r\n",
         }
+    }
+
+    /// What ends each line.
+    fn line_end(&self) -> &'static str {
+        match self.line_ending {
+            LineEnding::Lf => "\n",
+            LineEnding::CrLf => "\r\n",
+        }
+    }
+
+    /// The keep-alive comment to send before each event, if any.
+    fn keep_alive_comment(&self) -> Option<Bytes> {
+        self.keep_alive.then(|| {
+            Bytes::from_static(match self.line_ending {
+                LineEnding::Lf => b": keep-alive\n\n",
+                LineEnding::CrLf => b": keep-alive\r\n\r\n",
+            })
+        })
     }
 }
 
@@ -256,7 +351,9 @@ impl MockProvider {
         self.addr
     }
 
-    /// The OpenAI base URL of this provider: `http://127.0.0.1:PORT/v1`.
+    /// The base URL of this provider: `http://127.0.0.1:PORT/v1`, for
+    /// OpenAI's paths (`/chat/completions`) and Anthropic's (`/messages`)
+    /// alike.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -327,7 +424,9 @@ impl MockProvider {
     }
 
     /// Sets the reply text and usage of all successful completions from now
-    /// on. Defaults: [`DEFAULT_CONTENT`] and [`DEFAULT_USAGE`].
+    /// on. Defaults: [`DEFAULT_CONTENT`] and [`DEFAULT_USAGE`]. The text is
+    /// also that of Anthropic Messages replies (whose usage is set by
+    /// [`MockProvider::set_anthropic_usage`]).
     pub fn set_reply(&self, content: &str, usage: MockUsage) {
         let reply = Arc::new(Reply::new(content, usage));
         *self
@@ -335,6 +434,35 @@ impl MockProvider {
             .reply
             .write()
             .unwrap_or_else(PoisonError::into_inner) = reply;
+        self.state
+            .update_anthropic(|anthropic| anthropic.content = content.to_owned());
+    }
+
+    /// Sets the usage reported by all successful Anthropic Messages replies
+    /// from now on, and charged to their keys' rate-limit windows (see
+    /// [`KeyLimits`]). Default: [`DEFAULT_ANTHROPIC_USAGE`].
+    pub fn set_anthropic_usage(&self, usage: AnthropicUsage) {
+        self.state
+            .update_anthropic(|anthropic| anthropic.usage = usage);
+    }
+
+    /// Sets the `input` of the tool calls of Anthropic Messages replies from
+    /// now on (meant to be an object, as tool inputs are). Default:
+    /// [`DEFAULT_TOOL_INPUT`].
+    ///
+    /// A Messages request is answered with a tool call when it has `tools`,
+    /// its `tool_choice` is not `none`, and its last message is a user turn
+    /// carrying no `tool_result` block: the reply is a text block saying
+    /// [`TOOL_USE_PREAMBLE`], then a `tool_use` block (id `toolu_mock_N`)
+    /// calling the first tool (or the one `tool_choice` names) with this
+    /// input, and stops with `tool_use`. A `tool_choice` of `any` or `tool`
+    /// forces the call, and Anthropic then sends no text before it, so
+    /// neither does the mock. Otherwise (after a `tool_result`, say) the
+    /// reply is the text of [`MockProvider::set_reply`].
+    pub fn set_tool_input(&self, input: serde_json::Value) {
+        let input = input.to_string();
+        self.state
+            .update_anthropic(|anthropic| anthropic.tool_input = input);
     }
 }
 
@@ -389,9 +517,38 @@ impl MockUsage {
     }
 }
 
+/// Token usage reported by successful Anthropic Messages replies, in
+/// Anthropic's fields (see [`MockProvider::set_anthropic_usage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnthropicUsage {
+    /// Input tokens that were neither read from nor written to the cache.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Input tokens written to the cache.
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the cache.
+    pub cache_read_input_tokens: u64,
+}
+
+impl AnthropicUsage {
+    /// What a message with this usage uses of its key's rate limits: cache
+    /// writes count as input, cache reads do not.
+    fn charge(&self) -> Charge {
+        Charge {
+            input: self
+                .input_tokens
+                .saturating_add(self.cache_creation_input_tokens),
+            output: self.output_tokens,
+        }
+    }
+}
+
 /// How to misbehave for requests carrying a given provider key. Faults apply
 /// to every endpoint; the request is recorded (and counted in the key's
-/// rate-limit window) first either way.
+/// rate-limit window) first either way. On Anthropic's endpoints
+/// (`/v1/messages…`) the errors take Anthropic's shape,
+/// `{"type":"error","error":{"type":…,"message":…},"request_id":…}`, as each
+/// variant says.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// 429 with OpenAI's body for a requests-per-minute limit, type
@@ -400,38 +557,65 @@ pub enum Fault {
     /// `1s` when `None`), and `x-ratelimit-remaining-requests: 0`. With
     /// `Some(n)`, also `retry-after: n`; with `None` no `retry-after`, as
     /// OpenAI often does.
+    ///
+    /// Anthropic: 429 `rate_limit_error` with Anthropic's message for a
+    /// requests-per-minute limit, `anthropic-ratelimit-requests-remaining: 0`,
+    /// and `retry-after` as above.
     TooManyRequests { retry_after_secs: Option<u64> },
     /// 429 with OpenAI's body for an exhausted quota (type and code
     /// `insufficient_quota`), no `retry-after`: retrying will not help.
+    ///
+    /// Anthropic, which has no such 429: what it sends when the account's
+    /// credit is spent, 400 `invalid_request_error` "Your credit balance is
+    /// too low to access the Anthropic API. …".
     QuotaExhausted,
     /// 429 with OpenAI's body for a request larger than the tokens-per-minute
     /// limit (type `tokens`, code `rate_limit_exceeded`), no `retry-after`:
     /// this request will never fit.
+    ///
+    /// Anthropic: 413 `request_too_large`, "Request exceeds the maximum
+    /// allowed number of bytes.", as its CDN answers (so the body has no
+    /// `request_id`); the numbers are not used.
     RequestTooLarge { limit: u64, requested: u64 },
     /// 401 with an OpenAI-shaped `invalid_api_key` error body.
+    ///
+    /// Anthropic: 401 `authentication_error` "invalid x-api-key".
     Unauthorized,
     /// That status (meant for 5xx) with an OpenAI-shaped `server_error` body;
     /// a number that is not an HTTP status becomes 500.
+    ///
+    /// Anthropic: that status with an `api_error` "Internal server error",
+    /// except 529, which is [`Fault::Overloaded`]'s answer.
     ServerError { status: u16 },
+    /// Anthropic: 529 `overloaded_error` "Overloaded", Anthropic's answer
+    /// when its API is overloaded.
+    ///
+    /// OpenAI, which has no 529: 503 with a `server_error` body saying "The
+    /// engine is currently overloaded, please try again later."
+    Overloaded,
     /// That status with `content-type: text/html` and a CDN edge's error page
     /// as the body, as when Cloudflare answers instead of the provider; a
-    /// number that is not an HTTP status becomes 500.
+    /// number that is not an HTTP status becomes 500. The same on both
+    /// dialects' endpoints.
     HtmlError { status: u16 },
     /// Wait `delay_ms` before answering headers, then answer normally, but
     /// wait `gap_ms` before every SSE event after the first of a stream, and
-    /// send a non-streamed completion's body in 4 frames with `gap_ms` before
-    /// each after the first. Other bodies are sent at once.
+    /// send a non-streamed completion's (or message's) body in 4 frames with
+    /// `gap_ms` before each after the first. Other bodies are sent at once.
     Slow { delay_ms: u64, gap_ms: u64 },
     /// Streaming: send this many SSE events (the role chunk counts as the
-    /// first), then abort the connection, so the body ends in an error rather
-    /// than cleanly. The finish chunk, usage chunk and `[DONE]` are never sent,
-    /// so a count past the content events just sends all of those.
+    /// first; in an Anthropic stream, `message_start`, and `ping` counts),
+    /// then abort the connection, so the body ends in an error rather than
+    /// cleanly. The finish chunk, usage chunk and `[DONE]` (Anthropic's
+    /// `message_delta` and `message_stop`) are never sent, so a count past
+    /// the content events just sends all of those.
     /// Anything else: send the response headers, then abort.
     CutStreamAfter { chunks: usize },
-    /// Streaming: send the first SSE event (the role chunk), then wait for
-    /// `release` before sending the rest. `notify_one` and `notify_waiters`
-    /// both work once the first event has reached the client; `notify_one`
-    /// also works before that, since it stores a permit.
+    /// Streaming: send the first SSE event (the role chunk, or Anthropic's
+    /// `message_start`), then wait for `release` before sending the rest.
+    /// `notify_one` and `notify_waiters` both work once the first event has
+    /// reached the client; `notify_one` also works before that, since it
+    /// stores a permit.
     /// Anything else: wait for `release` before answering at all (use
     /// `notify_one` there, as nothing tells the client when the wait began).
     HoldStream { release: Arc<Notify> },
@@ -471,27 +655,37 @@ impl KeyEntry {
         (!self.behaviour.is_default()).then(|| self.behaviour.clone())
     }
 
-    /// Counts a request arriving `now` that uses `tokens`, and returns the
+    /// Counts a request arriving `now` that uses `charge`, and returns the
     /// key's state for its headers.
-    fn charge(&mut self, now: Instant, tokens: u64) -> RateLimit {
+    fn charge(&mut self, now: Instant, charge: Charge) -> RateLimit {
         let mut window = match self.window {
             Some(window) if now.saturating_duration_since(window.started) < RATE_WINDOW => window,
             _ => Window {
                 started: now,
                 requests: 0,
-                tokens: 0,
+                input_tokens: 0,
+                output_tokens: 0,
             },
         };
         window.requests = window.requests.saturating_add(1);
-        window.tokens = window.tokens.saturating_add(tokens);
+        window.input_tokens = window.input_tokens.saturating_add(charge.input);
+        window.output_tokens = window.output_tokens.saturating_add(charge.output);
         self.window = Some(window);
         RateLimit {
             limits: self.limits.unwrap_or_default(),
             requests: window.requests,
-            tokens: window.tokens,
+            input_tokens: window.input_tokens,
+            output_tokens: window.output_tokens,
             reset: RATE_WINDOW.saturating_sub(now.saturating_duration_since(window.started)),
         }
     }
+}
+
+/// What one request uses of its key's token limits.
+#[derive(Clone, Copy, Default)]
+struct Charge {
+    input: u64,
+    output: u64,
 }
 
 /// What one key used in its current rate-limit window.
@@ -499,22 +693,29 @@ impl KeyEntry {
 struct Window {
     started: Instant,
     requests: u64,
-    tokens: u64,
+    input_tokens: u64,
+    output_tokens: u64,
 }
 
 /// A key's rate-limit state as one response reports it.
 struct RateLimit {
     limits: KeyLimits,
     requests: u64,
-    tokens: u64,
+    input_tokens: u64,
+    output_tokens: u64,
     /// Until the window restarts.
     reset: Duration,
 }
 
 impl RateLimit {
+    /// The tokens used in the window, input and output.
+    fn tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
     /// Adds the `x-ratelimit-*` headers, except those the response already
     /// has (a fault's own).
-    fn add_to(&self, headers: &mut HeaderMap) {
+    fn add_openai(&self, headers: &mut HeaderMap) {
         let reset = HeaderValue::try_from(go_duration(self.reset))
             .unwrap_or(HeaderValue::from_static("0s"));
         let limits = self.limits;
@@ -533,7 +734,7 @@ impl RateLimit {
             ),
             (
                 "x-ratelimit-remaining-tokens",
-                HeaderValue::from(limits.tokens_per_minute.saturating_sub(self.tokens)),
+                HeaderValue::from(limits.tokens_per_minute.saturating_sub(self.tokens())),
             ),
             ("x-ratelimit-reset-requests", reset.clone()),
             ("x-ratelimit-reset-tokens", reset),
@@ -542,6 +743,98 @@ impl RateLimit {
             headers.entry(name).or_insert(value);
         }
     }
+
+    /// Adds the `anthropic-ratelimit-*` headers (see [`KeyLimits`]) for a
+    /// request that arrived at `arrived`, except those the response already
+    /// has (a fault's own).
+    fn add_anthropic(&self, headers: &mut HeaderMap, arrived: SystemTime) {
+        let reset = HeaderValue::try_from(rfc3339(arrived + self.reset))
+            .unwrap_or(HeaderValue::from_static("1970-01-01T00:00:00Z"));
+        let limits = self.limits;
+        let output_limit = limits.tokens_per_minute / 5;
+        let input_limit = limits.tokens_per_minute - output_limit;
+        // Remaining tokens as Anthropic reports them: to the nearest
+        // thousand, and never more than the limit.
+        let remaining =
+            |limit: u64, used: u64| nearest_thousand(limit.saturating_sub(used)).min(limit);
+        let groups = [
+            (
+                "requests",
+                limits.requests_per_minute,
+                limits.requests_per_minute.saturating_sub(self.requests),
+            ),
+            (
+                "tokens",
+                limits.tokens_per_minute,
+                remaining(limits.tokens_per_minute, self.tokens()),
+            ),
+            (
+                "input-tokens",
+                input_limit,
+                remaining(input_limit, self.input_tokens),
+            ),
+            (
+                "output-tokens",
+                output_limit,
+                remaining(output_limit, self.output_tokens),
+            ),
+        ];
+        for (group, limit, left) in groups {
+            let values = [
+                ("limit", HeaderValue::from(limit)),
+                ("remaining", HeaderValue::from(left)),
+                ("reset", reset.clone()),
+            ];
+            for (field, value) in values {
+                let name = format!("anthropic-ratelimit-{group}-{field}");
+                if let Ok(name) = HeaderName::try_from(name) {
+                    headers.entry(name).or_insert(value);
+                }
+            }
+        }
+    }
+}
+
+/// `n` rounded to the nearest thousand (halves up).
+fn nearest_thousand(n: u64) -> u64 {
+    n.saturating_add(500) / 1000 * 1000
+}
+
+/// `time` in RFC 3339, in UTC, to the second, rounded up (so never before
+/// `time`): `2025-02-24T22:25:32Z`, as Anthropic writes its reset times.
+fn rfc3339(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0);
+    let (days, secs_of_day) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60,
+        secs_of_day % 60
+    )
+}
+
+/// The proleptic Gregorian date (year, month, day) `days` days after
+/// 1970-01-01, by Howard Hinnant's `civil_from_days`.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    // Count from 0000-03-01, so that leap days end each 400-year era.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months counted from March.
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// `d` as Go's `time.Duration` prints it, as OpenAI's reset headers and
@@ -585,6 +878,7 @@ struct State {
     /// window); fine, since a gateway under test holds few keys.
     keys: Mutex<HashMap<String, KeyEntry>>,
     reply: RwLock<Arc<Reply>>,
+    anthropic: RwLock<Arc<AnthropicReply>>,
     next_id: AtomicU64,
 }
 
@@ -597,6 +891,11 @@ impl State {
             any_keyed: AtomicBool::new(false),
             keys: Mutex::new(HashMap::new()),
             reply: RwLock::new(Arc::new(Reply::new(DEFAULT_CONTENT, DEFAULT_USAGE))),
+            anthropic: RwLock::new(Arc::new(AnthropicReply {
+                content: DEFAULT_CONTENT.to_owned(),
+                usage: DEFAULT_ANTHROPIC_USAGE,
+                tool_input: DEFAULT_TOOL_INPUT.to_owned(),
+            })),
             next_id: AtomicU64::new(1),
         }
     }
@@ -611,10 +910,10 @@ impl State {
         self.any_keyed.store(!keys.is_empty(), Ordering::Release);
     }
 
-    /// A request carrying `key` and using `tokens` arrived: counts it in the
+    /// A request carrying `key` and using `charge` arrived: counts it in the
     /// key's window (with rate-limit headers on), and returns the behaviour
     /// configured for the key and the state of its window.
-    fn arrive(&self, key: &str, tokens: u64) -> (Option<KeyBehaviour>, Option<RateLimit>) {
+    fn arrive(&self, key: &str, charge: Charge) -> (Option<KeyBehaviour>, Option<RateLimit>) {
         if !self.rate_limit_headers {
             if !self.any_keyed.load(Ordering::Acquire) {
                 return (None, None);
@@ -632,7 +931,7 @@ impl State {
             self.any_keyed.store(true, Ordering::Release);
         }
         match keys.get_mut(key) {
-            Some(entry) => (entry.configured(), Some(entry.charge(now, tokens))),
+            Some(entry) => (entry.configured(), Some(entry.charge(now, charge))),
             None => (None, None),
         }
     }
@@ -658,6 +957,27 @@ impl State {
     fn reply(&self) -> Arc<Reply> {
         Arc::clone(&self.reply.read().unwrap_or_else(PoisonError::into_inner))
     }
+
+    fn anthropic(&self) -> Arc<AnthropicReply> {
+        Arc::clone(
+            &self
+                .anthropic
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Changes the Anthropic reply; under the write lock, so that concurrent
+    /// changes of different parts all stick.
+    fn update_anthropic(&self, update: impl FnOnce(&mut AnthropicReply)) {
+        let mut guard = self
+            .anthropic
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut reply = AnthropicReply::clone(&guard);
+        update(&mut reply);
+        *guard = Arc::new(reply);
+    }
 }
 
 /// Locks `mutex`, ignoring poisoning: the data behind it stays consistent
@@ -676,20 +996,20 @@ struct Reply {
     chunk_choices: Vec<String>,
     /// The `usage` object.
     usage: String,
-    /// What a completion uses of its key's tokens-per-minute limit.
-    total_tokens: u64,
+    /// What a completion uses of its key's token limits.
+    charge: Charge,
 }
 
 impl Reply {
     fn new(content: &str, usage: MockUsage) -> Reply {
         let total_tokens = usage.total_tokens();
-        let usage = format!(
+        let usage_json = format!(
             r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{total_tokens}}}"#,
             usage.prompt_tokens, usage.completion_tokens,
         );
         let content_json = json_string(content);
         let completion_tail = format!(
-            r#""choices":[{{"index":0,"message":{{"role":"assistant","content":{content_json},"refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"usage":{usage}}}"#
+            r#""choices":[{{"index":0,"message":{{"role":"assistant","content":{content_json},"refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"usage":{usage_json}}}"#
         );
 
         let chunk = |delta: &str, finish_reason: &str| {
@@ -708,8 +1028,11 @@ impl Reply {
         Reply {
             completion_tail,
             chunk_choices,
-            usage,
-            total_tokens,
+            usage: usage_json,
+            charge: Charge {
+                input: usage.prompt_tokens,
+                output: usage.completion_tokens,
+            },
         }
     }
 
@@ -851,16 +1174,47 @@ enum BodyFault {
 
 const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
 
+/// Which provider's API a path belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    OpenAi,
+    Anthropic,
+}
+
+impl Api {
+    fn of(path: &str) -> Api {
+        let anthropic = path
+            .strip_prefix(MESSAGES)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if anthropic {
+            Api::Anthropic
+        } else {
+            Api::OpenAi
+        }
+    }
+}
+
 async fn handle(state: &State, request: Request<Incoming>) -> Response<MockBody> {
     let (parts, body) = request.into_parts();
+    let api = Api::of(parts.uri.path());
     let reply = state.reply();
+    let anthropic = match api {
+        Api::OpenAi => None,
+        Api::Anthropic => Some(state.anthropic()),
+    };
+    // Anthropic's reset times are wall-clock times, reckoned from arrival.
+    let arrived = anthropic.is_some().then(SystemTime::now);
     let key = provider_key(&parts.headers);
     // Charged on arrival, before the body is read, as a real provider counts
     // a request against its limits whatever becomes of it.
     let (behaviour, rate_limit) = match key {
         Some(key) => {
-            let is_chat = parts.method == Method::POST && parts.uri.path() == CHAT_COMPLETIONS;
-            state.arrive(key, if is_chat { reply.total_tokens } else { 0 })
+            let charge = match (&parts.method, parts.uri.path(), &anthropic) {
+                (&Method::POST, CHAT_COMPLETIONS, _) => reply.charge,
+                (&Method::POST, MESSAGES, Some(anthropic)) => anthropic.usage.charge(),
+                _ => Charge::default(),
+            };
+            state.arrive(key, charge)
         }
         None => (None, None),
     };
@@ -872,6 +1226,11 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<MockBody>
         ),
         None => (None, None, None),
     };
+    // Every response of Anthropic's API carries one; its error bodies too.
+    let request_id = anthropic.is_some().then(|| {
+        let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("req_mock_{n}")
+    });
 
     let mut response = match body.collect().await {
         Ok(collected) => {
@@ -879,19 +1238,46 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<MockBody>
             if state.record {
                 state.record(&parts, &body, key);
             }
-            respond(state, &reply, &parts, &body, fault, stream_style).await
+            match (&anthropic, &request_id) {
+                (Some(anthropic), Some(request_id)) => {
+                    let exchange = Exchange {
+                        parts: &parts,
+                        body: &body,
+                        key,
+                        request_id,
+                    };
+                    respond_anthropic(state, anthropic, &exchange, fault, stream_style).await
+                }
+                _ => respond(state, &reply, &parts, &body, fault, stream_style).await,
+            }
         }
-        Err(_) => error_response(
-            StatusCode::BAD_REQUEST,
-            "Could not read the request body.",
-            "invalid_request_error",
-            None,
-        ),
+        Err(_) => match &request_id {
+            Some(request_id) => anthropic_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "Could not read the request body.",
+                Some(request_id),
+            ),
+            None => error_response(
+                StatusCode::BAD_REQUEST,
+                "Could not read the request body.",
+                "invalid_request_error",
+                None,
+            ),
+        },
     };
 
     let headers = response.headers_mut();
     if let Some(rate_limit) = rate_limit {
-        rate_limit.add_to(headers);
+        match arrived {
+            Some(arrived) => rate_limit.add_anthropic(headers, arrived),
+            None => rate_limit.add_openai(headers),
+        }
+    }
+    if let Some(request_id) = request_id {
+        if let Ok(value) = HeaderValue::try_from(request_id) {
+            headers.entry("request-id").or_insert(value);
+        }
     }
     if let Some(extra) = extra_headers {
         for (name, _) in extra.iter() {
@@ -977,13 +1363,18 @@ async fn respond(
                 None,
             )
         }
-        Some(Fault::HtmlError { status }) => return html_error(status),
-        Some(Fault::Slow { delay_ms, gap_ms }) => {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            (gap_ms > 0).then(|| BodyFault::Gap(Duration::from_millis(gap_ms)))
+        Some(Fault::Overloaded) => {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The engine is currently overloaded, please try again later.",
+                "server_error",
+                None,
+            )
         }
-        Some(Fault::CutStreamAfter { chunks }) => Some(BodyFault::Cut { chunks }),
-        Some(Fault::HoldStream { release }) => Some(BodyFault::Hold { release }),
+        Some(Fault::HtmlError { status }) => return html_error(status),
+        Some(
+            fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
+        ) => body_fault(fault).await,
     };
 
     match (&parts.method, parts.uri.path()) {
@@ -1005,6 +1396,20 @@ async fn respond(
             );
             deliver(not_found, body_fault).await
         }
+    }
+}
+
+/// The part of a fault that shapes the body of an otherwise normal answer,
+/// after [`Fault::Slow`]'s delay; `None` for the other faults.
+async fn body_fault(fault: Fault) -> Option<BodyFault> {
+    match fault {
+        Fault::Slow { delay_ms, gap_ms } => {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            (gap_ms > 0).then(|| BodyFault::Gap(Duration::from_millis(gap_ms)))
+        }
+        Fault::CutStreamAfter { chunks } => Some(BodyFault::Cut { chunks }),
+        Fault::HoldStream { release } => Some(BodyFault::Hold { release }),
+        _ => None,
     }
 }
 
@@ -1108,23 +1513,503 @@ async fn chat_completions(
     let stream = StreamPlan {
         events: reply.stream_events(id, model, include_usage, &style),
         content_events: reply.content_events(),
-        keep_alive: style.keep_alive.then(|| {
-            Bytes::from_static(match style.line_ending {
-                LineEnding::Lf => b": keep-alive\n\n",
-                LineEnding::CrLf => b": keep-alive\r\n\r\n",
-            })
-        }),
+        keep_alive: style.keep_alive_comment(),
         writes: style.writes,
     };
+    event_stream(stream, body_fault, "text/event-stream")
+}
+
+/// Starts feeding `stream` to a body (see [`produce_stream`]) and returns
+/// the response with that body.
+fn event_stream(
+    stream: StreamPlan,
+    body_fault: Option<BodyFault>,
+    content_type: &'static str,
+) -> Response<MockBody> {
+    let flush_each = matches!(stream.writes, Writes::Split { .. });
     let (tx, rx) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
     tokio::spawn(produce_stream(tx, stream, body_fault));
 
-    let flush_each = matches!(style.writes, Writes::Split { .. });
     let mut response = Response::new(MockBody::channel(rx, flush_each));
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// An Anthropic request as its handlers see it.
+struct Exchange<'a> {
+    parts: &'a request::Parts,
+    body: &'a Bytes,
+    key: Option<&'a str>,
+    /// The `request-id` of the response.
+    request_id: &'a str,
+}
+
+impl Exchange<'_> {
+    /// An error response in Anthropic's shape, carrying this request's id.
+    fn error(&self, status: StatusCode, error_type: &str, message: &str) -> Response<MockBody> {
+        anthropic_error(status, error_type, message, Some(self.request_id))
+    }
+
+    /// The answer to a request lacking what Anthropic requires of every
+    /// request: a key and an `anthropic-version`.
+    fn missing_headers(&self) -> Option<Response<MockBody>> {
+        if self.key.is_none() {
+            return Some(self.error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "x-api-key header is required",
+            ));
+        }
+        let version = self
+            .parts
+            .headers
+            .get("anthropic-version")
+            .is_some_and(|value| !value.as_bytes().trim_ascii().is_empty());
+        (!version).then(|| {
+            self.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "anthropic-version: header is required",
+            )
+        })
+    }
+
+    /// The body as JSON of type `T`.
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(self.body)
+    }
+
+    /// Anthropic's answer to a body that is not JSON (of the expected shape).
+    fn invalid_json(&self, error: &serde_json::Error) -> Response<MockBody> {
+        let message = format!("The request body is not valid JSON: {error}");
+        self.error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
+    }
+
+    /// Anthropic's answer to a request missing the required field `field`.
+    fn field_required(&self, field: &str) -> Response<MockBody> {
+        let message = format!("{field}: Field required");
+        self.error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
+    }
+}
+
+async fn respond_anthropic(
+    state: &State,
+    reply: &AnthropicReply,
+    exchange: &Exchange<'_>,
+    fault: Option<Fault>,
+    stream_style: Option<StreamStyle>,
+) -> Response<MockBody> {
+    let body_fault = match fault {
+        None => None,
+        Some(Fault::TooManyRequests { retry_after_secs }) => {
+            return anthropic_too_many_requests(retry_after_secs, exchange)
+        }
+        Some(Fault::QuotaExhausted) => {
+            return exchange.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                CREDIT_TOO_LOW,
+            )
+        }
+        Some(Fault::RequestTooLarge { .. }) => {
+            // Cloudflare's answer, before the request reaches Anthropic's
+            // servers: no request id in the body.
+            return anthropic_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "Request exceeds the maximum allowed number of bytes.",
+                None,
+            );
+        }
+        Some(Fault::Unauthorized) => {
+            return exchange.error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+            )
+        }
+        Some(Fault::ServerError { status }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return if status.as_u16() == 529 {
+                anthropic_overloaded(exchange)
+            } else {
+                exchange.error(status, "api_error", "Internal server error")
+            };
+        }
+        Some(Fault::Overloaded) => return anthropic_overloaded(exchange),
+        Some(Fault::HtmlError { status }) => return html_error(status),
+        Some(
+            fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
+        ) => body_fault(fault).await,
+    };
+
+    let answer = match (&exchange.parts.method, exchange.parts.uri.path()) {
+        (&Method::POST, MESSAGES) => match exchange.missing_headers() {
+            Some(refused) => refused,
+            None => return messages(state, reply, exchange, body_fault, stream_style).await,
+        },
+        (&Method::POST, COUNT_TOKENS) => match exchange.missing_headers() {
+            Some(refused) => refused,
+            None => count_tokens(exchange),
+        },
+        _ => exchange.error(StatusCode::NOT_FOUND, "not_found_error", "Not Found"),
+    };
+    deliver(answer, body_fault).await
+}
+
+/// [`Fault::TooManyRequests`]'s response on Anthropic's endpoints.
+fn anthropic_too_many_requests(
+    retry_after_secs: Option<u64>,
+    exchange: &Exchange<'_>,
+) -> Response<MockBody> {
+    let mut response = exchange.error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "This request would exceed the rate limit for your organization \
+         (00000000-0000-4000-8000-000000000000) of 50 requests per minute. \
+         For details, refer to: https://docs.claude.com/en/api/rate-limits. \
+         You can see the response headers for current usage. \
+         Please reduce the prompt length or the maximum tokens requested, or try again later. \
+         You may also contact sales at https://www.anthropic.com/contact-sales \
+         to discuss your options for a rate limit increase.",
+    );
+    let headers = response.headers_mut();
+    if let Some(secs) = retry_after_secs {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    headers.insert(
+        "anthropic-ratelimit-requests-remaining",
+        HeaderValue::from_static("0"),
+    );
+    response
+}
+
+/// Anthropic's 529.
+fn anthropic_overloaded(exchange: &Exchange<'_>) -> Response<MockBody> {
+    let status = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    exchange.error(status, "overloaded_error", "Overloaded")
+}
+
+/// An error response with Anthropic's error body, byte for byte:
+/// `{"type":"error","error":{"type":…,"message":…},"request_id":…}`, without
+/// the `request_id` when `request_id` is `None`.
+fn anthropic_error(
+    status: StatusCode,
+    error_type: &str,
+    message: &str,
+    request_id: Option<&str>,
+) -> Response<MockBody> {
+    let error_type = json_string(error_type);
+    let message = json_string(message);
+    let request_id = request_id.map_or_else(String::new, |id| {
+        format!(r#","request_id":{}"#, json_string(id))
+    });
+    let body = format!(
+        r#"{{"type":"error","error":{{"type":{error_type},"message":{message}}}{request_id}}}"#
+    );
+    json_response(status, Bytes::from(body))
+}
+
+/// The reply of successful Anthropic messages.
+#[derive(Clone)]
+struct AnthropicReply {
+    /// The text of text replies (see [`MockProvider::set_reply`]).
+    content: String,
+    usage: AnthropicUsage,
+    /// The input of tool calls, as JSON.
+    tool_input: String,
+}
+
+/// A tool call an Anthropic reply makes.
+struct ToolCall<'a> {
+    name: &'a str,
+    /// Whether [`TOOL_USE_PREAMBLE`]'s text block comes first.
+    preamble: bool,
+}
+
+impl AnthropicReply {
+    /// The `usage` object, reporting `output_tokens` output tokens, in the
+    /// fields and order Anthropic sends.
+    fn usage_json(&self, output_tokens: u64) -> String {
+        let AnthropicUsage {
+            input_tokens,
+            cache_creation_input_tokens,
+            cache_read_input_tokens,
+            ..
+        } = self.usage;
+        format!(
+            r#"{{"input_tokens":{input_tokens},"cache_creation_input_tokens":{cache_creation_input_tokens},"cache_read_input_tokens":{cache_read_input_tokens},"cache_creation":{{"ephemeral_5m_input_tokens":{cache_creation_input_tokens},"ephemeral_1h_input_tokens":0}},"output_tokens":{output_tokens},"service_tier":"standard"}}"#
+        )
+    }
+
+    /// A `message` object up to its `content` (excluded): `{"id":…,…,"model":…,`.
+    fn message_head(id: u64, model: &str) -> String {
+        let model = json_string(model);
+        format!(r#"{{"id":"msg_mock_{id}","type":"message","role":"assistant","model":{model},"#)
+    }
+
+    fn tool_use_block(id: u64, call: &ToolCall<'_>, input: &str) -> String {
+        let name = json_string(call.name);
+        format!(r#"{{"type":"tool_use","id":"toolu_mock_{id}","name":{name},"input":{input}}}"#)
+    }
+
+    /// The text of the reply's text block, if it has one.
+    fn text<'a>(&'a self, call: Option<&ToolCall<'_>>) -> Option<&'a str> {
+        match call {
+            None => Some(&self.content),
+            Some(call) => call.preamble.then_some(TOOL_USE_PREAMBLE),
+        }
+    }
+
+    fn stop_reason(call: Option<&ToolCall<'_>>) -> &'static str {
+        match call {
+            None => "end_turn",
+            Some(_) => "tool_use",
+        }
+    }
+
+    /// A non-streamed reply: a `message` object.
+    fn message(&self, id: u64, model: &str, call: Option<&ToolCall<'_>>) -> Bytes {
+        let mut blocks = Vec::new();
+        if let Some(text) = self.text(call) {
+            blocks.push(format!(r#"{{"type":"text","text":{}}}"#, json_string(text)));
+        }
+        if let Some(call) = call {
+            blocks.push(Self::tool_use_block(id, call, &self.tool_input));
+        }
+        let head = Self::message_head(id, model);
+        let content = blocks.join(",");
+        let stop_reason = Self::stop_reason(call);
+        let usage = self.usage_json(self.usage.output_tokens);
+        Bytes::from(format!(
+            r#"{head}"content":[{content}],"stop_reason":"{stop_reason}","stop_sequence":null,"usage":{usage}}}"#
+        ))
+    }
+
+    /// A streamed reply's events in `style` (the error event included,
+    /// keep-alive comments not), and how many of them come before
+    /// `message_delta`.
+    fn stream_events(
+        &self,
+        id: u64,
+        model: &str,
+        call: Option<&ToolCall<'_>>,
+        style: &StreamStyle,
+    ) -> (Vec<Bytes>, usize) {
+        let nl = style.line_end();
+        let event =
+            |name: &str, data: &str| Bytes::from(format!("event: {name}{nl}data: {data}{nl}{nl}"));
+        let block_start = |index: usize, block: &str| {
+            event(
+                "content_block_start",
+                &format!(
+                    r#"{{"type":"content_block_start","index":{index},"content_block":{block}}}"#
+                ),
+            )
+        };
+        let block_delta = |index: usize, delta: &str| {
+            event(
+                "content_block_delta",
+                &format!(r#"{{"type":"content_block_delta","index":{index},"delta":{delta}}}"#),
+            )
+        };
+        let block_stop = |index: usize| {
+            event(
+                "content_block_stop",
+                &format!(r#"{{"type":"content_block_stop","index":{index}}}"#),
+            )
+        };
+        let ping = || event("ping", r#"{"type":"ping"}"#);
+
+        let head = Self::message_head(id, model);
+        let usage = self.usage_json(1);
+        let mut events = vec![event(
+            "message_start",
+            &format!(
+                r#"{{"type":"message_start","message":{head}"content":[],"stop_reason":null,"stop_sequence":null,"usage":{usage}}}}}"#
+            ),
+        )];
+        let mut index = 0;
+        if let Some(text) = self.text(call) {
+            events.push(block_start(index, r#"{"type":"text","text":""}"#));
+            events.push(ping());
+            for word in split_words(text) {
+                let delta = format!(r#"{{"type":"text_delta","text":{}}}"#, json_string(word));
+                events.push(block_delta(index, &delta));
+            }
+            events.push(block_stop(index));
+            index += 1;
+        }
+        if let Some(call) = call {
+            events.push(block_start(index, &Self::tool_use_block(id, call, "{}")));
+            if index == 0 {
+                events.push(ping());
+            }
+            // Anthropic's first input delta is empty.
+            let pieces =
+                std::iter::once("").chain(split_at_most(&self.tool_input, INPUT_JSON_PIECE));
+            for piece in pieces {
+                let delta = format!(
+                    r#"{{"type":"input_json_delta","partial_json":{}}}"#,
+                    json_string(piece)
+                );
+                events.push(block_delta(index, &delta));
+            }
+            events.push(block_stop(index));
+        }
+        let content_events = events.len();
+
+        if let Some(after) = style.error_after {
+            events.truncate(after.min(content_events));
+            events.push(event("error", ANTHROPIC_STREAM_ERROR_DATA));
+            return (events, content_events);
+        }
+        let stop_reason = Self::stop_reason(call);
+        let output_tokens = self.usage.output_tokens;
+        events.push(event(
+            "message_delta",
+            &format!(
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"{stop_reason}","stop_sequence":null}},"usage":{{"output_tokens":{output_tokens}}}}}"#
+            ),
+        ));
+        events.push(event("message_stop", r#"{"type":"message_stop"}"#));
+        (events, content_events)
+    }
+}
+
+/// Cuts `text` into pieces of at most `bytes` bytes (but at least one
+/// character each: a character is never cut), which concatenate back to
+/// `text`.
+fn split_at_most(text: &str, bytes: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(first) = rest.chars().next() {
+        // The end of the first character is a boundary, so this stops there
+        // at the latest.
+        let mut end = bytes.min(rest.len()).max(first.len_utf8());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        pieces.push(piece);
+        rest = tail;
+    }
+    pieces
+}
+
+/// The fields of a Messages request the mock cares about.
+#[derive(Deserialize)]
+struct MessagesRequest {
+    model: Option<String>,
+    max_tokens: Option<serde_json::Value>,
+    messages: Option<Vec<serde_json::Value>>,
+    stream: Option<bool>,
+    tools: Option<Vec<serde_json::Value>>,
+    tool_choice: Option<serde_json::Value>,
+}
+
+impl MessagesRequest {
+    /// The tool call to answer with, if any (see
+    /// [`MockProvider::set_tool_input`]).
+    fn tool_call(&self) -> Option<ToolCall<'_>> {
+        let tools = self.tools.as_deref().filter(|tools| !tools.is_empty())?;
+        let choice = self.tool_choice.as_ref();
+        let choice_type = choice.and_then(|choice| choice["type"].as_str());
+        if choice_type == Some("none") {
+            return None;
+        }
+        let last = self.messages.as_deref()?.last()?;
+        if last["role"] != "user" {
+            return None;
+        }
+        let answers_a_call = last["content"]
+            .as_array()
+            .is_some_and(|blocks| blocks.iter().any(|block| block["type"] == "tool_result"));
+        if answers_a_call {
+            return None;
+        }
+        let named = match choice_type {
+            Some("tool") => choice.and_then(|choice| choice["name"].as_str()),
+            _ => None,
+        };
+        Some(ToolCall {
+            name: named
+                .or_else(|| tools[0]["name"].as_str())
+                .unwrap_or("tool"),
+            preamble: !matches!(choice_type, Some("any" | "tool")),
+        })
+    }
+}
+
+async fn messages(
+    state: &State,
+    reply: &AnthropicReply,
+    exchange: &Exchange<'_>,
+    body_fault: Option<BodyFault>,
+    stream_style: Option<StreamStyle>,
+) -> Response<MockBody> {
+    let request: MessagesRequest = match exchange.parse() {
+        Ok(request) => request,
+        Err(e) => return deliver(exchange.invalid_json(&e), body_fault).await,
+    };
+    let required = [
+        ("model", request.model.is_some()),
+        ("max_tokens", request.max_tokens.is_some()),
+        ("messages", request.messages.is_some()),
+    ];
+    if let Some((field, _)) = required.into_iter().find(|(_, present)| !present) {
+        return deliver(exchange.field_required(field), body_fault).await;
+    }
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let model = request.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    let call = request.tool_call();
+
+    if !request.stream.unwrap_or(false) {
+        let message = reply.message(id, model, call.as_ref());
+        if let Some(BodyFault::Gap(gap)) = body_fault {
+            let mut response = json_response(StatusCode::OK, Bytes::new());
+            *response.body_mut() = MockBody::paced(message, SLOW_BODY_FRAMES, gap);
+            return response;
+        }
+        return deliver(json_response(StatusCode::OK, message), body_fault).await;
+    }
+
+    let style = stream_style.unwrap_or_default();
+    let (events, content_events) = reply.stream_events(id, model, call.as_ref(), &style);
+    let stream = StreamPlan {
+        events,
+        content_events,
+        keep_alive: style.keep_alive_comment(),
+        writes: style.writes,
+    };
+    event_stream(stream, body_fault, "text/event-stream; charset=utf-8")
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens":N}`, N estimated as a
+/// quarter of the bytes of the request's `system` and `messages` as compact
+/// JSON, at least 1.
+fn count_tokens(exchange: &Exchange<'_>) -> Response<MockBody> {
+    let request: serde_json::Value = match exchange.parse() {
+        Ok(request) => request,
+        Err(e) => return exchange.invalid_json(&e),
+    };
+    for field in ["model", "messages"] {
+        if request.get(field).is_none_or(serde_json::Value::is_null) {
+            return exchange.field_required(field);
+        }
+    }
+    let bytes: usize = ["system", "messages"]
+        .into_iter()
+        .filter_map(|field| request.get(field))
+        .map(|value| value.to_string().len())
+        .sum();
+    let tokens = (bytes / 4).max(1);
+    json_response(
+        StatusCode::OK,
+        Bytes::from(format!(r#"{{"input_tokens":{tokens}}}"#)),
+    )
 }
 
 /// One streamed reply, ready to send.
@@ -2588,5 +3473,1101 @@ mod tests {
         );
         let least = Duration::from_millis(GAP_MS) * (SLOW_BODY_FRAMES as u32 - 1);
         assert!(elapsed >= least, "{elapsed:?} < {least:?}");
+    }
+
+    // Anthropic's Messages API.
+
+    const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+    /// A Messages request from `key`, with Anthropic's headers.
+    async fn anthropic(
+        client: &HttpClient,
+        mock: &MockProvider,
+        key: &str,
+        body: Value,
+    ) -> Response<Incoming> {
+        let url = format!("{}/messages", mock.base_url());
+        let headers = [
+            ("x-api-key", key),
+            ("anthropic-version", ANTHROPIC_VERSION),
+            ("content-type", "application/json"),
+        ];
+        send(client, Method::POST, url, &headers, body.to_string()).await
+    }
+
+    fn messages_request(stream: bool) -> Value {
+        json!({
+            "model": "claude-test",
+            "max_tokens": 256,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+    }
+
+    fn tool_request(stream: bool) -> Value {
+        let mut body = messages_request(stream);
+        body["tools"] = json!([
+            {
+                "name": "get_weather",
+                "description": "Get the current weather in a given location",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"location": {"type": "string"}},
+                    "required": ["location"],
+                },
+            },
+            {"name": "get_time", "input_schema": {"type": "object"}},
+        ]);
+        body["messages"] = json!([{"role": "user", "content": "Weather in Paris?"}]);
+        body
+    }
+
+    /// `text` with the numbers of the mock's ids (`msg_mock_N`,
+    /// `toolu_mock_N`, `req_mock_N`) made `N`.
+    fn normalize_anthropic_ids(text: &str) -> String {
+        let mut out = text.to_owned();
+        for prefix in ["msg_mock_", "toolu_mock_", "req_mock_"] {
+            let mut normalized = String::new();
+            let mut rest = out.as_str();
+            while let Some(at) = rest.find(prefix) {
+                normalized.push_str(&rest[..at + prefix.len()]);
+                normalized.push('N');
+                rest = rest[at + prefix.len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+            }
+            normalized.push_str(rest);
+            out = normalized;
+        }
+        out
+    }
+
+    /// The events of an Anthropic stream as (name, data); each event must be
+    /// an `event:` line and a `data:` line whose `type` is the name.
+    fn anthropic_events(text: &str) -> Vec<(String, Value)> {
+        text.split_terminator("\n\n")
+            .map(|event| {
+                let (name, data) = event.split_once('\n').expect("two lines");
+                let name = name.strip_prefix("event: ").expect("event line");
+                let data = data.strip_prefix("data: ").expect("data line");
+                let data: Value = serde_json::from_str(data).expect("JSON data");
+                assert_eq!(data["type"], name, "{event}");
+                (name.to_owned(), data)
+            })
+            .collect()
+    }
+
+    /// Folds a whole stream into the message it describes, as Anthropic's
+    /// SDKs do, checking the order of its events on the way.
+    fn accumulate(events: &[(String, Value)]) -> Value {
+        let ((first, start), rest) = events.split_first().expect("events");
+        assert_eq!(first, "message_start");
+        let mut message = start["message"].clone();
+        assert_eq!(message["content"], json!([]));
+        assert!(message["stop_reason"].is_null());
+        let (last, _) = events.last().expect("events");
+        assert_eq!(last, "message_stop");
+        let mut partial_json: Vec<String> = Vec::new();
+        let mut open: Option<usize> = None;
+        for (name, data) in rest {
+            let index = data["index"].as_u64().map(|i| i as usize);
+            match name.as_str() {
+                "ping" | "message_stop" => {}
+                "content_block_start" => {
+                    assert_eq!(open, None, "a block is still open");
+                    let content = message["content"].as_array_mut().expect("content");
+                    assert_eq!(index, Some(content.len()));
+                    content.push(data["content_block"].clone());
+                    partial_json.push(String::new());
+                    open = index;
+                }
+                "content_block_delta" => {
+                    assert_eq!(index, open);
+                    let index = index.expect("index");
+                    let block = &mut message["content"][index];
+                    let delta = &data["delta"];
+                    match delta["type"].as_str() {
+                        Some("text_delta") => {
+                            let text = format!(
+                                "{}{}",
+                                block["text"].as_str().expect("text block"),
+                                delta["text"].as_str().expect("text")
+                            );
+                            block["text"] = Value::from(text);
+                        }
+                        Some("input_json_delta") => {
+                            assert_eq!(block["type"], "tool_use");
+                            partial_json[index]
+                                .push_str(delta["partial_json"].as_str().expect("partial_json"));
+                        }
+                        other => panic!("unexpected delta {other:?}"),
+                    }
+                }
+                "content_block_stop" => {
+                    assert_eq!(index, open);
+                    let index = index.expect("index");
+                    let block = &mut message["content"][index];
+                    if block["type"] == "tool_use" {
+                        assert_eq!(block["input"], json!({}));
+                        block["input"] =
+                            serde_json::from_str(&partial_json[index]).expect("input JSON");
+                    }
+                    open = None;
+                }
+                "message_delta" => {
+                    assert_eq!(open, None);
+                    message["stop_reason"] = data["delta"]["stop_reason"].clone();
+                    message["stop_sequence"] = data["delta"]["stop_sequence"].clone();
+                    message["usage"]["output_tokens"] = data["usage"]["output_tokens"].clone();
+                }
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        message
+    }
+
+    /// The whole body of `response`, which must end cleanly.
+    async fn text_body(response: Response<Incoming>) -> String {
+        let (text, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_none(), "{error:?}");
+        text
+    }
+
+    /// The usage object Anthropic sends, as the mock writes it.
+    fn usage_json(usage: AnthropicUsage, output_tokens: u64) -> String {
+        format!(
+            r#"{{"input_tokens":{},"cache_creation_input_tokens":{},"cache_read_input_tokens":{},"cache_creation":{{"ephemeral_5m_input_tokens":{},"ephemeral_1h_input_tokens":0}},"output_tokens":{output_tokens},"service_tier":"standard"}}"#,
+            usage.input_tokens,
+            usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens,
+            usage.cache_creation_input_tokens,
+        )
+    }
+
+    /// The text stream of [`DEFAULT_CONTENT`] with `usage`, byte for byte
+    /// (ids normalized).
+    fn expected_text_stream(usage: AnthropicUsage) -> String {
+        let mut expected = format!(
+            "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_mock_N\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-test\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{}}}}}\n\n",
+            usage_json(usage, 1)
+        );
+        expected.push_str("event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+        expected.push_str("event: ping\ndata: {\"type\":\"ping\"}\n\n");
+        for word in ["Hello", " from", " the", " mock", " provider."] {
+            expected.push_str(&format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{word}\"}}}}\n\n"));
+        }
+        expected.push_str(
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        );
+        expected.push_str(&format!("event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}\n\n", usage.output_tokens));
+        expected.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        expected
+    }
+
+    #[tokio::test]
+    async fn anthropic_message_is_a_messages_response() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let request = messages_request(false);
+
+        let response = anthropic(&client, &mock, "sk-ant-plain", request.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let request_id = header(&response, "request-id").to_owned();
+        assert!(request_id.starts_with("req_mock_"), "{request_id}");
+        let body = text_body(response).await;
+        let expected = format!(
+            r#"{{"id":"msg_mock_N","type":"message","role":"assistant","model":"claude-test","content":[{{"type":"text","text":"Hello from the mock provider."}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{}}}"#,
+            usage_json(DEFAULT_ANTHROPIC_USAGE, 5)
+        );
+        assert_eq!(normalize_anthropic_ids(&body), expected);
+
+        // `set_reply`'s text is the text of Anthropic replies too.
+        mock.set_reply("Bonjour  à tous", DEFAULT_USAGE);
+        let message =
+            json_body(anthropic(&client, &mock, "sk-ant-plain", request.clone()).await).await;
+        assert_eq!(
+            message["content"],
+            json!([{"type": "text", "text": "Bonjour  à tous"}])
+        );
+
+        let requests = mock.requests();
+        assert_eq!(requests.len(), 2);
+        assert_eq!(requests[0].path, "/v1/messages");
+        assert_eq!(requests[0].key.as_deref(), Some("sk-ant-plain"));
+        assert_eq!(requests[0].header("x-api-key"), Some("sk-ant-plain"));
+        assert_eq!(
+            requests[0].header("anthropic-version"),
+            Some(ANTHROPIC_VERSION)
+        );
+        assert_eq!(requests[0].json(), request);
+    }
+
+    #[tokio::test]
+    async fn anthropic_stream_is_anthropics_event_sequence() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let response = anthropic(&client, &mock, "sk-ant", messages_request(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/event-stream; charset=utf-8"
+        );
+        assert!(header(&response, "request-id").starts_with("req_mock_"));
+        let text = text_body(response).await;
+        assert_eq!(
+            normalize_anthropic_ids(&text),
+            expected_text_stream(DEFAULT_ANTHROPIC_USAGE)
+        );
+        assert!(!text.contains("[DONE]"));
+
+        // Folded, the stream is the non-streamed message.
+        let streamed = accumulate(&anthropic_events(&text));
+        let message =
+            json_body(anthropic(&client, &mock, "sk-ant", messages_request(false)).await).await;
+        assert_eq!(
+            normalize_anthropic_ids(&streamed.to_string()),
+            normalize_anthropic_ids(&message.to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn anthropic_tool_use_streams_its_input_in_pieces() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let input = json!({"location": "Zürich, CH", "units": ["celsius"], "days": 3});
+        mock.set_tool_input(input.clone());
+
+        let response = anthropic(&client, &mock, "sk-ant", tool_request(true)).await;
+        let text = text_body(response).await;
+        let events = anthropic_events(&text);
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        let pieces: Vec<&str> = events
+            .iter()
+            .filter(|(_, data)| data["delta"]["type"] == "input_json_delta")
+            .map(|(_, data)| {
+                data["delta"]["partial_json"]
+                    .as_str()
+                    .expect("partial_json")
+            })
+            .collect();
+        let mut expected_names = vec!["message_start", "content_block_start", "ping"];
+        expected_names.extend(["content_block_delta"; 3]); // "Let", " me", " check."
+        expected_names.extend(["content_block_stop", "content_block_start"]);
+        expected_names.extend(vec!["content_block_delta"; pieces.len()]);
+        expected_names.extend(["content_block_stop", "message_delta", "message_stop"]);
+        assert_eq!(names, expected_names);
+
+        // As Anthropic does: an empty first piece, then pieces of a few bytes
+        // that join into the input.
+        assert_eq!(pieces[0], "");
+        assert!(pieces.len() > 3, "{pieces:?}");
+        assert!(
+            pieces[1..]
+                .iter()
+                .all(|piece| !piece.is_empty() && piece.len() <= 6),
+            "{pieces:?}"
+        );
+        assert_eq!(pieces.concat(), input.to_string());
+
+        let tool_start = &events[7].1;
+        assert_eq!(tool_start["index"], 1);
+        let id = tool_start["content_block"]["id"].as_str().expect("id");
+        assert!(id.starts_with("toolu_mock_"), "{id}");
+        assert_eq!(
+            tool_start["content_block"],
+            json!({"type": "tool_use", "id": id, "name": "get_weather", "input": {}})
+        );
+
+        let message = accumulate(&events);
+        assert_eq!(message["stop_reason"], "tool_use");
+        assert_eq!(message["stop_sequence"], Value::Null);
+        assert_eq!(
+            message["content"],
+            json!([
+                {"type": "text", "text": TOOL_USE_PREAMBLE},
+                {"type": "tool_use", "id": id, "name": "get_weather", "input": input},
+            ])
+        );
+        assert_eq!(message["usage"]["output_tokens"], 5);
+
+        // The same message, not streamed.
+        let plain = json_body(anthropic(&client, &mock, "sk-ant", tool_request(false)).await).await;
+        assert_eq!(
+            normalize_anthropic_ids(&plain.to_string()),
+            normalize_anthropic_ids(&message.to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn anthropic_tool_use_follows_the_conversation() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let ask = |body: Value| {
+            let client = client.clone();
+            let mock = &mock;
+            async move { json_body(anthropic(&client, mock, "sk-ant", body).await).await }
+        };
+        let kinds = |message: &Value| -> Vec<String> {
+            message["content"]
+                .as_array()
+                .expect("content")
+                .iter()
+                .map(|block| block["type"].as_str().expect("type").to_owned())
+                .collect()
+        };
+
+        // A question with tools: a sentence, then a call of the first tool.
+        let message = ask(tool_request(false)).await;
+        assert_eq!(kinds(&message), ["text", "tool_use"]);
+        assert_eq!(message["content"][0]["text"], TOOL_USE_PREAMBLE);
+        assert_eq!(message["content"][1]["name"], "get_weather");
+        assert_eq!(message["content"][1]["input"], json!({"location": "Paris"}));
+        assert_eq!(message["stop_reason"], "tool_use");
+        let call_id = message["content"][1]["id"].as_str().expect("id").to_owned();
+
+        // The tool's result: the answer is text.
+        let mut answered = tool_request(false);
+        answered["messages"] = json!([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": message["content"].clone()},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": call_id, "content": "18°C, sunny"},
+            ]},
+        ]);
+        let message = ask(answered).await;
+        assert_eq!(kinds(&message), ["text"]);
+        assert_eq!(message["content"][0]["text"], DEFAULT_CONTENT);
+        assert_eq!(message["stop_reason"], "end_turn");
+
+        // A user turn of blocks without a result still calls.
+        let mut blocks = tool_request(false);
+        blocks["messages"] =
+            json!([{"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]);
+        assert_eq!(kinds(&ask(blocks).await), ["text", "tool_use"]);
+
+        // `tool_choice`: `none` never calls; `any` calls without a sentence;
+        // `tool` calls the tool it names.
+        let mut none = tool_request(false);
+        none["tool_choice"] = json!({"type": "none"});
+        assert_eq!(kinds(&ask(none).await), ["text"]);
+        let mut any = tool_request(false);
+        any["tool_choice"] = json!({"type": "any"});
+        let message = ask(any).await;
+        assert_eq!(kinds(&message), ["tool_use"]);
+        assert_eq!(message["content"][0]["name"], "get_weather");
+        let mut named = tool_request(false);
+        named["tool_choice"] = json!({"type": "tool", "name": "get_time"});
+        let message = ask(named).await;
+        assert_eq!(kinds(&message), ["tool_use"]);
+        assert_eq!(message["content"][0]["name"], "get_time");
+
+        // No tools, or an assistant turn last (a prefill): text.
+        assert_eq!(kinds(&ask(messages_request(false)).await), ["text"]);
+        let mut prefill = tool_request(false);
+        prefill["messages"] = json!([
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "The weather"},
+        ]);
+        assert_eq!(kinds(&ask(prefill).await), ["text"]);
+    }
+
+    #[tokio::test]
+    async fn forced_tool_use_streams_only_the_call() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let mut request = tool_request(true);
+        request["tool_choice"] = json!({"type": "any"});
+        let text = text_body(anthropic(&client, &mock, "sk-ant", request).await).await;
+        let events = anthropic_events(&text);
+        let names: Vec<&str> = events
+            .iter()
+            .take(4)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta"
+            ]
+        );
+        assert_eq!(events[1].1["index"], 0);
+        assert_eq!(events[1].1["content_block"]["type"], "tool_use");
+        let message = accumulate(&events);
+        assert_eq!(message["content"][0]["input"], json!({"location": "Paris"}));
+        assert_eq!(message["content"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[tokio::test]
+    async fn anthropic_usage_reports_the_cache() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let usage = AnthropicUsage {
+            input_tokens: 3,
+            output_tokens: 7,
+            cache_creation_input_tokens: 1_200,
+            cache_read_input_tokens: 4_800,
+        };
+        mock.set_anthropic_usage(usage);
+
+        let message =
+            json_body(anthropic(&client, &mock, "sk-ant", messages_request(false)).await).await;
+        assert_eq!(
+            message["usage"],
+            json!({
+                "input_tokens": 3,
+                "cache_creation_input_tokens": 1_200,
+                "cache_read_input_tokens": 4_800,
+                "cache_creation": {"ephemeral_5m_input_tokens": 1_200, "ephemeral_1h_input_tokens": 0},
+                "output_tokens": 7,
+                "service_tier": "standard",
+            })
+        );
+
+        let text =
+            text_body(anthropic(&client, &mock, "sk-ant", messages_request(true)).await).await;
+        assert_eq!(normalize_anthropic_ids(&text), expected_text_stream(usage));
+        let events = anthropic_events(&text);
+        assert_eq!(
+            events[0].1["message"]["usage"]["cache_read_input_tokens"],
+            4_800
+        );
+        assert_eq!(events[0].1["message"]["usage"]["output_tokens"], 1);
+        let delta = &events[events.len() - 2].1;
+        assert_eq!(delta["usage"], json!({"output_tokens": 7}));
+    }
+
+    #[tokio::test]
+    async fn anthropic_requires_its_headers_and_fields() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let url = format!("{}/messages", mock.base_url());
+        let body = messages_request(false).to_string();
+
+        /// The status, and the body with its request id checked against the
+        /// `request-id` header and normalized.
+        async fn refusal(response: Response<Incoming>) -> (StatusCode, String) {
+            let status = response.status();
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+            let request_id = header(&response, "request-id").to_owned();
+            let body = text_body(response).await;
+            assert!(
+                body.contains(&format!(r#""request_id":"{request_id}""#)),
+                "{body}"
+            );
+            (status, normalize_anthropic_ids(&body))
+        }
+        let error = |error_type: &str, message: &str| {
+            format!(
+                r#"{{"type":"error","error":{{"type":"{error_type}","message":"{message}"}},"request_id":"req_mock_N"}}"#
+            )
+        };
+
+        let no_version = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &[("x-api-key", "sk-ant")],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            refusal(no_version).await,
+            (
+                StatusCode::BAD_REQUEST,
+                error(
+                    "invalid_request_error",
+                    "anthropic-version: header is required"
+                )
+            )
+        );
+
+        let no_key = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &[("anthropic-version", ANTHROPIC_VERSION)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            refusal(no_key).await,
+            (
+                StatusCode::UNAUTHORIZED,
+                error("authentication_error", "x-api-key header is required")
+            )
+        );
+
+        // A bearer token is taken as the key, as the mock does everywhere.
+        let bearer = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &[
+                ("authorization", "Bearer sk-ant-bearer"),
+                ("anthropic-version", ANTHROPIC_VERSION),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(bearer.status(), StatusCode::OK);
+
+        for field in ["model", "max_tokens", "messages"] {
+            let mut request = messages_request(false);
+            request.as_object_mut().expect("object").remove(field);
+            let response = anthropic(&client, &mock, "sk-ant", request).await;
+            let message = format!("{field}: Field required");
+            assert_eq!(
+                refusal(response).await,
+                (
+                    StatusCode::BAD_REQUEST,
+                    error("invalid_request_error", &message)
+                )
+            );
+        }
+
+        let headers = [
+            ("x-api-key", "sk-ant"),
+            ("anthropic-version", ANTHROPIC_VERSION),
+        ];
+        let invalid = send(&client, Method::POST, url.clone(), &headers, "{not json").await;
+        let (status, body) = refusal(invalid).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let error_body: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(error_body["error"]["type"], "invalid_request_error");
+        assert!(
+            error_body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("The request body is not valid JSON: ")),
+            "{body}"
+        );
+
+        for (method, path) in [(Method::GET, "/messages"), (Method::POST, "/messages/nope")] {
+            let url = format!("{}{path}", mock.base_url());
+            let missing = send(&client, method, url, &headers, "").await;
+            assert_eq!(
+                refusal(missing).await,
+                (StatusCode::NOT_FOUND, error("not_found_error", "Not Found"))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn count_tokens_estimates_the_prompt() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let url = format!("{}/messages/count_tokens", mock.base_url());
+        let headers = [
+            ("x-api-key", "sk-ant"),
+            ("anthropic-version", ANTHROPIC_VERSION),
+        ];
+        let request = json!({
+            "model": "claude-test",
+            "system": "You are terse.",
+            "messages": [{"role": "user", "content": "How many tokens is this?"}],
+        });
+        let response = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &headers,
+            request.to_string(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(header(&response, "request-id").starts_with("req_mock_"));
+        // (16 bytes of system + 54 of messages) / 4.
+        assert_eq!(text_body(response).await, r#"{"input_tokens":17}"#);
+
+        let tiny = json!({"model": "m", "messages": []});
+        let response = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &headers,
+            tiny.to_string(),
+        )
+        .await;
+        assert_eq!(json_body(response).await, json!({"input_tokens": 1}));
+
+        let no_messages = json!({"model": "m"});
+        let response = send(
+            &client,
+            Method::POST,
+            url.clone(),
+            &headers,
+            no_messages.to_string(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json_body(response).await["error"]["message"],
+            "messages: Field required"
+        );
+
+        let response = send(
+            &client,
+            Method::POST,
+            url,
+            &[("x-api-key", "sk-ant")],
+            request.to_string(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json_body(response).await["error"]["message"],
+            "anthropic-version: header is required"
+        );
+        assert_eq!(mock.requests()[0].path, "/v1/messages/count_tokens");
+    }
+
+    #[tokio::test]
+    async fn anthropic_faults_take_anthropics_shapes() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        /// Status, `retry-after`, `request-id` and body (ids normalized).
+        async fn fault(
+            client: &HttpClient,
+            mock: &MockProvider,
+            key: &str,
+        ) -> (u16, Option<String>, Option<String>, String) {
+            let response = anthropic(client, mock, key, messages_request(true)).await;
+            let status = response.status().as_u16();
+            let get = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|value: &HeaderValue| value.to_str().expect("ASCII").to_owned())
+            };
+            let (retry_after, request_id) = (get("retry-after"), get("request-id"));
+            let body = text_body(response).await;
+            let request_id = request_id.map(|id| normalize_anthropic_ids(&id));
+            (
+                status,
+                retry_after,
+                request_id,
+                normalize_anthropic_ids(&body),
+            )
+        }
+        let error = |error_type: &str, message: &str| {
+            format!(
+                r#"{{"type":"error","error":{{"type":"{error_type}","message":"{message}"}},"request_id":"req_mock_N"}}"#
+            )
+        };
+        let id = Some("req_mock_N".to_owned());
+
+        mock.set_fault(
+            "sk-rate",
+            Fault::TooManyRequests {
+                retry_after_secs: Some(12),
+            },
+        );
+        let response = anthropic(&client, &mock, "sk-rate", messages_request(false)).await;
+        // The fault's own header wins over the window's.
+        assert_eq!(
+            header(&response, "anthropic-ratelimit-requests-remaining"),
+            "0"
+        );
+        drop(response);
+        let rate_limited = "This request would exceed the rate limit for your organization (00000000-0000-4000-8000-000000000000) of 50 requests per minute. For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later. You may also contact sales at https://www.anthropic.com/contact-sales to discuss your options for a rate limit increase.";
+        assert_eq!(
+            fault(&client, &mock, "sk-rate").await,
+            (
+                429,
+                Some("12".into()),
+                id.clone(),
+                error("rate_limit_error", rate_limited)
+            )
+        );
+        mock.set_fault(
+            "sk-rate",
+            Fault::TooManyRequests {
+                retry_after_secs: None,
+            },
+        );
+        assert_eq!(fault(&client, &mock, "sk-rate").await.1, None);
+
+        let cases = [
+            (Fault::Unauthorized, 401, error("authentication_error", "invalid x-api-key")),
+            (
+                Fault::QuotaExhausted,
+                400,
+                error(
+                    "invalid_request_error",
+                    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+                ),
+            ),
+            (Fault::ServerError { status: 500 }, 500, error("api_error", "Internal server error")),
+            (Fault::ServerError { status: 503 }, 503, error("api_error", "Internal server error")),
+            (Fault::ServerError { status: 529 }, 529, error("overloaded_error", "Overloaded")),
+            (Fault::Overloaded, 529, error("overloaded_error", "Overloaded")),
+        ];
+        for (case, status, body) in cases {
+            mock.set_fault("sk-fault", case.clone());
+            assert_eq!(
+                fault(&client, &mock, "sk-fault").await,
+                (status, None, id.clone(), body),
+                "{case:?}"
+            );
+        }
+
+        // Cloudflare's 413 has no request id in its body.
+        mock.set_fault(
+            "sk-fault",
+            Fault::RequestTooLarge {
+                limit: 1,
+                requested: 2,
+            },
+        );
+        assert_eq!(
+            fault(&client, &mock, "sk-fault").await,
+            (
+                413,
+                None,
+                id.clone(),
+                r#"{"type":"error","error":{"type":"request_too_large","message":"Request exceeds the maximum allowed number of bytes."}}"#.to_owned()
+            )
+        );
+
+        mock.set_fault("sk-fault", Fault::HtmlError { status: 502 });
+        let response = anthropic(&client, &mock, "sk-fault", messages_request(false)).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/html");
+        assert!(text_body(response).await.contains("cloudflare"));
+
+        // Faults come first, as on the OpenAI side: even a request Anthropic
+        // would refuse for its headers gets the fault.
+        mock.set_fault("sk-fault", Fault::Overloaded);
+        let url = format!("{}/messages", mock.base_url());
+        let bare = send(&client, Method::POST, url, &[("x-api-key", "sk-fault")], "").await;
+        assert_eq!(bare.status().as_u16(), 529);
+
+        // The OpenAI side's Overloaded.
+        let response = chat(&client, &mock, "sk-fault", json!({"model": "m"})).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            text_body(response).await,
+            r#"{"error":{"message":"The engine is currently overloaded, please try again later.","type":"server_error","param":null,"code":null}}"#
+        );
+    }
+
+    /// The `anthropic-ratelimit-*` headers of `response`: limit, remaining
+    /// and reset of requests, tokens, input tokens and output tokens.
+    fn anthropic_rate_headers<B>(response: &Response<B>) -> Vec<[&str; 3]> {
+        ["requests", "tokens", "input-tokens", "output-tokens"]
+            .into_iter()
+            .map(|group| {
+                ["limit", "remaining", "reset"]
+                    .map(|field| header(response, &format!("anthropic-ratelimit-{group}-{field}")))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn anthropic_rate_limit_headers_report_the_keys_window() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        mock.set_key_limits(
+            "sk-ant",
+            KeyLimits {
+                requests_per_minute: 100,
+                tokens_per_minute: 10_000,
+            },
+        );
+        // Input 1,500 plus 500 written to the cache; reads are free.
+        mock.set_anthropic_usage(AnthropicUsage {
+            input_tokens: 1_500,
+            output_tokens: 400,
+            cache_creation_input_tokens: 500,
+            cache_read_input_tokens: 9_999,
+        });
+
+        let before = rfc3339(SystemTime::now());
+        let first = anthropic(&client, &mock, "sk-ant", messages_request(false)).await;
+        let after = rfc3339(SystemTime::now() + RATE_WINDOW);
+        let headers = anthropic_rate_headers(&first);
+        let counts: Vec<[&str; 2]> = headers
+            .iter()
+            .map(|[limit, left, _]| [*limit, *left])
+            .collect();
+        // Input: 8,000 less 2,000; output: 2,000 less 400, to the nearest
+        // thousand; tokens: 10,000 less 2,400, likewise.
+        assert_eq!(
+            counts,
+            [
+                ["100", "99"],
+                ["10000", "8000"],
+                ["8000", "6000"],
+                ["2000", "2000"]
+            ]
+        );
+        // One window, one reset: an RFC 3339 time within the minute ahead.
+        let reset = headers[0][2];
+        assert!(
+            headers.iter().all(|[_, _, other]| *other == reset),
+            "{headers:?}"
+        );
+        assert_eq!(reset.len(), "2025-02-24T22:25:32Z".len(), "{reset}");
+        assert!(
+            reset.ends_with('Z') && reset.as_bytes()[10] == b'T',
+            "{reset}"
+        );
+        assert!(
+            before.as_str() <= reset && reset <= after.as_str(),
+            "{before} {reset} {after}"
+        );
+        assert!(first
+            .headers()
+            .keys()
+            .all(|name| !name.as_str().starts_with("x-ratelimit-")));
+
+        let second = anthropic(&client, &mock, "sk-ant", messages_request(true)).await;
+        let counts: Vec<[&str; 2]> = anthropic_rate_headers(&second)
+            .iter()
+            .map(|[limit, left, _]| [*limit, *left])
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ["100", "98"],
+                ["10000", "5000"],
+                ["8000", "4000"],
+                ["2000", "1000"]
+            ]
+        );
+        text_body(second).await;
+
+        // Counting tokens uses a request and no tokens; the OpenAI side shares
+        // the window.
+        let url = format!("{}/messages/count_tokens", mock.base_url());
+        let headers = [
+            ("x-api-key", "sk-ant"),
+            ("anthropic-version", ANTHROPIC_VERSION),
+        ];
+        let body = json!({"model": "m", "messages": []}).to_string();
+        let counted = send(&client, Method::POST, url, &headers, body).await;
+        assert_eq!(anthropic_rate_headers(&counted)[0][1], "97");
+        assert_eq!(anthropic_rate_headers(&counted)[1][1], "5000");
+        let chat = chat(&client, &mock, "sk-ant", json!({"model": "m"})).await;
+        // 10,000 less 4,800 of Anthropic's and 15 of this completion.
+        assert_eq!(rate_headers(&chat)[2..4], ["96", "5185"]);
+    }
+
+    #[test]
+    fn reset_times_are_rfc_3339() {
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+        let cases = [
+            (at(0), "1970-01-01T00:00:00Z"),
+            (at(1_700_000_000), "2023-11-14T22:13:20Z"),
+            (at(951_782_400), "2000-02-29T00:00:00Z"),
+            (at(1_709_251_199), "2024-02-29T23:59:59Z"),
+            (at(4_107_542_400), "2100-03-01T00:00:00Z"),
+            (at(253_402_300_799), "9999-12-31T23:59:59Z"),
+            // Rounded up to the second.
+            (
+                at(1_700_000_000) + Duration::from_nanos(1),
+                "2023-11-14T22:13:21Z",
+            ),
+        ];
+        for (time, text) in cases {
+            assert_eq!(rfc3339(time), text);
+        }
+    }
+
+    #[test]
+    fn remaining_tokens_round_to_the_nearest_thousand() {
+        let cases = [
+            (0, 0),
+            (499, 0),
+            (500, 1_000),
+            (1_499, 1_000),
+            (7_600, 8_000),
+            (u64::MAX, u64::MAX / 1000 * 1000),
+        ];
+        for (n, rounded) in cases {
+            assert_eq!(nearest_thousand(n), rounded, "{n}");
+        }
+    }
+
+    #[test]
+    fn input_json_is_cut_at_character_boundaries() {
+        assert_eq!(
+            split_at_most(r#"{"a":"bcd"}"#, 4),
+            [r#"{"a""#, r#":"bc"#, r#"d"}"#]
+        );
+        // "é" is two bytes, "€" three: never cut, even past the size.
+        assert_eq!(split_at_most("aéb€c", 2), ["a", "é", "b", "€", "c"]);
+        assert_eq!(split_at_most("€", 1), ["€"]);
+        assert!(split_at_most("", 6).is_empty());
+    }
+
+    /// A whole Anthropic stream to `key`, as frames; it must end cleanly.
+    async fn anthropic_frames(client: &HttpClient, mock: &MockProvider, key: &str) -> Vec<Bytes> {
+        let response = anthropic(client, mock, key, tool_request(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let (frames, error) = read_frames(&mut response.into_body()).await;
+        assert!(error.is_none(), "{error:?}");
+        frames
+    }
+
+    #[tokio::test]
+    async fn stream_styles_shape_anthropic_streams() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let plain = normalize_anthropic_ids(&text_of(
+            &anthropic_frames(&client, &mock, "sk-plain").await,
+        ));
+        accumulate(&anthropic_events(&plain));
+
+        mock.set_stream_style(
+            "sk-crlf",
+            StreamStyle {
+                line_ending: LineEnding::CrLf,
+                ..StreamStyle::default()
+            },
+        );
+        let text = text_of(&anthropic_frames(&client, &mock, "sk-crlf").await);
+        assert_eq!(text.matches('\n').count(), text.matches("\r\n").count());
+        assert_eq!(normalize_anthropic_ids(&text.replace("\r\n", "\n")), plain);
+
+        mock.set_stream_style(
+            "sk-ping",
+            StreamStyle {
+                keep_alive: true,
+                ..StreamStyle::default()
+            },
+        );
+        let text = text_of(&anthropic_frames(&client, &mock, "sk-ping").await);
+        let expected: String = plain
+            .split_inclusive("\n\n")
+            .flat_map(|event| [": keep-alive\n\n", event])
+            .collect();
+        assert_eq!(normalize_anthropic_ids(&text), expected);
+
+        mock.set_stream_style(
+            "sk-split",
+            StreamStyle {
+                writes: Writes::Split { bytes: 7 },
+                ..StreamStyle::default()
+            },
+        );
+        let frames = anthropic_frames(&client, &mock, "sk-split").await;
+        assert!(frames
+            .iter()
+            .all(|frame| !frame.is_empty() && frame.len() <= 7));
+        assert_eq!(normalize_anthropic_ids(&text_of(&frames)), plain);
+
+        mock.set_stream_style(
+            "sk-lump",
+            StreamStyle {
+                writes: Writes::Coalesced,
+                // Not Anthropic's: ignored.
+                done: false,
+                ..StreamStyle::default()
+            },
+        );
+        let frames = anthropic_frames(&client, &mock, "sk-lump").await;
+        assert_eq!(normalize_anthropic_ids(&text_of(&frames)), plain);
+        assert!(frames.len() < plain.matches("\n\n").count());
+
+        // An error event after three events, then a clean end.
+        mock.set_stream_style(
+            "sk-fail",
+            StreamStyle {
+                error_after: Some(3),
+                ..StreamStyle::default()
+            },
+        );
+        let text = text_of(&anthropic_frames(&client, &mock, "sk-fail").await);
+        let first_three: String = plain.split_inclusive("\n\n").take(3).collect();
+        let error_event = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        assert_eq!(normalize_anthropic_ids(&text), first_three + error_event);
+
+        // Past the blocks: all their events, never message_delta.
+        mock.set_stream_style(
+            "sk-fail",
+            StreamStyle {
+                error_after: Some(1_000),
+                ..StreamStyle::default()
+            },
+        );
+        let text = text_of(&anthropic_frames(&client, &mock, "sk-fail").await);
+        let events: Vec<&str> = plain.split_inclusive("\n\n").collect();
+        let blocks = events[..events.len() - 2].concat();
+        assert!(events[events.len() - 2].starts_with("event: message_delta\n"));
+        assert_eq!(normalize_anthropic_ids(&text), blocks + error_event);
+    }
+
+    #[tokio::test]
+    async fn stream_faults_apply_to_anthropic_streams() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let plain = normalize_anthropic_ids(&text_of(
+            &anthropic_frames(&client, &mock, "sk-plain").await,
+        ));
+
+        mock.set_fault("sk-cut", Fault::CutStreamAfter { chunks: 4 });
+        let response = anthropic(&client, &mock, "sk-cut", tool_request(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let (frames, error) = read_frames(&mut response.into_body()).await;
+        assert!(error.is_some(), "the body ended cleanly");
+        let first_four: String = plain.split_inclusive("\n\n").take(4).collect();
+        assert_eq!(normalize_anthropic_ids(&text_of(&frames)), first_four);
+
+        // Not streamed: headers, then the connection drops.
+        let response = anthropic(&client, &mock, "sk-cut", tool_request(false)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let (text, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_some() && text.is_empty(), "{text}");
+
+        let release = Arc::new(Notify::new());
+        mock.set_fault(
+            "sk-held",
+            Fault::HoldStream {
+                release: Arc::clone(&release),
+            },
+        );
+        let response = anthropic(&client, &mock, "sk-held", tool_request(true)).await;
+        let mut body = response.into_body();
+        let mut frames = Vec::new();
+        while !text_of(&frames).contains("\n\n") {
+            let frame = guard(body.frame())
+                .await
+                .expect("first event")
+                .expect("frame");
+            frames.push(frame.into_data().expect("data"));
+        }
+        let first = plain.split_inclusive("\n\n").next().expect("event");
+        assert!(first.starts_with("event: message_start\n"));
+        assert_eq!(normalize_anthropic_ids(&text_of(&frames)), first);
+        let other = chat(&client, &mock, "sk-other", json!({"model": "m"})).await;
+        assert_eq!(other.status(), StatusCode::OK);
+        let next = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        assert!(next.is_pending(), "the stream went on before release");
+        release.notify_waiters();
+        let (rest, error) = read_frames(&mut body).await;
+        assert!(error.is_none(), "{error:?}");
+        frames.extend(rest);
+        assert_eq!(normalize_anthropic_ids(&text_of(&frames)), plain);
+
+        // Slow: the same stream, and the same message in several frames with a
+        // content-length.
+        mock.set_fault(
+            "sk-slow",
+            Fault::Slow {
+                delay_ms: 0,
+                gap_ms: 1,
+            },
+        );
+        let text = text_of(&anthropic_frames(&client, &mock, "sk-slow").await);
+        assert_eq!(normalize_anthropic_ids(&text), plain);
+        let response = anthropic(&client, &mock, "sk-slow", tool_request(false)).await;
+        let length: usize = header(&response, "content-length").parse().expect("length");
+        let (frames, error) = read_frames(&mut response.into_body()).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(text_of(&frames).len(), length);
+        let message: Value = serde_json::from_str(&text_of(&frames)).expect("JSON");
+        assert_eq!(message["stop_reason"], "tool_use");
     }
 }

@@ -209,6 +209,22 @@ pub async fn start_gateway(
         .expect("the gateway start panicked")
 }
 
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Daily allowances reset at 00:00 UTC: a test that counts on one waits out the last minute
+/// of the day rather than straddle the reset.
+pub async fn away_from_utc_midnight() {
+    let to_midnight = 86_400_000 - unix_ms() % 86_400_000;
+    if to_midnight < 60_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(to_midnight + 1_000)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

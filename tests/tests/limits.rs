@@ -10,7 +10,9 @@ use tollgate_e2e::gateway::{Gateway, Host};
 use tollgate_e2e::mock_provider::{
     Fault, LineEnding, MockProvider, MockUsage, StreamStyle, Writes,
 };
-use tollgate_e2e::scenario::{assert_error, fresh_client, sha256_hex, sse_data, user, Stack};
+use tollgate_e2e::scenario::{
+    assert_error, away_from_utc_midnight, fresh_client, sha256_hex, sse_data, unix_ms, user, Stack,
+};
 
 const APP_KEY: &str = "tg-limits-app-key";
 const KEY_A: &str = "sk-limits-provider-a";
@@ -437,22 +439,6 @@ async fn a_daily_cost_budget_runs_out_at_the_right_request(host: Host) {
         "{retry_ms} vs {to_midnight}"
     );
     assert_eq!(f.mock.requests().len(), 5);
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// Daily allowances reset at 00:00 UTC: a test that counts on one waits out the last minute
-/// of the day rather than straddle the reset.
-async fn away_from_utc_midnight() {
-    let to_midnight = 86_400_000 - unix_ms() % 86_400_000;
-    if to_midnight < 60_000 {
-        tokio::time::sleep(Duration::from_millis(to_midnight + 1_000)).await;
-    }
 }
 
 fn tokens_left(r: &reqwest::Response) -> u64 {

@@ -17,20 +17,37 @@ pub struct Pricing {
     pub input: f64,
     pub output: f64,
     pub cached_input: f64,
+    pub cache_write: f64,
 }
 
 impl Pricing {
-    /// Cost in millionths of a dollar, rounded up.
-    pub fn micro_usd(&self, prompt: u64, cached_prompt: u64, completion: u64) -> u64 {
+    /// Cost in millionths of a dollar, rounded up. `cached_prompt` (read from the provider's
+    /// cache) and `cache_write` (written to it) are parts of `prompt`, each priced apart.
+    pub fn micro_usd(
+        &self,
+        prompt: u64,
+        cached_prompt: u64,
+        cache_write: u64,
+        completion: u64,
+    ) -> u64 {
         let cached = cached_prompt.min(prompt);
-        let cost = (prompt - cached) as f64 * self.input
+        let written = cache_write.min(prompt - cached);
+        let cost = (prompt - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
+            + written as f64 * self.cache_write
             + completion as f64 * self.output;
         cost.ceil().max(0.0) as u64
     }
 }
 
-pub(super) fn compile_pricing(raw: &RawPricing, path: &str, errors: &mut Errors) -> Pricing {
+/// `cache_write_factor`: the cache write price as a multiple of the input price, when the
+/// config names none (it depends on the provider).
+pub(super) fn compile_pricing(
+    raw: &RawPricing,
+    path: &str,
+    cache_write_factor: f64,
+    errors: &mut Errors,
+) -> Pricing {
     let mut check = |field: &str, v: f64| {
         if !(v.is_finite() && v >= 0.0) {
             errors.at(format!("{path}.{field}"), "must be a price of 0 or more");
@@ -44,10 +61,16 @@ pub(super) fn compile_pricing(raw: &RawPricing, path: &str, errors: &mut Errors)
         raw.cached_input_per_million
             .unwrap_or(raw.input_per_million),
     );
+    let cache_write = check(
+        "cache_write_per_million",
+        raw.cache_write_per_million
+            .unwrap_or(raw.input_per_million * cache_write_factor),
+    );
     Pricing {
         input,
         output,
         cached_input,
+        cache_write,
     }
 }
 

@@ -100,6 +100,10 @@ pub struct Model {
     /// Store key of the pool's turn cursor, shared by every worker. One per model: models
     /// with different pools sharing one cursor would each see only some turns.
     pub cursor_key: String,
+    /// Store keys of the pool's keys' health for this model's upstream model, parallel to
+    /// `pool` (see `keys::model_health_key`); empty when the provider's rate limits are
+    /// key-wide (`providers::refusal::limits_per_model`).
+    pub key_model_health: Vec<String>,
     pub decorators: Decorators,
     pub guard: Vec<GuardRule>,
 }
@@ -237,10 +241,14 @@ impl Config {
             .chain(keys)
     }
 
-    /// Every shared counter the key pools use (cursors, health, headroom, key counters), for
-    /// hosts that create counters up front.
+    /// Every shared counter the key pools use (cursors, health — per key, and per key and
+    /// upstream model where limits are per model —, headroom, key counters), for hosts that
+    /// create counters up front.
     pub fn pool_store_keys(&self) -> impl Iterator<Item = &str> {
-        let cursors = self.models.iter().map(|m| m.cursor_key.as_str());
+        let cursors = self.models.iter().flat_map(|m| {
+            std::iter::once(m.cursor_key.as_str())
+                .chain(m.key_model_health.iter().map(String::as_str))
+        });
         let keys = self
             .providers
             .iter()
@@ -453,6 +461,9 @@ fn compile_providers(
             (Some(u), true) => BaseUrl::parse(u)
                 .map_err(|e| errors.at(format!("{path}.base_url"), e))
                 .ok(),
+            (None, true) if kind.default_base_url().is_some() => {
+                kind.default_base_url().and_then(|u| BaseUrl::parse(u).ok())
+            }
             (None, true) => {
                 errors.at(
                     format!("{path}.base_url"),
@@ -528,6 +539,22 @@ fn compile_providers(
             }
         }
         let mut provider = Provider::new(raw.name, kind, base_url, keys);
+        match (&raw.anthropic_version, kind) {
+            (Some(v), ProviderKind::Anthropic) if !v.trim().is_empty() => {
+                provider.anthropic_version = v.trim().to_string();
+            }
+            (Some(_), ProviderKind::Anthropic) => {
+                errors.at(format!("{path}.anthropic_version"), "must not be empty")
+            }
+            (Some(_), _) => errors.at(
+                format!("{path}.anthropic_version"),
+                format!(
+                    "only a provider of kind `anthropic` takes it, not `{}`",
+                    raw.kind
+                ),
+            ),
+            (None, _) => {}
+        }
         if let Some(name) = &raw.strategy {
             match Strategy::parse(name) {
                 Some(strategy) => provider.strategy = strategy,
@@ -571,6 +598,7 @@ fn compile_providers(
                 default_cooldown_ms: h.cooldown_ms.unwrap_or(d.default_cooldown_ms),
                 max_cooldown_ms: h.max_cooldown_ms.unwrap_or(d.max_cooldown_ms),
                 revoked_probe_ms: h.revoked_probe_ms.unwrap_or(d.revoked_probe_ms),
+                exhausted_ms: h.exhausted_ms.unwrap_or(d.exhausted_ms),
             };
             if provider.health.max_cooldown_ms < provider.health.default_cooldown_ms {
                 errors.at(
@@ -617,10 +645,13 @@ fn compile_models(
             .upstream_model
             .clone()
             .unwrap_or_else(|| raw.name.clone());
-        let pricing = raw
-            .pricing
-            .as_ref()
-            .map(|p| limits::compile_pricing(p, &format!("{path}.pricing"), errors));
+        let pricing = raw.pricing.as_ref().map(|p| {
+            let cache_write_factor = match providers.get(provider).map(|p| p.kind) {
+                Some(ProviderKind::Anthropic) => 1.25,
+                _ => 1.0,
+            };
+            limits::compile_pricing(p, &format!("{path}.pricing"), cache_write_factor, errors)
+        });
         let model_limits = raw.limits.as_ref().map_or_else(Vec::new, |l| {
             let scope = format!("model `{}`", raw.name);
             limits::compile_limits(
@@ -656,8 +687,19 @@ fn compile_models(
             providers.get(provider).map_or("", |p| p.name.as_str()),
             raw.name
         );
+        let key_model_health = providers
+            .get(provider)
+            .filter(|p| crate::providers::refusal::limits_per_model(p.kind))
+            .map(|p| {
+                pool.iter()
+                    .filter_map(|&k| p.keys.get(k))
+                    .map(|k| crate::keys::model_health_key(&k.health_key, &upstream_model))
+                    .collect()
+            })
+            .unwrap_or_default();
         out.push(Model {
             cursor_key,
+            key_model_health,
             name: raw.name,
             provider,
             upstream_model,
@@ -887,7 +929,9 @@ fn render_prompts_list(prompts: &[PromptTemplate], allowed: &[bool]) -> Vec<u8> 
     serde_json::to_vec(&serde_json::json!({ "object": "list", "data": data })).unwrap_or_default()
 }
 
-/// The OpenAI `GET /v1/models` list of the models a consumer may use.
+/// The `GET /v1/models` list of the models a consumer may use, readable by both SDKs: each
+/// entry has OpenAI's fields (`object`, `created`, `owned_by`) and Anthropic's (`type`,
+/// `display_name`, `created_at`), and the list Anthropic's paging fields.
 fn render_models_list(models: &[Model], providers: &[Provider], allowed: &[bool]) -> Vec<u8> {
     let data: Vec<Value> = models
         .iter()
@@ -899,12 +943,19 @@ fn render_models_list(models: &[Model], providers: &[Provider], allowed: &[bool]
                 "object": "model",
                 "created": 0,
                 "owned_by": providers.get(m.provider).map(|p| p.name.as_str()).unwrap_or(""),
+                "type": "model",
+                "display_name": m.name,
+                "created_at": "1970-01-01T00:00:00Z",
             })
         })
         .collect();
-    serde_json::json!({ "object": "list", "data": data })
-        .to_string()
-        .into_bytes()
+    let first = data.first().map(|m| m["id"].clone());
+    let last = data.last().map(|m| m["id"].clone());
+    serde_json::json!({
+        "object": "list", "data": data, "has_more": false, "first_id": first, "last_id": last,
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// `*` matches any run of characters (including none); everything else matches itself.

@@ -138,6 +138,8 @@ pub struct RawProvider {
     pub strategy: Option<String>,
     #[serde(default)]
     pub retry: Option<RawRetry>,
+    /// `anthropic-version` sent upstream when the client sends none (kind `anthropic`).
+    pub anthropic_version: Option<String>,
 }
 
 /// Retrying a failed attempt on another key; every field has a default.
@@ -166,6 +168,9 @@ pub struct RawKeyHealth {
     /// How long a key refused with 401/403 is skipped before one request re-probes it
     /// (default 60000).
     pub revoked_probe_ms: Option<u64>,
+    /// How long a key whose account is out of credit (the provider's "quota exhausted") is
+    /// left out before it is tried again (default 3600000).
+    pub exhausted_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,4 +248,8 @@ pub struct RawPricing {
     pub output_per_million: f64,
     /// Prompt tokens the provider served from its cache; defaults to the input price.
     pub cached_input_per_million: Option<f64>,
+    /// Prompt tokens the provider wrote to its cache (Anthropic's cache writes); defaults to
+    /// 1.25× the input price for Anthropic models (what Anthropic charges for its 5-minute
+    /// cache), the input price otherwise.
+    pub cache_write_per_million: Option<f64>,
 }

@@ -216,3 +216,50 @@ fn globs() {
     assert!(glob_match("exact", "exact"));
     assert!(!glob_match("exact", "exactly"));
 }
+
+#[test]
+fn an_anthropic_provider_has_its_defaults_and_prices_cache_writes() {
+    let text = r#"
+providers:
+  - { name: claude, kind: anthropic, keys: [{ id: c1, secret_env: OPENAI_KEY_1 }] }
+  - { name: pinned, kind: anthropic, base_url: "http://127.0.0.1:9/v1", anthropic_version: "2024-01-01" }
+  - { name: openai, kind: openai, base_url: "https://api.openai.com/v1", anthropic_version: "2023-06-01" }
+models:
+  - { name: claude-sonnet, provider: claude, pricing: { input_per_million: 3.0, output_per_million: 15.0, cached_input_per_million: 0.3 } }
+  - { name: gpt, provider: openai, pricing: { input_per_million: 2.0, output_per_million: 8.0 } }
+"#;
+    let errors = Config::load(text, &env).unwrap_err();
+    let messages: Vec<String> = errors.to_string().lines().map(str::to_string).collect();
+    assert_eq!(
+        messages,
+        ["providers[2].anthropic_version: only a provider of kind `anthropic` takes it, not `openai`"],
+        "{messages:?}"
+    );
+    let config = Config::load(
+        &text.replace(", anthropic_version: \"2023-06-01\" }", " }"),
+        &env,
+    )
+    .expect("valid");
+    let claude = config.provider_by_name("claude").unwrap();
+    let base = claude.base_url.as_ref().unwrap();
+    assert_eq!(base.host, "api.anthropic.com");
+    assert_eq!(base.path_prefix, "/v1");
+    assert_eq!(claude.anthropic_version, "2023-06-01");
+    assert_eq!(
+        config.provider_by_name("pinned").unwrap().anthropic_version,
+        "2024-01-01"
+    );
+    // Cache writes cost 1.25× input at Anthropic unless the config says otherwise.
+    let sonnet = config
+        .model(config.model_id("claude-sonnet").unwrap())
+        .unwrap();
+    let p = sonnet.pricing.unwrap();
+    assert_eq!(p.cache_write, 3.75);
+    // 1,000 prompt tokens of which 600 read from the cache and 100 written to it; 100 out.
+    assert_eq!(
+        p.micro_usd(1_000, 600, 100, 100),
+        300 * 3 + 180 + 375 + 1_500
+    );
+    let gpt = config.model(config.model_id("gpt").unwrap()).unwrap();
+    assert_eq!(gpt.pricing.unwrap().cache_write, 2.0);
+}

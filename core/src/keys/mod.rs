@@ -1,7 +1,8 @@
 //! The key role: for one upstream attempt, pick a key from the provider's pool — in the
-//! pool's strategy's order, skipping keys that are cooling, revoked or at their own limits,
-//! and keys the request already tried — say how to present it, and record what the answer
-//! says of the key. In Envoy this runs in each provider cluster's upstream filter, once per
+//! pool's strategy's order, skipping keys that are cooling (key-wide or for the request's
+//! model), exhausted, revoked or at their own limits, and keys the request already tried —
+//! say how to present it, and record what the answer (its refusal class, see
+//! `providers::refusal`) says of the key. In Envoy this runs in each provider cluster's upstream filter, once per
 //! attempt; the native host calls it before each attempt.
 
 use crate::config::Config;
@@ -10,6 +11,7 @@ use crate::health::{self, Unusable};
 use crate::http::HeaderLookup;
 use crate::http::{CONSUMER_CREDENTIAL_HEADERS, PROVIDER_HEADER};
 use crate::limits::{self, Amounts, Refusal, Reservation};
+use crate::providers::refusal::{self, RefusalClass};
 use crate::providers::signals::KeySignals;
 use crate::providers::{Provider, ProviderKey};
 use crate::store::CounterStore;
@@ -189,11 +191,41 @@ impl Ticket {
     }
 }
 
+/// Where a key's health for one upstream model lives in the store (providers whose limits
+/// are per model): `tollgate/health/<provider>/<key>/m/<upstream model>`.
+pub fn model_health_key(key_health_key: &str, upstream_model: &str) -> String {
+    format!("{key_health_key}/m/{upstream_model}")
+}
+
+/// The store key of `key`'s health for `model`'s upstream model, if the provider's limits
+/// are per model (see `Model::key_model_health`).
+fn model_record<'m>(
+    model: &'m crate::config::Model,
+    provider: &Provider,
+    key: &ProviderKey,
+) -> Option<&'m str> {
+    model
+        .pool
+        .iter()
+        .zip(&model.key_model_health)
+        .find(|(&i, _)| provider.keys.get(i).is_some_and(|k| k.id == key.id))
+        .map(|(_, record)| record.as_str())
+}
+
+/// Reads a value of the store without writing.
+fn read(store: &impl CounterStore, key: &str) -> Result<Option<u64>, crate::store::StoreError> {
+    store
+        .measure_and_replace(key, Err::<((), u64), Option<u64>>)
+        .map(|r| r.err().flatten())
+}
+
 /// Picks the key for the ticket's next attempt: the pool's keys that serve its model, in the
 /// provider's strategy's order (keys this request already tried last), the first that is
-/// healthy and has room for the demand under its own limits. When none has, the request
-/// waits for the first key to have room (429) or can never fit (400); when every key is
-/// cooling, 429 until the first cools down; when every key is revoked, 503.
+/// healthy (and not cooling for the ticket's upstream model) and has room for the demand
+/// under its own limits. When none has, the request waits for the first key to have room
+/// (429) or can never fit (400); when every key is out, the soonest back decides: 429 until
+/// the first cools down, or 503 `provider_keys_exhausted` until the first exhaustion ends;
+/// when every key is revoked, 503.
 pub fn attempt_key<'c>(
     config: &'c Config,
     ticket: &Ticket,
@@ -235,16 +267,33 @@ pub fn attempt_key<'c>(
         .map_err(store_error)?;
     // The refusal to report if every key refuses: the soonest retry, else the largest key.
     let mut best: Option<Refusal> = None;
-    // The soonest a cooling key is usable again, and whether every skipped key is revoked.
+    // The soonest a cooling and an exhausted key are usable again, and whether every
+    // skipped key is revoked.
     let mut cooling_until: Option<u64> = None;
+    let mut exhausted_until: Option<u64> = None;
+    let soonest = |slot: &mut Option<u64>, until: u64| {
+        *slot = Some(slot.map_or(until, |u| u.min(until)));
+    };
     let mut revoked = 0;
     for key in order {
+        // Cooling for this model only (read first: claiming a revoked key's probe writes).
+        if let Some(record) = model_record(model, provider, key) {
+            let state = read(store, record).map_err(store_error)?;
+            if let Some(Unusable::Cooling { until_ms }) = health::state(state, now_ms) {
+                soonest(&mut cooling_until, until_ms);
+                continue;
+            }
+        }
         match store.measure_and_replace(&key.health_key, |state| {
             health::claim(state, now_ms, &provider.health)
         }) {
             Ok(Ok(())) | Ok(Err(None)) => {}
             Ok(Err(Some(Unusable::Cooling { until_ms }))) => {
-                cooling_until = Some(cooling_until.map_or(until_ms, |u| u.min(until_ms)));
+                soonest(&mut cooling_until, until_ms);
+                continue;
+            }
+            Ok(Err(Some(Unusable::Exhausted { until_ms }))) => {
+                soonest(&mut exhausted_until, until_ms);
                 continue;
             }
             Ok(Err(Some(Unusable::Revoked { .. }))) => {
@@ -268,15 +317,25 @@ pub fn attempt_key<'c>(
     }
     let scope = format!("every key of provider `{}`", provider.name);
     let name = provider.name.clone();
-    // No key now: the soonest any becomes usable, whether it is cooling or at its limit.
-    let cooling = cooling_until.map(|u| u.saturating_sub(now_ms));
-    Err(match (best, cooling) {
-        (Some(r @ (Refusal::NotNow { .. } | Refusal::Exhausted { .. })), Some(wait))
+    // No key now: the soonest any becomes usable, whether it is cooling, exhausted or at
+    // its limit (a cooling key wins a tie).
+    let out = match (cooling_until, exhausted_until) {
+        (Some(c), Some(e)) if e < c => Some((e.saturating_sub(now_ms), true)),
+        (Some(c), _) => Some((c.saturating_sub(now_ms), false)),
+        (None, Some(e)) => Some((e.saturating_sub(now_ms), true)),
+        (None, None) => None,
+    };
+    Err(match (best, out) {
+        (Some(r @ (Refusal::NotNow { .. } | Refusal::Exhausted { .. })), Some((wait, _)))
             if refusal_wait(&r).is_some_and(|w| w <= wait) =>
         {
             r.with_scope(scope).into()
         }
-        (_, Some(retry_after_ms)) => GatewayError::KeysCooling {
+        (_, Some((retry_after_ms, false))) => GatewayError::KeysCooling {
+            provider: name,
+            retry_after_ms,
+        },
+        (_, Some((retry_after_ms, true))) => GatewayError::KeysExhausted {
             provider: name,
             retry_after_ms,
         },
@@ -368,22 +427,40 @@ fn next_turn(store: &impl CounterStore, cursor_key: &str) -> Result<u64, crate::
     }
 }
 
+/// One attempt, as `observe` and `count` name it: the provider, the key's id, and the
+/// public model the request was for.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempted<'a> {
+    pub provider: &'a str,
+    pub key: &'a str,
+    pub model: &'a str,
+}
+
+/// What a provider's answer `status` with error `body` means for the key (`None`: not a
+/// refusal, or an unknown provider), by the provider's kind (see `providers::refusal`).
+/// Hosts read a failed answer's body (bounded) before calling it.
+pub fn classify(config: &Config, provider: &str, status: u16, body: &[u8]) -> Option<RefusalClass> {
+    let kind = config.provider_by_name(provider)?.kind;
+    refusal::classify(kind, status, body)
+}
+
 /// Adds an attempt's outcome to its key's counters in the store (`status` is `None` when the
-/// provider never answered), for the admin view. (Envoy counts them as stats instead.)
+/// provider never answered; `class` what its refusal meant, see `classify`), for the admin
+/// view. (Envoy counts them as stats instead.)
 pub fn count(
     config: &Config,
-    provider: &str,
-    key_id: &str,
+    attempt: &Attempted<'_>,
     status: Option<u16>,
+    class: Option<RefusalClass>,
     store: &impl CounterStore,
 ) -> Result<(), GatewayError> {
     let Some(key) = config
-        .provider_by_name(provider)
-        .and_then(|p| p.keys.iter().find(|k| k.id == key_id))
+        .provider_by_name(attempt.provider)
+        .and_then(|p| p.keys.iter().find(|k| k.id == attempt.key))
     else {
         return Ok(());
     };
-    for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status)]
+    for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status, class)]
         .into_iter()
         .flatten()
     {
@@ -399,32 +476,34 @@ pub fn count(
     Ok(())
 }
 
-/// Records what an attempt's answer says of its key: cooling after a 429 (until the time
-/// the provider gives), revoked after a 401/403, healthy again after a successful probe,
-/// and the remaining capacity the provider reports. `status` is `None` when the provider
-/// never answered (connection failure, timeout): nothing to record. Hosts call it once per
-/// attempt.
+/// Records what an attempt's answer says of its key, by its refusal class (see `classify`
+/// and `health::observe`): cooling after a rate limit — for the attempt's upstream model
+/// only, where the provider's limits are per model —, out for long after an exhausted
+/// quota, revoked after a 401/403, healthy again after a successful probe; and the
+/// remaining capacity the provider reports. `status` is `None` when the provider never
+/// answered (connection failure, timeout): nothing to record. Hosts call it once per
+/// attempt, before the next attempt picks its key.
 pub fn observe<H: HeaderLookup + ?Sized>(
     config: &Config,
-    provider: &str,
-    key_id: &str,
+    attempt: &Attempted<'_>,
     status: Option<u16>,
+    class: Option<RefusalClass>,
     headers: &H,
     now_ms: u64,
     store: &impl CounterStore,
 ) -> Result<(), GatewayError> {
-    let Some(provider) = config.provider_by_name(provider) else {
+    let Some(provider) = config.provider_by_name(attempt.provider) else {
         return Ok(());
     };
-    let Some(key) = provider.keys.iter().find(|k| k.id == key_id) else {
+    let Some(key) = provider.keys.iter().find(|k| k.id == attempt.key) else {
         return Ok(());
     };
     let store_error = |e: crate::store::StoreError| GatewayError::SharedStateUnavailable {
         detail: e.to_string(),
     };
-    let Some(status) = status else {
+    if status.is_none() {
         return Ok(());
-    };
+    }
     let signals = KeySignals::read(headers, now_ms);
     if let Some(room) = health::headroom_state(&signals, now_ms) {
         store
@@ -432,12 +511,21 @@ pub fn observe<H: HeaderLookup + ?Sized>(
             .map_err(store_error)?
             .ok();
     }
+    let model_record = config
+        .model_id(attempt.model)
+        .and_then(|id| config.model(id))
+        .and_then(|m| model_record(m, provider, key));
+    let (record, update): (&str, &dyn Fn(Option<u64>) -> Option<u64>) = match (class, model_record)
+    {
+        (Some(RefusalClass::RateLimited { per_model: true }), Some(record)) => (record, &|state| {
+            health::cool(state, now_ms, &signals, &provider.health)
+        }),
+        _ => (&key.health_key, &|state| {
+            health::observe(state, now_ms, class, &signals, &provider.health)
+        }),
+    };
     store
-        .measure_and_replace(&key.health_key, |state| {
-            health::observe(state, now_ms, status, &signals, &provider.health)
-                .map(|new| ((), new))
-                .ok_or(())
-        })
+        .measure_and_replace(record, |state| update(state).map(|new| ((), new)).ok_or(()))
         .map(|_| ())
         .map_err(store_error)
 }

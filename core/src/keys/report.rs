@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::health;
+use crate::providers::refusal::RefusalClass;
 use crate::store::CounterStore;
 
 /// What happened to a key's attempts, counted per key.
@@ -15,7 +16,8 @@ pub enum KeyCounter {
     Attempts,
     /// Answered 2xx.
     Succeeded,
-    /// Answered 429.
+    /// Refused as rate limited (a 429 but for those that mean an exhausted quota or a
+    /// request too large).
     RateLimited,
     /// Answered 401 or 403.
     Refused,
@@ -23,16 +25,20 @@ pub enum KeyCounter {
     ServerErrors,
     /// Never answered: connection failure or timeout.
     Unreachable,
+    /// Its account's quota is exhausted (OpenAI's `insufficient_quota`, Anthropic's credit
+    /// balance too low).
+    Exhausted,
 }
 
 impl KeyCounter {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Attempts,
         Self::Succeeded,
         Self::RateLimited,
         Self::Refused,
         Self::ServerErrors,
         Self::Unreachable,
+        Self::Exhausted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,18 +49,24 @@ impl KeyCounter {
             Self::Refused => "refused",
             Self::ServerErrors => "server_errors",
             Self::Unreachable => "unreachable",
+            Self::Exhausted => "exhausted",
         }
     }
 
-    /// The counter an answer adds to, besides `Attempts`; `None` for other answers (4xx).
-    pub fn of(status: Option<u16>) -> Option<Self> {
-        match status {
-            None => Some(Self::Unreachable),
-            Some(200..=299) => Some(Self::Succeeded),
-            Some(429) => Some(Self::RateLimited),
-            Some(401 | 403) => Some(Self::Refused),
-            Some(500..=599) => Some(Self::ServerErrors),
-            Some(_) => None,
+    /// The counter an answer adds to, besides `Attempts`, by its refusal class (else its
+    /// status); `None` for other answers (a request too large, another 4xx).
+    pub fn of(status: Option<u16>, class: Option<RefusalClass>) -> Option<Self> {
+        let status = match status {
+            None => return Some(Self::Unreachable),
+            Some(s) => s,
+        };
+        match class.or_else(|| RefusalClass::of_status(status)) {
+            None => (200..300).contains(&status).then_some(Self::Succeeded),
+            Some(RefusalClass::RateLimited { .. }) => Some(Self::RateLimited),
+            Some(RefusalClass::QuotaExhausted) => Some(Self::Exhausted),
+            Some(RefusalClass::Auth) => Some(Self::Refused),
+            Some(RefusalClass::Overloaded | RefusalClass::ServerError) => Some(Self::ServerErrors),
+            Some(RefusalClass::TooLarge | RefusalClass::Other) => None,
         }
     }
 
@@ -68,8 +80,11 @@ impl KeyCounter {
 #[serde(rename_all = "snake_case")]
 pub enum KeyState {
     Healthy,
+    /// Rate limited: key-wide, or (see `KeyReport::cooling_models`) for some models only.
     Cooling,
     Revoked,
+    /// Its account's quota is exhausted: out for `key_health.exhausted_ms`.
+    Exhausted,
 }
 
 impl KeyState {
@@ -79,6 +94,7 @@ impl KeyState {
             Self::Healthy => 0,
             Self::Cooling => 1,
             Self::Revoked => 2,
+            Self::Exhausted => 3,
         }
     }
 }
@@ -87,8 +103,12 @@ impl KeyState {
 pub struct KeyReport {
     pub id: String,
     pub state: KeyState,
-    /// Cooling: when it may be used again; revoked: when one request re-probes it (Unix ms).
+    /// Cooling or exhausted: when it may be used again (cooling for some models only: when
+    /// the last of them ends); revoked: when one request re-probes it (Unix ms).
     pub until_ms: Option<u64>,
+    /// Upstream models the key is cooling for, while it serves the others (providers whose
+    /// limits are per model), with when each cooldown ends (Unix ms).
+    pub cooling_models: std::collections::BTreeMap<String, u64>,
     /// What the provider last said the key has left (tokens, else requests), while valid.
     pub learned_remaining: Option<u64>,
     pub weight: u32,
@@ -117,18 +137,44 @@ pub fn pools(config: &Config, store: &impl CounterStore, now_ms: u64) -> Vec<Poo
     config
         .providers()
         .iter()
-        .filter(|p| !p.keys.is_empty())
-        .map(|p| PoolReport {
+        .enumerate()
+        .filter(|(_, p)| !p.keys.is_empty())
+        .map(|(pi, p)| PoolReport {
             provider: p.name.clone(),
             strategy: p.strategy.as_str(),
             keys: p
                 .keys
                 .iter()
-                .map(|k| {
+                .enumerate()
+                .map(|(ki, k)| {
+                    // The key's per-model records: one per upstream model of the models
+                    // whose pool it is in.
+                    let mut cooling_models = std::collections::BTreeMap::new();
+                    for m in config.models().iter().filter(|m| m.provider == pi) {
+                        let record = m
+                            .pool
+                            .iter()
+                            .zip(&m.key_model_health)
+                            .find(|(&i, _)| i == ki)
+                            .map(|(_, r)| r);
+                        if let Some(record) = record {
+                            if let Some(health::Unusable::Cooling { until_ms }) =
+                                health::state(read(record), now_ms)
+                            {
+                                cooling_models.insert(m.upstream_model.clone(), until_ms);
+                            }
+                        }
+                    }
                     let (state, until_ms) = match health::state(read(&k.health_key), now_ms) {
-                        None => (KeyState::Healthy, None),
+                        None => match cooling_models.values().max() {
+                            Some(&last) => (KeyState::Cooling, Some(last)),
+                            None => (KeyState::Healthy, None),
+                        },
                         Some(health::Unusable::Cooling { until_ms }) => {
                             (KeyState::Cooling, Some(until_ms))
+                        }
+                        Some(health::Unusable::Exhausted { until_ms }) => {
+                            (KeyState::Exhausted, Some(until_ms))
                         }
                         Some(health::Unusable::Revoked { probe_at_ms }) => {
                             (KeyState::Revoked, Some(probe_at_ms))
@@ -139,6 +185,7 @@ pub fn pools(config: &Config, store: &impl CounterStore, now_ms: u64) -> Vec<Poo
                         id: k.id.clone(),
                         state,
                         until_ms,
+                        cooling_models,
                         learned_remaining: (room != u64::MAX).then_some(room),
                         weight: k.weight,
                         models: k.models.clone(),

@@ -31,6 +31,29 @@ fn ticket(model: &str) -> Ticket {
     }
 }
 
+/// Records an answer of `key` to a request for `model`: classified from `status` and
+/// `body` as the hosts do, observed and counted.
+#[allow(clippy::too_many_arguments)]
+fn answer(
+    c: &Config,
+    store: &CellStore,
+    key: &str,
+    model: &str,
+    status: Option<u16>,
+    body: &str,
+    h: &[(String, String)],
+    now: u64,
+) {
+    let class = status.and_then(|s| classify(c, "openai", s, body.as_bytes()));
+    let who = Attempted {
+        provider: "openai",
+        key,
+        model,
+    };
+    observe(c, &who, status, class, h, now, store).unwrap();
+    count(c, &who, status, class, store).unwrap();
+}
+
 fn picks(c: &Config, t: &Ticket, store: &CellStore, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| {
@@ -73,7 +96,7 @@ fn priority_uses_the_first_usable_key_and_fails_over_in_order() {
     assert_eq!(picks(&c, &ticket("m"), &store, 3), ["a", "a", "a"]);
     // a is rate limited: b takes over until a cools down.
     let h = crate::http::test_headers(&[("retry-after", "2")]);
-    observe(&c, "openai", "a", Some(429), &h, NOW, &store).unwrap();
+    answer(&c, &store, "a", "m", Some(429), "", &h, NOW);
     assert_eq!(picks(&c, &ticket("m"), &store, 2), ["b", "b"]);
     let later = attempt_key(&c, &ticket("m"), &store, NOW + 2_000).unwrap();
     assert_eq!(later.key_id(), Some("a"));
@@ -92,7 +115,7 @@ fn most_headroom_is_the_default_and_prefers_the_roomiest_key() {
             ("x-ratelimit-remaining-tokens", remaining),
             ("x-ratelimit-reset-tokens", "30s"),
         ]);
-        observe(&c, "openai", key, Some(200), &h, NOW, &store).unwrap();
+        answer(&c, &store, key, "m", Some(200), "", &h, NOW);
     }
     assert_eq!(picks(&c, &ticket("m"), &store, 3), ["b", "b", "b"]);
 }
@@ -178,8 +201,7 @@ fn observe_counts_attempts_and_the_report_shows_state_without_secrets() {
     let store = CellStore::default();
     let none = crate::http::test_headers(&[]);
     let seen = |key: &str, status: Option<u16>, h: &Vec<(String, String)>| {
-        observe(&c, "openai", key, status, h, NOW, &store).unwrap();
-        count(&c, "openai", key, status, &store).unwrap();
+        answer(&c, &store, key, "m", status, "", h, NOW);
     };
     seen("a", Some(200), &none);
     seen("a", Some(500), &none);
@@ -212,4 +234,120 @@ fn observe_counts_attempts_and_the_report_shows_state_without_secrets() {
     );
     let json = serde_json::to_string(&pools).unwrap();
     assert!(!json.contains(SECRET), "{json}");
+}
+
+const RPM_429: &str = r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-abc on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+const QUOTA_429: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+const TOO_LARGE_429: &str = r#"{"error":{"message":"Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit 100, Requested 5000.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+
+#[test]
+fn an_openai_rate_limit_cools_the_key_for_its_upstream_model_only() {
+    let models = "{ name: m, provider: openai, upstream_model: gpt-4o }, \
+                  { name: m2, provider: openai, upstream_model: gpt-4o }, \
+                  { name: other, provider: openai, upstream_model: gpt-4o-mini }";
+    let c = config("strategy: priority,", ABC, models);
+    let store = CellStore::default();
+    let h = crate::http::test_headers(&[("retry-after", "30")]);
+    answer(&c, &store, "a", "m", Some(429), RPM_429, &h, NOW);
+    // Every model with the same upstream model skips a; the others keep it.
+    assert_eq!(picks(&c, &ticket("m"), &store, 1), ["b"]);
+    assert_eq!(picks(&c, &ticket("m2"), &store, 1), ["b"]);
+    assert_eq!(picks(&c, &ticket("other"), &store, 2), ["a", "a"]);
+    // The record is its own store key, created with the others.
+    let record = "tollgate/health/openai/a/m/gpt-4o";
+    assert!(c.pool_store_keys().any(|k| k == record));
+    assert!(c
+        .pool_store_keys()
+        .any(|k| k == "tollgate/health/openai/c/m/gpt-4o-mini"));
+    // Every key cooling for the model: 429 until the first is back.
+    answer(&c, &store, "b", "m", Some(429), RPM_429, &h, NOW);
+    answer(&c, &store, "c", "m", Some(429), RPM_429, &h, NOW);
+    match attempt_key(&c, &ticket("m"), &store, NOW + 1_000) {
+        Err(GatewayError::KeysCooling { retry_after_ms, .. }) => assert_eq!(retry_after_ms, 29_000),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(picks(&c, &ticket("other"), &store, 1), ["a"]);
+    // The admin view: cooling, for that model.
+    let pools = report::pools(&c, &store, NOW + 1);
+    let a = &pools[0].keys[0];
+    assert_eq!(a.state, KeyState::Cooling);
+    assert_eq!(a.cooling_models.get("gpt-4o"), Some(&(NOW + 30_000)));
+    assert_eq!(a.cooling_models.len(), 1);
+    assert_eq!(a.counters["rate_limited"], 1);
+    // A 429 nothing is known of cools key-wide.
+    answer(&c, &store, "a", "other", Some(429), "", &h, NOW);
+    assert_eq!(picks(&c, &ticket("other"), &store, 1), ["b"]);
+}
+
+#[test]
+fn an_exhausted_key_is_out_for_long_and_too_large_requests_leave_keys_alone() {
+    let c = config(
+        "strategy: priority, key_health: { exhausted_ms: 600000 },",
+        ABC,
+        ONE_MODEL,
+    );
+    let store = CellStore::default();
+    let none = crate::http::test_headers(&[]);
+    answer(&c, &store, "a", "m", Some(429), TOO_LARGE_429, &none, NOW);
+    assert_eq!(
+        picks(&c, &ticket("m"), &store, 1),
+        ["a"],
+        "too large: a untouched"
+    );
+    answer(&c, &store, "a", "m", Some(503), "", &none, NOW);
+    assert_eq!(
+        picks(&c, &ticket("m"), &store, 1),
+        ["a"],
+        "overloaded: a untouched"
+    );
+    answer(&c, &store, "a", "m", Some(429), QUOTA_429, &none, NOW);
+    assert_eq!(picks(&c, &ticket("m"), &store, 1), ["b"]);
+    let pools = report::pools(&c, &store, NOW + 1);
+    let a = &pools[0].keys[0];
+    assert_eq!(a.state, KeyState::Exhausted);
+    assert_eq!(a.until_ms, Some(NOW + 600_000));
+    assert_eq!(a.counters["exhausted"], 1);
+    assert_eq!(a.counters["rate_limited"], 0);
+    assert_eq!(a.counters["server_errors"], 1);
+    assert_eq!(KeyState::Exhausted.gauge(), 3);
+    // Every key exhausted: 503 until the first is back.
+    answer(&c, &store, "b", "m", Some(429), QUOTA_429, &none, NOW + 5);
+    answer(&c, &store, "c", "m", Some(429), QUOTA_429, &none, NOW + 9);
+    match attempt_key(&c, &ticket("m"), &store, NOW + 100) {
+        Err(e @ GatewayError::KeysExhausted { retry_after_ms, .. }) => {
+            assert_eq!(retry_after_ms, 599_900);
+            assert_eq!((e.status(), e.code()), (503, "provider_keys_exhausted"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past its time, the first key is back.
+    assert_eq!(
+        attempt_key(&c, &ticket("m"), &store, NOW + 600_000)
+            .unwrap()
+            .key_id(),
+        Some("a")
+    );
+    // A mix of exhausted, cooling and revoked keys: the soonest back wins.
+    let mix = |cooling_s: &str| {
+        let store = CellStore::default();
+        let h = crate::http::test_headers(&[("retry-after", cooling_s)]);
+        answer(&c, &store, "a", "m", Some(429), QUOTA_429, &none, NOW);
+        answer(&c, &store, "b", "m", Some(429), "", &h, NOW);
+        answer(&c, &store, "c", "m", Some(401), "", &none, NOW);
+        attempt_key(&c, &ticket("m"), &store, NOW)
+    };
+    assert!(matches!(
+        mix("30"),
+        Err(GatewayError::KeysCooling {
+            retry_after_ms: 30_000,
+            ..
+        })
+    ));
+    assert!(matches!(
+        mix("3000"),
+        Err(GatewayError::KeysExhausted {
+            retry_after_ms: 600_000,
+            ..
+        })
+    ));
 }

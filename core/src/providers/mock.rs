@@ -31,7 +31,7 @@ pub fn usage(req: &ChatRequest, reply: &str) -> Usage {
     Usage {
         prompt_tokens: req.estimate_prompt_tokens(),
         completion_tokens: tokens::estimate_text(reply).max(1),
-        cached_prompt_tokens: 0,
+        ..Usage::default()
     }
 }
 

@@ -1,8 +1,10 @@
 //! Providers: what kind each is, where it lives, its pool of keys and how a key is presented.
 //! Wire types and translation live in one sub-module per provider kind; nothing here does IO.
 
+pub mod anthropic;
 pub mod mock;
 pub mod openai;
+pub mod refusal;
 pub mod signals;
 
 use crate::health::HealthPolicy;
@@ -16,16 +18,19 @@ use crate::retry::RetryPolicy;
 pub enum ProviderKind {
     /// OpenAI and every OpenAI-compatible server (vLLM, Ollama, LM Studio, Together, ...).
     OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
     /// Answered by the gateway itself: deterministic text, correct usage, SSE when asked.
     Mock,
 }
 
 impl ProviderKind {
-    pub const NAMES: [&'static str; 2] = ["openai", "mock"];
+    pub const NAMES: [&'static str; 3] = ["openai", "anthropic", "mock"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "openai" => Some(Self::OpenAi),
+            "anthropic" => Some(Self::Anthropic),
             "mock" => Some(Self::Mock),
             _ => None,
         }
@@ -34,6 +39,7 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
             Self::Mock => "mock",
         }
     }
@@ -47,6 +53,15 @@ impl ProviderKind {
     fn key_header(self, secret: &str) -> (&'static str, String) {
         match self {
             Self::OpenAi | Self::Mock => ("authorization", format!("Bearer {secret}")),
+            Self::Anthropic => ("x-api-key", secret.to_string()),
+        }
+    }
+
+    /// The base URL a provider of this kind has when its config names none.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            Self::Anthropic => Some(anthropic::DEFAULT_BASE_URL),
+            Self::OpenAi | Self::Mock => None,
         }
     }
 }
@@ -254,6 +269,8 @@ pub struct Provider {
     pub health: HealthPolicy,
     pub strategy: Strategy,
     pub retry: RetryPolicy,
+    /// Sent as `anthropic-version` when the client sends none (Anthropic kind only).
+    pub anthropic_version: String,
 }
 
 impl Provider {
@@ -280,6 +297,7 @@ impl Provider {
             health: HealthPolicy::default(),
             strategy: Strategy::default(),
             retry: RetryPolicy::default(),
+            anthropic_version: anthropic::DEFAULT_VERSION.to_string(),
         }
     }
 

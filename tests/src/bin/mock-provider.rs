@@ -18,8 +18,9 @@ const USAGE: &str =
 
   --listen ADDR             address to listen on (default 127.0.0.1:0, a free port)
   --no-record               do not keep received requests (keeps memory flat under load)
-  --no-rate-limit-headers   do not send x-ratelimit-* headers (sent by default, as
-                            real providers do; costs one short mutex per keyed request)
+  --no-rate-limit-headers   do not send x-ratelimit-* (or anthropic-ratelimit-*) headers
+                            (sent by default, as real providers do; costs one short
+                            mutex per keyed request)
   --workers N               tokio worker threads (default 1)";
 
 struct Args {

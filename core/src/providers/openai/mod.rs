@@ -1,6 +1,7 @@
 //! OpenAI's Chat Completions API: the gateway's front door, and the wire format of every
 //! OpenAI-compatible provider. Wire types only; no HTTP client appears here.
 
+pub mod refusal;
 pub mod usage;
 pub mod wire;
 

@@ -15,6 +15,9 @@ pub struct Usage {
     /// Prompt tokens served from the provider's cache
     /// (`usage.prompt_tokens_details.cached_tokens`), a subset of `prompt_tokens`.
     pub cached_prompt_tokens: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic's
+    /// `cache_creation_input_tokens`), a subset of `prompt_tokens`, priced apart.
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -108,6 +111,7 @@ impl From<WireUsage> for Usage {
             completion_tokens: u.completion_tokens,
             // Clamped so that `prompt_tokens - cached_prompt_tokens` never underflows.
             cached_prompt_tokens: cached.min(u.prompt_tokens),
+            cache_write_tokens: 0,
         }
     }
 }
@@ -194,6 +198,7 @@ mod tests {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_prompt_tokens: cached,
+            cache_write_tokens: 0,
         }
     }
 
