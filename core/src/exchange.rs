@@ -25,10 +25,9 @@ use crate::http::{
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
 use crate::limits::{self, Amounts, RateHeaders, Reservation};
 use crate::prompts::{self, shape, ResponseMode};
-use crate::providers::anthropic::client::{self as messages, MessagesStream, MessagesStreamUsage};
-use crate::providers::anthropic::{self, provider::ChatStream};
+use crate::providers::dialect::{self, ClientDialect, StreamTranslator, UsageReader};
 use crate::providers::openai::usage::{self, Usage};
-use crate::providers::openai::{wire, CHAT_COMPLETIONS_PATH};
+use crate::providers::openai::wire;
 use crate::providers::{mock, ProviderKind};
 use crate::sse::SseParser;
 use crate::store::CounterStore;
@@ -203,22 +202,21 @@ pub struct Exchange {
     prompt: Option<PromptCall>,
     /// A `text` prompt's stream: each event is reshaped for the client.
     shape_stream: bool,
-    /// The provider speaks Anthropic's Messages API to this OpenAI-shaped request: its
-    /// answer is translated into the hub shape before anything else reads it.
-    upstream_messages: bool,
-    /// A streamed Messages answer, being translated into chat completion chunks.
-    messages_stream: Option<Box<ChatStream>>,
+    /// The provider does not speak the hub shape: its answer is translated into it before
+    /// anything else reads it (`providers::dialect`).
+    translate_answer: Option<ProviderKind>,
+    /// Its stream, being translated into the hub shape.
+    stream_to_hub: Option<Box<dyn StreamTranslator>>,
     /// When the request was forwarded, in seconds: the `created` of translated answers.
     created_s: u64,
-    /// The client speaks Anthropic's Messages API (`POST /v1/messages`): its refusals and
-    /// answers are in that dialect.
-    client_messages: bool,
+    /// The API the client called: its refusals and answers are in that dialect.
+    client: ClientDialect,
     /// `POST /v1/messages/count_tokens`: answered from the gateway's estimator.
     count_tokens: bool,
-    /// A Messages request to an Anthropic model: passed through, only its usage is read.
-    passthrough: Option<MessagesStreamUsage>,
-    /// A Messages client's stream from an OpenAI-shaped provider, being translated back.
-    to_messages_stream: Option<Box<MessagesStream>>,
+    /// A request in the provider's own dialect, passed through: only its usage is read.
+    passthrough: Option<Box<dyn UsageReader>>,
+    /// A hub stream, being translated for the client.
+    stream_to_client: Option<Box<dyn StreamTranslator>>,
 }
 
 /// What a request asks of the model, for its reservation: the prompt estimate (decorations
@@ -263,13 +261,13 @@ impl Exchange {
             provider_succeeded: false,
             prompt: None,
             shape_stream: false,
-            upstream_messages: false,
-            messages_stream: None,
+            translate_answer: None,
+            stream_to_hub: None,
             created_s: 0,
-            client_messages: false,
+            client: ClientDialect::Chat,
             count_tokens: false,
             passthrough: None,
-            to_messages_stream: None,
+            stream_to_client: None,
         }
     }
 
@@ -315,7 +313,7 @@ impl Exchange {
                 OnHeaders::Respond(LocalResponse::json(200, list))
             }),
             (MESSAGES_PATH | COUNT_TOKENS_PATH, "POST") => {
-                self.client_messages = true;
+                self.client = ClientDialect::Messages;
                 self.count_tokens = path == COUNT_TOKENS_PATH;
                 self.authenticate(head.headers)
                     .and_then(|()| self.read_body(head.headers))
@@ -348,7 +346,9 @@ impl Exchange {
                 | COUNT_TOKENS_PATH),
                 method,
             ) => {
-                self.client_messages = matches!(known, MESSAGES_PATH | COUNT_TOKENS_PATH);
+                if matches!(known, MESSAGES_PATH | COUNT_TOKENS_PATH) {
+                    self.client = ClientDialect::Messages;
+                }
                 Err(GatewayError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.to_string(),
@@ -489,18 +489,18 @@ impl Exchange {
             }
             None => body,
         };
-        let hub;
-        let body = if self.client_messages {
-            if let Some(decision) = self.route_messages(now_ms, body, store)? {
+        if self.client != ClientDialect::Chat {
+            if let Some(decision) = self.route_native(now_ms, body, store)? {
                 return Ok(decision);
             }
-            // To an OpenAI-shaped model: on through the hub shape, and back at the end.
-            hub = messages::chat_request(body)
-                .map_err(|detail| GatewayError::MalformedBody { detail })?;
-            hub.as_slice()
-        } else {
-            body
-        };
+        }
+        // On through the hub shape, and back at the end.
+        let hub = self
+            .client
+            .request_to_hub(body)
+            .map_err(|detail| GatewayError::MalformedBody { detail })?;
+        let translated_request = hub.is_some();
+        let body = hub.as_deref().unwrap_or(body);
         let req = wire::parse_chat_request(body)
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         self.stream = req.is_stream();
@@ -518,17 +518,7 @@ impl Exchange {
         };
         // Guard rules see the request's own messages (a template's as rendered), not the
         // decorators the gateway adds.
-        let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
-        if !model.guard.is_empty() || !consumer_guard.is_empty() {
-            let texts = req.guarded_texts();
-            if let Some(rule) =
-                guard::first_denial(model.guard.iter().chain(consumer_guard), &texts)
-            {
-                return Err(GatewayError::ContentRejected {
-                    rule: rule.to_string(),
-                });
-            }
-        }
+        refuse_by_guard(model, consumer, || req.guarded_texts())?;
         let no_decorators = Decorators::default();
         let consumer_decorators = consumer.map_or(&no_decorators, |c| &c.decorators);
         let (prepend, append) = decorators::around(&model.decorators, consumer_decorators);
@@ -548,18 +538,18 @@ impl Exchange {
         // Streams report usage only when asked: ask, so that streams are charged what they
         // really used, and hide the extra chunk from a client that did not ask.
         let is_mock = provider.kind == ProviderKind::Mock;
-        let is_messages = provider.kind == ProviderKind::Anthropic;
-        // A translated Messages stream always ends with a usage chunk (see `ChatStream`):
-        // stripped the same way.
+        let speaks_hub = dialect::speaks_hub(provider.kind);
+        // A stream translated into the hub shape always ends with a usage chunk: stripped
+        // the same way.
         self.strip_usage_chunk = req.is_stream() && !req.wants_stream_usage() && !is_mock;
         self.shape_stream =
             req.is_stream() && matches!(self.prompt, Some(c) if c.response == ResponseMode::Text);
-        // A Messages request names its model and asks for usage its own way.
-        let rename = (model.upstream_model != req.model && !is_mock && !is_messages)
+        // Another dialect names its model and asks for usage its own way.
+        let rename = (model.upstream_model != req.model && !is_mock && speaks_hub)
             .then_some(model.upstream_model.as_str());
         let edits = wire::Edits {
             model: rename,
-            force_stream_usage: self.strip_usage_chunk && !is_messages,
+            force_stream_usage: self.strip_usage_chunk && speaks_hub,
             prepend,
             append,
         };
@@ -570,25 +560,26 @@ impl Exchange {
             )
         } else {
             // A template's request is the gateway's own, never the client's body; nor is a
-            // Messages client's translated request.
-            (self.prompt.is_some() || self.client_messages).then(|| body.to_vec())
+            // translated request.
+            (self.prompt.is_some() || translated_request).then(|| body.to_vec())
         };
-        let mut default_headers = Vec::new();
-        if is_messages {
-            let hub = upstream_body.as_deref().unwrap_or(body);
-            let messages = anthropic::provider::messages_request(
-                hub,
-                &model.upstream_model,
-                model.default_max_tokens,
-            )
-            .map_err(|u| GatewayError::UnsupportedParameter {
-                param: u.param,
-                provider_kind: provider.kind.as_str(),
-                reason: u.reason,
-            })?;
-            upstream_body = Some(messages);
-            default_headers.push(("anthropic-version", provider.anthropic_version.clone()));
-            self.upstream_messages = true;
+        let hub_request = upstream_body.as_deref().unwrap_or(body);
+        let sent = dialect::provider_request(
+            provider,
+            hub_request,
+            &model.upstream_model,
+            model.default_max_tokens,
+        )
+        .map_err(|u| GatewayError::UnsupportedParameter {
+            param: u.param,
+            provider_kind: provider.kind.as_str(),
+            reason: u.reason,
+        })?;
+        if sent.body.is_some() {
+            upstream_body = sent.body;
+        }
+        if !speaks_hub {
+            self.translate_answer = Some(provider.kind);
         }
         if is_mock {
             // Answered here, from the request as a provider would have received it.
@@ -600,8 +591,8 @@ impl Exchange {
             self.provider_succeeded = true;
             self.usage = Some(mock::usage(&req, &mock::reply_text(&req)));
             let mut response = self.shape_local(mock::respond(&req, &model.name, now_ms));
-            if self.client_messages {
-                response = self.local_as_message(response, &model.name);
+            if self.client != ClientDialect::Chat {
+                response = self.local_for_client(response, &model.name);
             }
             response.headers.extend(rate_headers);
             return Ok(OnBody::Respond(response));
@@ -610,12 +601,7 @@ impl Exchange {
             .base_url
             .as_ref()
             .map_or("", |u| u.path_prefix.as_str());
-        let endpoint = if is_messages {
-            anthropic::MESSAGES_PATH
-        } else {
-            CHAT_COMPLETIONS_PATH
-        };
-        let mut path = format!("{prefix}{endpoint}");
+        let mut path = format!("{prefix}{}", sent.endpoint);
         if !self.query.is_empty() {
             path.push('?');
             path.push_str(&self.query);
@@ -628,7 +614,7 @@ impl Exchange {
             path,
             body: upstream_body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
-            default_headers,
+            default_headers: sent.default_headers,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
             ticket: Ticket {
                 provider: provider.name.clone(),
@@ -640,10 +626,10 @@ impl Exchange {
         }))
     }
 
-    /// A Messages client's request, before it goes through the hub shape: counted tokens
-    /// are answered here, and a request for an Anthropic model is passed through as it is
-    /// (only the model renamed). `None`: translate it into the hub shape.
-    fn route_messages(
+    /// A request in another dialect than the hub's, before it is translated: counted tokens
+    /// are answered here, and a request to a provider that speaks the client's own dialect
+    /// is passed through as it is (only the model renamed). `None`: translate it.
+    fn route_native(
         &mut self,
         now_ms: u64,
         body: &[u8],
@@ -653,7 +639,9 @@ impl Exchange {
         if self.count_tokens {
             return self.count_message_tokens(body).map(Some);
         }
-        let req = messages::parse_messages_request(body)
+        let req = self
+            .client
+            .read_request(body)
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         let model_id = self.allowed_model(req.model())?;
         let (Some(model), Some(provider)) = (
@@ -666,26 +654,20 @@ impl Exchange {
                 model: req.model().to_string(),
             });
         };
-        if provider.kind != ProviderKind::Anthropic {
+        if self.client.native_kind() != Some(provider.kind) {
             return Ok(None);
         }
         self.stream = req.is_stream();
         let consumer = self.consumer.and_then(|c| config.consumer(c));
-        let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
-        if !model.guard.is_empty() || !consumer_guard.is_empty() {
-            let texts = req.guarded_texts();
-            if let Some(rule) =
-                guard::first_denial(model.guard.iter().chain(consumer_guard), &texts)
-            {
-                return Err(GatewayError::ContentRejected {
-                    rule: rule.to_string(),
-                });
-            }
-        }
+        refuse_by_guard(model, consumer, || req.guarded_texts())?;
+        let no_decorators = Decorators::default();
+        let consumer_decorators = consumer.map_or(&no_decorators, |c| &c.decorators);
+        let (prepend, append) = decorators::around(&model.decorators, consumer_decorators);
+        let decorated_tokens = model.decorators.tokens + consumer_decorators.tokens;
         let demand = self.admit(
             now_ms,
             || Demand {
-                prompt: req.estimate_prompt_tokens(),
+                prompt: req.estimate_prompt_tokens() + decorated_tokens,
                 max_output: Some(req.max_tokens()),
                 choices: 1,
             },
@@ -693,28 +675,28 @@ impl Exchange {
             provider.has_key_limits(),
             store,
         )?;
-        let upstream_body = if model.upstream_model != req.model() {
-            Some(
-                messages::rename_model(body, &model.upstream_model)
-                    .map_err(|detail| GatewayError::MalformedBody { detail })?,
-            )
-        } else {
-            None
-        };
+        let sent = dialect::passthrough_request(
+            provider,
+            body,
+            req.model(),
+            &model.upstream_model,
+            (&prepend, &append),
+        )
+        .map_err(|detail| GatewayError::MalformedBody { detail })?;
         let prefix = provider
             .base_url
             .as_ref()
             .map_or("", |u| u.path_prefix.as_str());
-        self.passthrough = Some(MessagesStreamUsage::new());
+        self.passthrough = dialect::passthrough_usage(provider.kind);
         self.stage = Stage::Upstream;
         self.forwarded = true;
         self.created_s = now_ms / 1_000;
         Ok(Some(OnBody::Forward(Forward {
             provider: model.provider,
-            path: format!("{prefix}{}", anthropic::MESSAGES_PATH),
-            body: upstream_body,
+            path: format!("{prefix}{}", sent.endpoint),
+            body: sent.body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
-            default_headers: vec![("anthropic-version", provider.anthropic_version.clone())],
+            default_headers: sent.default_headers,
             route_header: (PROVIDER_HEADER, provider.name.clone()),
             ticket: Ticket {
                 provider: provider.name.clone(),
@@ -739,7 +721,9 @@ impl Exchange {
                 .or_insert(serde_json::Value::from(1));
         }
         let with_max = value.to_string();
-        let req = messages::parse_messages_request(with_max.as_bytes())
+        let req = self
+            .client
+            .read_request(with_max.as_bytes())
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         self.allowed_model(req.model())?;
         let tokens = req.estimate_prompt_tokens();
@@ -772,20 +756,20 @@ impl Exchange {
         Ok(model_id)
     }
 
-    /// An answer the gateway made in the hub shape (the mock provider's), for a Messages
-    /// client.
-    fn local_as_message(&mut self, response: LocalResponse, model: &str) -> LocalResponse {
-        let body = if self.stream {
-            let mut out = Vec::new();
-            let mut translator = MessagesStream::new(model);
-            translator.feed(&response.body, &mut out);
-            translator.finish(&mut out);
-            out
-        } else {
-            match messages::message_from_chat(&response.body, model) {
-                Some(message) => message,
-                None => return response,
+    /// An answer the gateway made in the hub shape (the mock provider's), for a client of
+    /// another dialect.
+    fn local_for_client(&mut self, response: LocalResponse, model: &str) -> LocalResponse {
+        let body = match self.client.stream_from_hub(model) {
+            Some(mut translator) if self.stream => {
+                let mut out = Vec::new();
+                translator.feed(&response.body, &mut out);
+                translator.finish(&mut out);
+                out
             }
+            _ => match self.client.answer_from_hub(&response.body, model) {
+                Some(answer) => answer,
+                None => return response,
+            },
         };
         LocalResponse { body, ..response }
     }
@@ -923,23 +907,10 @@ impl Exchange {
                 body_rewritten: false,
             };
         }
-        if self.client_messages && !(success && self.stream) {
-            // A chat completion or error, read whole and translated back (`on_collected`).
-            return OnResponse::Collect { limit };
-        }
-        if self.client_messages {
-            let model = self.public_model_name();
-            self.to_messages_stream = Some(Box::new(MessagesStream::new(&model)));
-            self.sse = Some(SseParser::new());
-            return OnResponse::Relay {
-                status: restored,
-                remove_headers: &RELAY_REMOVE_HEADERS,
-                add_headers: self.rate_headers(),
-                body_rewritten: true,
-            };
-        }
-        if self.upstream_messages && !(success && self.stream) {
-            // A Messages answer or error, read whole and translated (`on_collected`).
+        let translated = self.translate_answer.is_some() || self.client != ClientDialect::Chat;
+        if translated && !(success && self.stream) {
+            // An answer or error in another dialect than the client's, read whole and
+            // translated (`on_collected`).
             return OnResponse::Collect { limit };
         }
         if success
@@ -952,17 +923,17 @@ impl Exchange {
         }
         if success && self.stream {
             self.sse = Some(SseParser::new());
-            if self.upstream_messages {
-                let model = self.public_model_name();
-                self.messages_stream =
-                    Some(Box::new(ChatStream::new(&model, self.created_s, true)));
-            }
+            let model = self.public_model_name();
+            self.stream_to_hub = self
+                .translate_answer
+                .and_then(|kind| dialect::stream_to_hub(kind, &model, self.created_s));
+            self.stream_to_client = self.client.stream_from_hub(&model);
         }
         OnResponse::Relay {
             status: restored,
             remove_headers: &RELAY_REMOVE_HEADERS,
             add_headers: self.rate_headers(),
-            body_rewritten: success && (self.strip_usage_chunk || self.upstream_messages),
+            body_rewritten: success && (self.strip_usage_chunk || translated),
         }
     }
 
@@ -985,60 +956,37 @@ impl Exchange {
     /// usage is read and charged either way).
     pub fn on_collected(&mut self, body: &[u8]) -> LocalResponse {
         self.stage = Stage::Done;
-        let mut response = if self.upstream_messages {
-            self.translate_messages_answer(body)
-        } else if self.client_messages {
-            self.translate_chat_answer(body)
-        } else {
-            self.usage = usage::from_completion(body);
-            self.shape(body)
-        };
+        let mut response = self.collected_answer(body);
         response.headers.extend(self.rate_headers());
         response
     }
 
-    /// A whole chat completion (or error) for a Messages client: the message it means; an
-    /// error in Anthropic's shape.
-    fn translate_chat_answer(&mut self, body: &[u8]) -> LocalResponse {
+    /// A whole answer, through the hub shape: from the provider's dialect, its usage read,
+    /// shaped as a prompt's answer where it is one, into the client's dialect.
+    fn collected_answer(&mut self, body: &[u8]) -> LocalResponse {
         let status = self.status.unwrap_or(502);
-        if !(200..300).contains(&status) {
-            return LocalResponse::json(status, messages::error_from_openai(status, body));
-        }
-        self.usage = usage::from_completion(body);
-        let model = self.public_model_name();
-        match messages::message_from_chat(body, &model) {
-            Some(message) => LocalResponse::json(200, message),
-            None => {
-                let provider = self.provider_name().unwrap_or_default();
-                self.refuse(GatewayError::UpstreamInvalidAnswer { provider })
-            }
-        }
-    }
-
-    /// A whole Messages answer (or error) for an OpenAI client: the chat completion it
-    /// means, shaped as a prompt's answer where it is one; an error in OpenAI's shape.
-    fn translate_messages_answer(&mut self, body: &[u8]) -> LocalResponse {
-        let status = self.status.unwrap_or(502);
+        let success = (200..300).contains(&status);
         let provider = self.provider_name().unwrap_or_default();
-        if !(200..300).contains(&status) {
-            // 529 (overloaded) is Anthropic's own; OpenAI clients know 503.
-            let status = if status == 529 { 503 } else { status };
-            self.status = Some(status);
-            let error = anthropic::provider::openai_error(body).unwrap_or_else(|| {
-                GatewayError::UpstreamErrorNotJson {
-                    provider: provider.clone(),
-                    status,
-                }
-                .body()
-            });
-            return LocalResponse::json(status, error);
-        }
         let model = self.public_model_name();
-        match anthropic::provider::chat_completion(body, &model, self.created_s) {
-            Some((completion, usage)) => {
-                self.usage = Some(usage);
-                self.shape(&completion)
-            }
+        let kind = self.translate_answer.unwrap_or(ProviderKind::OpenAi);
+        let Some(hub) = dialect::answer_to_hub(kind, status, body, &model, self.created_s) else {
+            return self.refuse(if success {
+                GatewayError::UpstreamInvalidAnswer { provider }
+            } else {
+                GatewayError::UpstreamErrorNotJson { provider, status }
+            });
+        };
+        self.status = Some(hub.status);
+        if !success {
+            let error = self.client.error_from_hub(hub.status, &hub.body);
+            return LocalResponse::json(hub.status, error);
+        }
+        self.usage = hub.usage;
+        if self.client == ClientDialect::Chat {
+            return self.shape(&hub.body);
+        }
+        match self.client.answer_from_hub(&hub.body, &model) {
+            Some(answer) => LocalResponse::json(200, answer),
             None => self.refuse(GatewayError::UpstreamInvalidAnswer { provider }),
         }
     }
@@ -1112,48 +1060,39 @@ impl Exchange {
         if end_of_stream {
             self.stage = Stage::Done;
         }
-        if let Some(mut observer) = self.passthrough.take() {
-            self.observe_passthrough(&mut observer, chunk, end_of_stream);
-            self.passthrough = Some(observer);
+        if let Some(mut reader) = self.passthrough.take() {
+            self.observe_passthrough(reader.as_mut(), chunk, end_of_stream);
+            self.passthrough = Some(reader);
             return Chunk::Unchanged;
         }
-        if let Some(mut translator) = self.to_messages_stream.take() {
-            // The hub pipeline reads the chat stream (usage); then it goes out as Messages.
-            let hub = match self.on_hub_chunk(chunk, end_of_stream) {
-                Chunk::Unchanged => chunk.to_vec(),
-                Chunk::Replace(bytes) => bytes,
-            };
-            let mut out = Vec::new();
-            translator.feed(&hub, &mut out);
-            if end_of_stream {
-                translator.finish(&mut out);
-            } else {
-                self.to_messages_stream = Some(translator);
-            }
-            return Chunk::Replace(out);
+        if self.stream_to_hub.is_none() && self.stream_to_client.is_none() {
+            return self.on_hub_chunk(chunk, end_of_stream);
         }
-        if let Some(mut translator) = self.messages_stream.take() {
-            // Into the hub shape first: everything after reads chat completion chunks.
-            let mut translated = Vec::new();
-            translator.feed(chunk, &mut translated);
-            if end_of_stream {
-                translator.finish(&mut translated);
-            } else {
-                self.messages_stream = Some(translator);
+        // Into the hub shape first: everything after reads chat completion chunks; then
+        // into the client's dialect.
+        let translated;
+        let hub_chunk = match &mut self.stream_to_hub {
+            Some(translator) => {
+                translated = translate(translator.as_mut(), chunk, end_of_stream);
+                translated.as_slice()
             }
-            return match self.on_hub_chunk(&translated, end_of_stream) {
-                Chunk::Unchanged => Chunk::Replace(translated),
-                replaced => replaced,
-            };
-        }
-        self.on_hub_chunk(chunk, end_of_stream)
+            None => chunk,
+        };
+        let hub = match self.on_hub_chunk(hub_chunk, end_of_stream) {
+            Chunk::Unchanged => hub_chunk.to_vec(),
+            Chunk::Replace(bytes) => bytes,
+        };
+        Chunk::Replace(match &mut self.stream_to_client {
+            Some(translator) => translate(translator.as_mut(), &hub, end_of_stream),
+            None => hub,
+        })
     }
 
     /// Reads the usage of a passed-through Messages answer (a stream's events, or the whole
     /// body), without changing a byte.
     fn observe_passthrough(
         &mut self,
-        observer: &mut MessagesStreamUsage,
+        observer: &mut dyn UsageReader,
         chunk: &[u8],
         end_of_stream: bool,
     ) {
@@ -1168,7 +1107,7 @@ impl Exchange {
                 self.sse = Some(sse);
             }
             self.usage = observer.usage();
-            self.streamed_tokens = observer.streamed_text_tokens();
+            self.streamed_tokens = observer.streamed_tokens();
             return;
         }
         if self.body_overflowed || self.body.len() + chunk.len() > MAX_USAGE_BODY {
@@ -1179,7 +1118,7 @@ impl Exchange {
         }
         self.body.extend_from_slice(chunk);
         if end_of_stream {
-            self.usage = messages::usage_of_message(&self.body);
+            self.usage = observer.answer_usage(&self.body);
         }
     }
 
@@ -1340,12 +1279,39 @@ impl Exchange {
         self.stage = Stage::Done;
         self.status = Some(e.status());
         let mut response = e.respond();
-        if self.client_messages {
-            // Anthropic's SDK reads Anthropic's error shape; the headers (retry-after) stay.
-            response.body = messages::error_from_openai(response.status, &response.body);
-        }
+        // In the client's own error shape; the headers (retry-after) stay.
+        response.body = self.client.error_from_hub(response.status, &response.body);
         response
     }
+}
+
+/// Refuses a request a guard rule of its model or consumer denies; the texts are only
+/// gathered when a rule applies.
+fn refuse_by_guard<'t>(
+    model: &crate::config::Model,
+    consumer: Option<&crate::config::Consumer>,
+    texts: impl FnOnce() -> Vec<std::borrow::Cow<'t, str>>,
+) -> Result<(), GatewayError> {
+    let consumer_guard = consumer.map(|c| c.guard.as_slice()).unwrap_or_default();
+    if model.guard.is_empty() && consumer_guard.is_empty() {
+        return Ok(());
+    }
+    match guard::first_denial(model.guard.iter().chain(consumer_guard), &texts()) {
+        Some(rule) => Err(GatewayError::ContentRejected {
+            rule: rule.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Feeds one chunk to a stream translator (and ends it on the last): what it emits.
+fn translate(translator: &mut dyn StreamTranslator, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    translator.feed(chunk, &mut out);
+    if end_of_stream {
+        translator.finish(&mut out);
+    }
+    out
 }
 
 fn declared_length<H: HeaderLookup + ?Sized>(headers: &H) -> Option<u64> {

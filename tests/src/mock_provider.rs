@@ -1,7 +1,8 @@
 //! A mock LLM provider, used as the upstream of the gateway in end-to-end
 //! tests and as the target of load benchmarks. It speaks two dialects:
 //!
-//! - OpenAI's: `POST /v1/chat/completions` (plain and SSE streaming) and
+//! - OpenAI's: `POST /v1/chat/completions` (plain and SSE streaming, text
+//!   or tool calls, see [`MockProvider::set_tool_input`]) and
 //!   `GET /v1/models`;
 //! - Anthropic's Messages API: `POST /v1/messages` (plain and SSE streaming,
 //!   text or tool use, see [`MockProvider::set_tool_input`]) and
@@ -57,6 +58,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, JoinSet};
@@ -105,8 +107,9 @@ pub const DEFAULT_ANTHROPIC_USAGE: AnthropicUsage = AnthropicUsage {
     cache_read_input_tokens: 0,
 };
 
-/// The `input` of the tool calls of Anthropic Messages replies, as JSON,
-/// until [`MockProvider::set_tool_input`] is called.
+/// The `input` of the tool calls of Anthropic Messages replies, and the
+/// `arguments` of those of chat completions, as JSON, until
+/// [`MockProvider::set_tool_input`] is called.
 pub const DEFAULT_TOOL_INPUT: &str = r#"{"location":"Paris"}"#;
 
 /// The text block a tool-calling Anthropic reply starts with, as Claude
@@ -121,8 +124,8 @@ const MESSAGES: &str = "/v1/messages";
 const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
 
 /// How many bytes of a tool call's input JSON each `input_json_delta` of a
-/// streamed Anthropic reply carries, at most (fewer where a character would
-/// be cut).
+/// streamed Anthropic reply, and each arguments chunk of a streamed chat
+/// completion, carries, at most (fewer where a character would be cut).
 const INPUT_JSON_PIECE: usize = 6;
 
 /// What Anthropic answers, with a 400, when the account's credit is spent.
@@ -446,9 +449,9 @@ impl MockProvider {
             .update_anthropic(|anthropic| anthropic.usage = usage);
     }
 
-    /// Sets the `input` of the tool calls of Anthropic Messages replies from
-    /// now on (meant to be an object, as tool inputs are). Default:
-    /// [`DEFAULT_TOOL_INPUT`].
+    /// Sets the `input` of the tool calls of Anthropic Messages replies, and
+    /// the `arguments` of those of chat completions, from now on (meant to be
+    /// an object, as tool inputs are). Default: [`DEFAULT_TOOL_INPUT`].
     ///
     /// A Messages request is answered with a tool call when it has `tools`,
     /// its `tool_choice` is not `none`, and its last message is a user turn
@@ -459,6 +462,20 @@ impl MockProvider {
     /// forces the call, and Anthropic then sends no text before it, so
     /// neither does the mock. Otherwise (after a `tool_result`, say) the
     /// reply is the text of [`MockProvider::set_reply`].
+    ///
+    /// Likewise, as OpenAI does, a chat completion request is answered with a
+    /// tool call when it has `tools` of type `function`, its `tool_choice`
+    /// is not `"none"`, and its last message is a `user` message (not a
+    /// `tool` result): the message has `content: null` and one entry in
+    /// `tool_calls` (id `call_mock_N`, type `function`) calling the first
+    /// function (or the one a `tool_choice` of type `function` names) with
+    /// this input, serialized, as its `arguments` string, and the finish
+    /// reason is `tool_calls`. Streamed, the first chunk carries the role,
+    /// `content: null` and the call with empty `arguments`, the next ones
+    /// the `arguments` in pieces of a few bytes (never cutting a
+    /// character), then comes the finish chunk (and the usage chunk, if
+    /// asked for). The usage is that of [`MockProvider::set_reply`].
+    /// Otherwise (after a `tool` message, say) the reply is text.
     pub fn set_tool_input(&self, input: serde_json::Value) {
         let input = input.to_string();
         self.state
@@ -987,12 +1004,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The reply of successful completions, serialized as far as possible ahead
-/// of time so that each request only splices in its id and model.
+/// of time so that each request only splices in its id and model. Tool
+/// calls (see [`MockProvider::set_tool_input`]) are serialized per request.
 struct Reply {
-    /// Everything after `"model":…,` in a `chat.completion` object.
+    /// Everything after `"model":…,` in a text `chat.completion` object.
     completion_tail: String,
-    /// The `choices` arrays of the streamed chunks, in order: the role chunk,
-    /// one chunk per word, the finish chunk.
+    /// The `choices` arrays of the streamed chunks of a text reply, in
+    /// order: the role chunk, one chunk per word, the finish chunk.
     chunk_choices: Vec<String>,
     /// The `usage` object.
     usage: String,
@@ -1012,11 +1030,7 @@ impl Reply {
             r#""choices":[{{"index":0,"message":{{"role":"assistant","content":{content_json},"refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"usage":{usage_json}}}"#
         );
 
-        let chunk = |delta: &str, finish_reason: &str| {
-            format!(
-                r#"[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish_reason}}}]"#
-            )
-        };
+        let chunk = Self::chunk_choices;
         let mut chunk_choices = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
         chunk_choices.extend(
             split_words(content)
@@ -1036,29 +1050,86 @@ impl Reply {
         }
     }
 
-    /// The leading SSE events that carry content (the role chunk and the
-    /// words); the rest only terminate the stream.
-    fn content_events(&self) -> usize {
-        self.chunk_choices.len() - 1
+    /// The `choices` array of a streamed chunk.
+    fn chunk_choices(delta: &str, finish_reason: &str) -> String {
+        format!(
+            r#"[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish_reason}}}]"#
+        )
     }
 
-    fn completion(&self, id: u64, model: &str) -> Bytes {
+    /// A non-streamed reply: a `chat.completion` object, calling `call`'s
+    /// function if there is one.
+    fn completion(&self, id: u64, model: &str, call: Option<&FunctionCall<'_>>) -> Bytes {
         let model = json_string(model);
-        let tail = &self.completion_tail;
+        let tool_call_tail;
+        let tail = match call {
+            None => &self.completion_tail,
+            Some(call) => {
+                let tool_call = call.json(id);
+                let usage = &self.usage;
+                tool_call_tail = format!(
+                    r#""choices":[{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{tool_call}],"refusal":null}},"logprobs":null,"finish_reason":"tool_calls"}}],"usage":{usage}}}"#
+                );
+                &tool_call_tail
+            }
+        };
         Bytes::from(format!(
             r#"{{"id":"chatcmpl-mock-{id}","object":"chat.completion","created":{CREATED},"model":{model},{tail}"#
         ))
     }
 
+    /// The `choices` arrays of the streamed chunks of a reply calling
+    /// `call`'s function, as OpenAI sends them: the role chunk, which names
+    /// the function and carries empty arguments, one chunk per piece of the
+    /// arguments, the finish chunk.
+    fn tool_call_chunk_choices(id: u64, call: &FunctionCall<'_>) -> Vec<String> {
+        let chunk = Self::chunk_choices;
+        let name = json_string(call.name);
+        let mut choices = vec![chunk(
+            &format!(
+                r#"{{"role":"assistant","content":null,"tool_calls":[{{"index":0,"id":"call_mock_{id}","type":"function","function":{{"name":{name},"arguments":""}}}}]}}"#
+            ),
+            "null",
+        )];
+        choices.extend(
+            split_at_most(call.arguments, INPUT_JSON_PIECE)
+                .into_iter()
+                .map(|piece| {
+                    let piece = json_string(piece);
+                    chunk(
+                        &format!(
+                            r#"{{"tool_calls":[{{"index":0,"function":{{"arguments":{piece}}}}}]}}"#
+                        ),
+                        "null",
+                    )
+                }),
+        );
+        choices.push(chunk("{}", r#""tool_calls""#));
+        choices
+    }
+
     /// The data events of a streamed reply in `style` (`[DONE]` and the
-    /// error event included, keep-alive comments not).
+    /// error event included, keep-alive comments not), calling `call`'s
+    /// function if there is one, and how many of them carry content (the
+    /// role chunk and the words or the pieces of the arguments; the rest
+    /// only terminate the stream).
     fn stream_events(
         &self,
         id: u64,
         model: &str,
+        call: Option<&FunctionCall<'_>>,
         include_usage: bool,
         style: &StreamStyle,
-    ) -> Vec<Bytes> {
+    ) -> (Vec<Bytes>, usize) {
+        let tool_call_choices;
+        let choices = match call {
+            None => &self.chunk_choices,
+            Some(call) => {
+                tool_call_choices = Self::tool_call_chunk_choices(id, call);
+                &tool_call_choices
+            }
+        };
+        let content_events = choices.len() - 1;
         let model = json_string(model);
         let head = format!(
             r#"data: {{"id":"chatcmpl-mock-{id}","object":"chat.completion.chunk","created":{CREATED},"model":{model},"choices":"#
@@ -1074,12 +1145,12 @@ impl Reply {
         let chunk =
             |choices: &String| Bytes::from([head.as_str(), choices.as_str(), tail, end].concat());
         if let Some(after) = style.error_after {
-            let sent = after.min(self.content_events());
-            let mut events: Vec<Bytes> = self.chunk_choices[..sent].iter().map(chunk).collect();
+            let sent = after.min(content_events);
+            let mut events: Vec<Bytes> = choices[..sent].iter().map(chunk).collect();
             events.push(Bytes::from([STREAM_ERROR_DATA, end].concat()));
-            return events;
+            return (events, content_events);
         }
-        let mut events: Vec<Bytes> = self.chunk_choices.iter().map(chunk).collect();
+        let mut events: Vec<Bytes> = choices.iter().map(chunk).collect();
         if include_usage {
             let usage = &self.usage;
             events.push(Bytes::from(format!("{head}[],\"usage\":{usage}}}{end}")));
@@ -1090,7 +1161,26 @@ impl Reply {
                 LineEnding::CrLf => b"data: [DONE]\r\n\r\n",
             }));
         }
-        events
+        (events, content_events)
+    }
+}
+
+/// A function call an OpenAI reply makes.
+struct FunctionCall<'a> {
+    name: &'a str,
+    /// The arguments, as JSON (see [`MockProvider::set_tool_input`]).
+    arguments: &'a str,
+}
+
+impl FunctionCall<'_> {
+    /// The call as an element of a message's `tool_calls`, its id
+    /// `call_mock_{id}`.
+    fn json(&self, id: u64) -> String {
+        let name = json_string(self.name);
+        let arguments = json_string(self.arguments);
+        format!(
+            r#"{{"id":"call_mock_{id}","type":"function","function":{{"name":{name},"arguments":{arguments}}}}}"#
+        )
     }
 }
 
@@ -1461,10 +1551,47 @@ fn html_error(status: u16) -> Response<MockBody> {
 
 /// The fields of a chat completion request the mock cares about.
 #[derive(Deserialize)]
-struct ChatRequest {
+struct ChatRequest<'a> {
     model: Option<String>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    /// Left unparsed unless the request has tools, so that the ordinary path
+    /// stays cheap.
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tool_choice: Option<&'a RawValue>,
+}
+
+impl ChatRequest<'_> {
+    /// The name of the function to call, if the reply is to be a tool call
+    /// (see [`MockProvider::set_tool_input`]).
+    fn function_to_call(&self) -> Option<String> {
+        let tools: Vec<serde_json::Value> = serde_json::from_str(self.tools?.get()).ok()?;
+        let first = tools
+            .iter()
+            .find(|tool| tool["type"] == "function")
+            .and_then(|tool| tool["function"]["name"].as_str())?;
+        let choice: serde_json::Value = match self.tool_choice {
+            Some(choice) => serde_json::from_str(choice.get()).ok()?,
+            None => serde_json::Value::Null,
+        };
+        if choice == "none" {
+            return None;
+        }
+        let messages: Vec<&RawValue> = serde_json::from_str(self.messages?.get()).ok()?;
+        let last: serde_json::Value = serde_json::from_str(messages.last()?.get()).ok()?;
+        if last["role"] != "user" {
+            return None;
+        }
+        let named = match choice["type"].as_str() {
+            Some("function") => choice["function"]["name"].as_str(),
+            _ => None,
+        };
+        Some(named.unwrap_or(first).to_owned())
+    }
 }
 
 #[derive(Deserialize)]
@@ -1494,9 +1621,19 @@ async fn chat_completions(
     };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let model = request.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    let function = request.function_to_call();
+    // The tool input lives with the Anthropic reply; read only for calls.
+    let tool_reply = function.as_ref().map(|_| state.anthropic());
+    let call = match (&function, &tool_reply) {
+        (Some(name), Some(tool_reply)) => Some(FunctionCall {
+            name,
+            arguments: &tool_reply.tool_input,
+        }),
+        _ => None,
+    };
 
     if !request.stream.unwrap_or(false) {
-        let completion = reply.completion(id, model);
+        let completion = reply.completion(id, model, call.as_ref());
         if let Some(BodyFault::Gap(gap)) = body_fault {
             let mut response = json_response(StatusCode::OK, Bytes::new());
             *response.body_mut() = MockBody::paced(completion, SLOW_BODY_FRAMES, gap);
@@ -1510,9 +1647,11 @@ async fn chat_completions(
         .and_then(|options| options.include_usage)
         .unwrap_or(false);
     let style = stream_style.unwrap_or_default();
+    let (events, content_events) =
+        reply.stream_events(id, model, call.as_ref(), include_usage, &style);
     let stream = StreamPlan {
-        events: reply.stream_events(id, model, include_usage, &style),
-        content_events: reply.content_events(),
+        events,
+        content_events,
         keep_alive: style.keep_alive_comment(),
         writes: style.writes,
     };
@@ -1718,7 +1857,8 @@ struct AnthropicReply {
     /// The text of text replies (see [`MockProvider::set_reply`]).
     content: String,
     usage: AnthropicUsage,
-    /// The input of tool calls, as JSON.
+    /// The input of tool calls, as JSON; also the arguments of the tool
+    /// calls of chat completions.
     tool_input: String,
 }
 
@@ -2016,7 +2156,8 @@ fn count_tokens(exchange: &Exchange<'_>) -> Response<MockBody> {
 struct StreamPlan {
     /// The data events, in order.
     events: Vec<Bytes>,
-    /// See [`Reply::content_events`].
+    /// How many of the leading events carry content; the rest only
+    /// terminate the stream (see [`Reply::stream_events`]).
     content_events: usize,
     /// The comment to send before each data event, if any.
     keep_alive: Option<Bytes>,
@@ -4569,5 +4710,322 @@ mod tests {
         assert_eq!(text_of(&frames).len(), length);
         let message: Value = serde_json::from_str(&text_of(&frames)).expect("JSON");
         assert_eq!(message["stop_reason"], "tool_use");
+    }
+
+    /// A chat completion request with two functions (and a tool of another
+    /// type first), its last message a question.
+    fn function_request(stream: bool) -> Value {
+        let mut body = stream_request(true);
+        body["stream"] = json!(stream);
+        if !stream {
+            body.as_object_mut()
+                .expect("object")
+                .remove("stream_options");
+        }
+        body["tools"] = json!([
+            {"type": "custom", "custom": {"name": "grammar_tool"}},
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Get the current weather in a given location",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"location": {"type": "string"}},
+                        "required": ["location"],
+                    },
+                },
+            },
+            {"type": "function", "function": {"name": "get_time", "parameters": {}}},
+        ]);
+        body["messages"] = json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+        ]);
+        body
+    }
+
+    /// The one tool call of a completion's message.
+    fn only_tool_call(completion: &Value) -> &Value {
+        let calls = completion["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .expect("tool_calls");
+        assert_eq!(calls.len(), 1, "{completion}");
+        &calls[0]
+    }
+
+    #[tokio::test]
+    async fn openai_tool_call_carries_the_input_as_arguments() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let input = json!({"location": "Zürich, CH", "units": ["celsius"], "days": 3});
+        mock.set_tool_input(input.clone());
+
+        let completion = json_body(chat(&client, &mock, "k", function_request(false)).await).await;
+        assert_eq!(completion["object"], "chat.completion");
+        assert_eq!(completion["model"], "gpt-test");
+        let choice = &completion["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        let message = &choice["message"];
+        assert_eq!(message["role"], "assistant");
+        assert_eq!(message["content"], Value::Null);
+        assert!(message
+            .as_object()
+            .expect("message")
+            .contains_key("content"));
+        let call = only_tool_call(&completion);
+        let id = call["id"].as_str().expect("id");
+        assert!(id.starts_with("call_mock_"), "{id}");
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], "get_weather");
+        let arguments = call["function"]["arguments"].as_str().expect("string");
+        assert_eq!(arguments, input.to_string());
+        assert_eq!(
+            completion["usage"],
+            json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
+        );
+    }
+
+    #[tokio::test]
+    async fn openai_tool_call_streams_its_arguments_in_pieces() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let input = json!({"location": "Zürich, CH", "note": "€ and \"quotes\"", "days": 3});
+        mock.set_tool_input(input.clone());
+
+        let response = chat(&client, &mock, "k", function_request(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
+        let text = text_body(response).await;
+        let events = sse_events(&text);
+        assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|event| serde_json::from_str(event).expect("JSON chunk"))
+            .collect();
+        for chunk in &chunks {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["id"], chunks[0]["id"]);
+        }
+
+        // The role chunk names the call, with empty arguments.
+        let first = &chunks[0]["choices"][0];
+        let id = first["delta"]["tool_calls"][0]["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        assert!(id.starts_with("call_mock_"), "{id}");
+        assert_eq!(
+            first["delta"],
+            json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "index": 0,
+                    "id": id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }],
+            })
+        );
+        assert!(first["finish_reason"].is_null());
+
+        // Then the arguments in pieces of a few bytes, then the finish chunk,
+        // then the usage chunk.
+        let (usage, rest) = chunks.split_last().expect("chunks");
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 15);
+        let (finish, pieces) = rest[1..].split_last().expect("chunks");
+        assert_eq!(finish["choices"][0]["delta"], json!({}));
+        assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+        let pieces: Vec<&str> = pieces
+            .iter()
+            .map(|chunk| {
+                let choice = &chunk["choices"][0];
+                assert!(choice["finish_reason"].is_null());
+                assert!(chunk["usage"].is_null());
+                let delta = choice["delta"].as_object().expect("delta");
+                assert_eq!(delta.keys().collect::<Vec<_>>(), ["tool_calls"]);
+                let call = &choice["delta"]["tool_calls"][0];
+                assert_eq!(call.as_object().map(|call| call.len()), Some(2), "{call}");
+                assert_eq!(call["index"], 0);
+                call["function"]["arguments"].as_str().expect("arguments")
+            })
+            .collect();
+        assert!(pieces.len() > 3, "{pieces:?}");
+        assert!(
+            pieces
+                .iter()
+                .all(|piece| !piece.is_empty() && piece.len() <= INPUT_JSON_PIECE),
+            "{pieces:?}"
+        );
+        let arguments = pieces.concat();
+        assert_eq!(arguments, input.to_string());
+        let parsed: Value = serde_json::from_str(&arguments).expect("JSON arguments");
+        assert_eq!(parsed, input);
+
+        // The same call, not streamed.
+        let completion = json_body(chat(&client, &mock, "k", function_request(false)).await).await;
+        let call = only_tool_call(&completion);
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], arguments.as_str());
+    }
+
+    #[tokio::test]
+    async fn openai_tool_calls_follow_the_conversation() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let ask = |body: Value| {
+            let client = client.clone();
+            let mock = &mock;
+            async move { json_body(chat(&client, mock, "k", body).await).await }
+        };
+        let is_text = |completion: &Value| {
+            let choice = &completion["choices"][0];
+            choice["finish_reason"] == "stop"
+                && choice["message"]["content"] == DEFAULT_CONTENT
+                && choice["message"].get("tool_calls").is_none()
+        };
+
+        // A question with tools: a call of the first function, with the
+        // default input.
+        let completion = ask(function_request(false)).await;
+        let call = only_tool_call(&completion).clone();
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], DEFAULT_TOOL_INPUT);
+
+        // The tool's result: the answer is text.
+        let mut answered = function_request(false);
+        answered["messages"] = json!([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call.clone()]},
+            {"role": "tool", "tool_call_id": call["id"].clone(), "content": "18°C, sunny"},
+        ]);
+        assert!(is_text(&ask(answered.clone()).await));
+        answered["stream"] = json!(true);
+        let response = chat(&client, &mock, "k", answered).await;
+        check_stream(&text_body(response).await, DEFAULT_CONTENT, None);
+
+        // `tool_choice`: `none` never calls; `auto` and `required` call the
+        // first function; a named function is the one called.
+        let mut none = function_request(false);
+        none["tool_choice"] = json!("none");
+        assert!(is_text(&ask(none).await));
+        let mut none_streamed = function_request(true);
+        none_streamed["tool_choice"] = json!("none");
+        let response = chat(&client, &mock, "k", none_streamed).await;
+        check_stream(
+            &text_body(response).await,
+            DEFAULT_CONTENT,
+            Some(DEFAULT_USAGE),
+        );
+        for choice in ["auto", "required"] {
+            let mut request = function_request(false);
+            request["tool_choice"] = json!(choice);
+            let completion = ask(request).await;
+            assert_eq!(
+                only_tool_call(&completion)["function"]["name"],
+                "get_weather"
+            );
+        }
+        let mut named = function_request(false);
+        named["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+        let completion = ask(named).await;
+        assert_eq!(only_tool_call(&completion)["function"]["name"], "get_time");
+
+        // No tools, no function among them, or an assistant turn last: text.
+        let mut no_tools = function_request(false);
+        no_tools["tools"] = json!([]);
+        assert!(is_text(&ask(no_tools).await));
+        let mut no_functions = function_request(false);
+        no_functions["tools"] = json!([{"type": "custom", "custom": {"name": "grammar_tool"}}]);
+        assert!(is_text(&ask(no_functions).await));
+        let mut assistant_last = function_request(false);
+        assistant_last["messages"] = json!([
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "The weather"},
+        ]);
+        assert!(is_text(&ask(assistant_last).await));
+    }
+
+    /// `text` with the numbers of completion and tool call ids
+    /// (`chatcmpl-mock-N`, `call_mock_N`) made `N`.
+    fn normalize_call_ids(text: &str) -> String {
+        const ID: &str = "call_mock_";
+        let text = normalize_ids(text);
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(ID) {
+            out.push_str(&rest[..at + ID.len()]);
+            out.push('N');
+            rest = rest[at + ID.len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[tokio::test]
+    async fn stream_styles_and_faults_apply_to_openai_tool_calls() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        let streamed = |key: &'static str| {
+            let client = client.clone();
+            let mock = &mock;
+            async move { chat(&client, mock, key, function_request(true)).await }
+        };
+        let plain = normalize_call_ids(&text_body(streamed("sk-plain").await).await);
+        let plain_events: Vec<&str> = plain.split_inclusive("\n\n").collect();
+        let pieces = split_at_most(DEFAULT_TOOL_INPUT, INPUT_JSON_PIECE).len();
+        // Role chunk, pieces, finish chunk, usage chunk, `[DONE]`.
+        assert_eq!(plain_events.len(), 1 + pieces + 3, "{plain}");
+
+        // CRLF line endings and keep-alive comments, coalesced.
+        mock.set_stream_style(
+            "sk-styled",
+            StreamStyle {
+                line_ending: LineEnding::CrLf,
+                keep_alive: true,
+                writes: Writes::Coalesced,
+                ..StreamStyle::default()
+            },
+        );
+        let text = text_body(streamed("sk-styled").await).await;
+        let expected: String = plain_events
+            .iter()
+            .flat_map(|event| [": keep-alive\n\n", event])
+            .collect();
+        assert_eq!(normalize_call_ids(&text.replace("\r\n", "\n")), expected);
+
+        // An error event after two chunks.
+        mock.set_stream_style(
+            "sk-fail",
+            StreamStyle {
+                error_after: Some(2),
+                ..StreamStyle::default()
+            },
+        );
+        let text = normalize_call_ids(&text_body(streamed("sk-fail").await).await);
+        let events: Vec<&str> = text.split_inclusive("\n\n").collect();
+        assert_eq!(events.len(), 3, "{text}");
+        assert_eq!(events[..2], plain_events[..2]);
+        assert!(events[2].starts_with("data: {\"error\":"), "{text}");
+
+        // A cut stream: two chunks, then the connection drops.
+        mock.set_fault("sk-cut", Fault::CutStreamAfter { chunks: 2 });
+        let response = streamed("sk-cut").await;
+        let (text, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_some(), "the body ended cleanly: {text}");
+        let text = normalize_call_ids(&text);
+        let events: Vec<&str> = text.split_inclusive("\n\n").collect();
+        assert_eq!(events, plain_events[..2]);
+
+        // Cut past the content: every chunk but the finish chunk.
+        mock.set_fault("sk-cut", Fault::CutStreamAfter { chunks: 100 });
+        let response = streamed("sk-cut").await;
+        let (text, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_some(), "the body ended cleanly: {text}");
+        let text = normalize_call_ids(&text);
+        let events: Vec<&str> = text.split_inclusive("\n\n").collect();
+        assert_eq!(events, plain_events[..1 + pieces]);
     }
 }

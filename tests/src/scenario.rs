@@ -225,6 +225,34 @@ pub async fn away_from_utc_midnight() {
     }
 }
 
+/// Runs one of the SDK scripts in `tests/sdk/` (with the virtualenv's Python, `SDK_PYTHON`
+/// under `make test`) with `args`, and returns the JSON object it prints; a failing script
+/// fails the test with its stderr.
+pub async fn run_sdk_script(script: &str, args: &[&str]) -> Value {
+    let python = std::env::var("SDK_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
+    });
+    let path = format!("{}/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python}: {e} (`make sdk-install` installs the SDKs)"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,8 @@ use tollgate_e2e::mock_provider::{
     AnthropicUsage, Fault, LineEnding, MockProvider, StreamStyle, Writes, DEFAULT_CONTENT,
 };
 use tollgate_e2e::scenario::{
-    assert_error, away_from_utc_midnight, sha256_hex, sse_data, stream_text, user, Stack,
+    assert_error, away_from_utc_midnight, run_sdk_script, sha256_hex, sse_data, stream_text, user,
+    Stack,
 };
 
 const APP_KEY: &str = "tg-claude-app-key";
@@ -454,27 +455,8 @@ async fn concurrent_clients_stay_within_the_token_limit(host: Host) {
 /// The official `openai` Python SDK against an Anthropic model: plain, streamed, tools.
 async fn openai_sdk_against_an_anthropic_model(host: Host) {
     let f = Fixture::start(host, "{}").await;
-    let python = std::env::var("SDK_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
-    });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_tools.py");
-    let out = tokio::process::Command::new(&python)
-        .args([
-            script,
-            &format!("{}/v1", f.gateway.base_url()),
-            APP_KEY,
-            "claude-sonnet",
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{python}: {e} (`make sdk-install` installs the SDKs)"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let base = format!("{}/v1", f.gateway.base_url());
+    let v = run_sdk_script("openai_tools.py", &[&base, APP_KEY, "claude-sonnet"]).await;
     assert_eq!(v["content"], DEFAULT_CONTENT, "{v}");
     assert_eq!(v["finish_reason"], "stop");
     assert_eq!(v["streamed"], DEFAULT_CONTENT);
@@ -492,7 +474,41 @@ async fn openai_sdk_against_an_anthropic_model(host: Host) {
     assert_eq!(v["after_tool"], DEFAULT_CONTENT);
 }
 
+/// Anthropic's mid-stream `error` event reaches the OpenAI client as an error chunk after
+/// what came before, and the stream ends without `[DONE]`: it must not look complete.
+async fn a_mid_stream_error_event_ends_the_chat_stream_incomplete(host: Host) {
+    let f = Fixture::start(host, "{}").await;
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_stream_style(
+            key,
+            StreamStyle {
+                error_after: Some(5),
+                ..StreamStyle::default()
+            },
+        );
+    }
+    let r = f
+        .post(json!({ "model": "claude-sonnet", "stream": true, "messages": user("hi") }))
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events = sse_data(&text);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{text}");
+    let last: Value = serde_json::from_str(events.last().expect("events")).unwrap();
+    assert_eq!(last["error"]["code"], "overloaded", "{text}");
+    assert!(
+        !stream_text(&events).is_empty(),
+        "what came before was relayed: {text}"
+    );
+    assert_eq!(
+        f.mock.requests().len(),
+        1,
+        "not retried after the first byte"
+    );
+}
+
 both_hosts!(
+    a_mid_stream_error_event_ends_the_chat_stream_incomplete,
     a_chat_request_is_a_messages_request_and_back,
     the_clients_anthropic_version_is_honoured,
     a_messages_stream_is_a_chat_stream,

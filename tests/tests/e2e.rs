@@ -13,7 +13,8 @@ use tollgate_e2e::mock_provider::{
     Fault, LineEnding, MockProvider, StreamStyle, Writes, DEFAULT_CONTENT, DEFAULT_USAGE,
 };
 use tollgate_e2e::scenario::{
-    assert_error, closed_port, fresh_client, sha256_hex, sse_data, stream_text, user, Stack,
+    assert_error, closed_port, fresh_client, run_sdk_script, sha256_hex, sse_data, stream_text,
+    user, Stack,
 };
 
 const APP_KEY: &str = "tg-test-app-key";
@@ -1216,31 +1217,12 @@ async fn forged_gateway_headers_from_a_provider_have_no_effect(host: Host) {
 /// The official `openai` Python SDK works against the gateway, streaming and not.
 async fn openai_python_sdk(host: Host) {
     let f = Fixture::start(host).await;
-    let python = std::env::var("SDK_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
-    });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_chat.py");
     for (model, want) in [
         ("mock-gpt", "You said: Hello from the SDK"),
         ("gpt-4o-mini", DEFAULT_CONTENT),
     ] {
-        let out = tokio::process::Command::new(&python)
-            .args([
-                script,
-                &format!("{}/v1", f.gateway.base_url()),
-                APP_KEY,
-                model,
-            ])
-            .kill_on_drop(true)
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("{python}: {e} (`make sdk-install` installs the SDK)"));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let base = format!("{}/v1", f.gateway.base_url());
+        let v = run_sdk_script("openai_chat.py", &[&base, APP_KEY, model]).await;
         assert_eq!(v["content"], want, "{v}");
         assert_eq!(v["streamed"], want, "{v}");
         // Asked for with `include_usage`: exactly one usage chunk, neither stripped nor

@@ -9,7 +9,7 @@ use tollgate_e2e::gateway::Host;
 use tollgate_e2e::mock_provider::{
     AnthropicUsage, Fault, MockProvider, MockUsage, DEFAULT_CONTENT,
 };
-use tollgate_e2e::scenario::{away_from_utc_midnight, sha256_hex, Stack};
+use tollgate_e2e::scenario::{away_from_utc_midnight, run_sdk_script, sha256_hex, Stack};
 
 const APP_KEY: &str = "tg-messages-app-key";
 const CLAUDE_KEY: &str = "sk-ant-messages";
@@ -21,7 +21,8 @@ fn config(mock: &MockProvider, limits: &str) -> String {
 consumers:
   - name: app
     keys: [{{ sha256: {app} }}]
-    models: [claude-sonnet, gpt-4o-mini, mock-gpt]
+    models: [claude-sonnet, gpt-4o-mini, mock-gpt, claude-decorated]
+    prompts: ["*"]
     limits: {limits}
 providers:
   - name: claude
@@ -38,6 +39,23 @@ models:
   - {{ name: claude-sonnet, provider: claude, upstream_model: claude-sonnet-4-5 }}
   - {{ name: gpt-4o-mini, provider: openai, upstream_model: gpt-4o-mini-2024-07-18 }}
   - {{ name: mock-gpt, provider: mock }}
+  - name: claude-decorated
+    provider: claude
+    upstream_model: claude-sonnet-4-5
+    decorators:
+      prepend: [{{ role: system, content: "Answer in French." }}]
+      append: [{{ role: user, content: "(Keep it short.)" }}]
+prompts:
+  - name: greet
+    versions:
+      - version: 1
+        model: claude-sonnet
+        response: text
+        params: {{ max_tokens: 50 }}
+        variables: [{{ name: who, type: string, max_length: 100 }}]
+        messages:
+          - {{ role: system, content: "Greet the person named between <who> tags." }}
+          - {{ role: user, content: "<who>{{{{who}}}}</who>" }}
 "#,
         app = sha256_hex(APP_KEY),
         base = mock.base_url(),
@@ -382,7 +400,15 @@ async fn token_counts_and_the_model_list(host: Host) {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["claude-sonnet", "gpt-4o-mini", "mock-gpt"]);
+    assert_eq!(
+        ids,
+        [
+            "claude-sonnet",
+            "gpt-4o-mini",
+            "mock-gpt",
+            "claude-decorated"
+        ]
+    );
     assert_eq!(v["data"][0]["type"], "model");
     assert_eq!(v["data"][0]["object"], "model");
     assert_eq!(v["has_more"], false);
@@ -392,10 +418,6 @@ async fn token_counts_and_the_model_list(host: Host) {
 /// count and an error, against an Anthropic model and an OpenAI-compatible one.
 async fn anthropic_sdk(host: Host) {
     let f = Fixture::start(host, "{}").await;
-    let python = std::env::var("SDK_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
-    });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/anthropic_messages.py");
     for model in ["claude-sonnet", "gpt-4o-mini"] {
         if model == "gpt-4o-mini" {
             f.mock.set_reply(
@@ -406,18 +428,8 @@ async fn anthropic_sdk(host: Host) {
                 },
             );
         }
-        let out = tokio::process::Command::new(&python)
-            .args([script, &f.gateway.base_url(), APP_KEY, model])
-            .kill_on_drop(true)
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("{python}: {e} (`make sdk-install` installs the SDKs)"));
-        assert!(
-            out.status.success(),
-            "{model}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let base = f.gateway.base_url();
+        let v = run_sdk_script("anthropic_messages.py", &[&base, APP_KEY, model]).await;
         assert_eq!(v["text"], DEFAULT_CONTENT, "{model}: {v}");
         assert_eq!(v["stop_reason"], "end_turn");
         assert_eq!(v["streamed"], DEFAULT_CONTENT);
@@ -429,19 +441,121 @@ async fn anthropic_sdk(host: Host) {
             json!({ "status": 404, "type": "not_found_error" }),
             "{v}"
         );
-        if model == "claude-sonnet" {
-            assert_eq!(v["tool_stop_reason"], "tool_use");
-            assert_eq!(
-                v["tool_use"],
-                json!({ "name": "get_weather", "input": { "location": "Paris" } })
-            );
-            assert_eq!(v["streamed_tool_use"], v["tool_use"]);
-            assert_eq!(v["after_tool"], DEFAULT_CONTENT);
-        }
+        // From Claude as it answered; from the OpenAI model, its tool call translated.
+        assert_eq!(v["tool_stop_reason"], "tool_use", "{model}: {v}");
+        assert_eq!(
+            v["tool_use"],
+            json!({ "name": "get_weather", "input": { "location": "Paris" } }),
+            "{model}: {v}"
+        );
+        assert_eq!(v["streamed_tool_use"], v["tool_use"], "{model}: {v}");
+        assert_eq!(v["after_tool"], DEFAULT_CONTENT, "{model}: {v}");
     }
 }
 
+/// The official `openai` SDK with tools against an OpenAI-compatible model: the tool call
+/// and its result go through the gateway untouched.
+async fn openai_sdk_tools_on_an_openai_model(host: Host) {
+    let f = Fixture::start(host, "{}").await;
+    let base = format!("{}/v1", f.gateway.base_url());
+    let v = run_sdk_script("openai_tools.py", &[&base, APP_KEY, "gpt-4o-mini"]).await;
+    assert_eq!(v["content"], DEFAULT_CONTENT, "{v}");
+    assert_eq!(v["tool_finish_reason"], "tool_calls", "{v}");
+    assert_eq!(v["tool_call"]["arguments"], json!({ "location": "Paris" }));
+    assert_eq!(
+        v["streamed_tool_calls"][0]["arguments"],
+        json!({ "location": "Paris" })
+    );
+    assert_eq!(v["streamed_tool_finish_reason"], "tool_calls");
+    assert_eq!(v["after_tool"], DEFAULT_CONTENT);
+}
+
+/// Decorators reach Claude on both front doors: added to the Messages request passed
+/// through (system prompt first, the user note in the last user turn), and through the
+/// hub for chat clients.
+async fn decorators_reach_anthropic_models_on_both_front_doors(host: Host) {
+    let f = Fixture::start(host, "{}").await;
+    let (status, v) = f.message(hello("claude-decorated")).await;
+    assert_eq!(status, 200, "{v}");
+    let sent = f.mock.requests()[0].json();
+    assert_eq!(sent["model"], "claude-sonnet-4-5");
+    assert_eq!(
+        sent["system"],
+        json!([{ "type": "text", "text": "Answer in French." }]),
+        "{sent}"
+    );
+    assert_eq!(
+        sent["messages"],
+        json!([{ "role": "user", "content": [
+            { "type": "text", "text": "hi" },
+            { "type": "text", "text": "(Keep it short.)" },
+        ]}]),
+        "{sent}"
+    );
+    let r = f
+        .http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "model": "claude-decorated", "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = f.mock.requests()[1].json();
+    assert!(
+        sent["system"].to_string().contains("Answer in French."),
+        "{sent}"
+    );
+    assert!(
+        sent["messages"].to_string().contains("(Keep it short.)"),
+        "{sent}"
+    );
+}
+
+/// A prompt template on a Claude model: rendered, translated, and its answer shaped, plain
+/// and streamed.
+async fn a_prompt_template_runs_on_an_anthropic_model(host: Host) {
+    let f = Fixture::start(host, "{}").await;
+    let r = f
+        .http
+        .post(f.url("/v1/prompts/greet"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "who": "Ada" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v, json!({ "output": DEFAULT_CONTENT }));
+    let sent = f.mock.requests()[0].json();
+    assert_eq!(sent["model"], "claude-sonnet-4-5");
+    assert_eq!(sent["max_tokens"], 50);
+    assert!(
+        sent["messages"].to_string().contains("<who>Ada</who>"),
+        "{sent}"
+    );
+    let r = f
+        .http
+        .post(f.url("/v1/prompts/greet?stream=true"))
+        .bearer_auth(APP_KEY)
+        .json(&json!({ "who": "Ada" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let outputs: String = tollgate_e2e::scenario::sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["output"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(outputs, DEFAULT_CONTENT, "{text}");
+}
+
 both_hosts!(
+    decorators_reach_anthropic_models_on_both_front_doors,
+    a_prompt_template_runs_on_an_anthropic_model,
+    openai_sdk_tools_on_an_openai_model,
     a_message_to_an_anthropic_model_is_passed_through,
     a_stream_to_an_anthropic_model_is_passed_through,
     a_message_to_an_openai_model_is_translated_both_ways,

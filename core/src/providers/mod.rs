@@ -2,6 +2,7 @@
 //! Wire types and translation live in one sub-module per provider kind; nothing here does IO.
 
 pub mod anthropic;
+pub mod dialect;
 pub mod mock;
 pub mod openai;
 pub mod refusal;

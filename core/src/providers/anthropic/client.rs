@@ -19,6 +19,7 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
 use crate::providers::openai::usage::{self, Usage};
 use crate::sse::SseParser;
@@ -426,6 +427,79 @@ pub fn rename_model(body: &[u8], upstream_model: &str) -> Result<Vec<u8>, String
     serde_json::to_writer(&mut out, upstream_model).map_err(|e| e.to_string())?;
     out.extend_from_slice(tail);
     Ok(out)
+}
+
+/// Adds the gateway's decorator messages (`{"role","content"}` with text content, as
+/// `decorators` keeps them) to a Messages request: `system` ones to the top-level `system`
+/// (before or after its own blocks), `user`/`assistant` ones as text blocks of the first or
+/// last turn when its role is theirs, else as a turn of their own — so roles still alternate
+/// as the API requires. Everything else in the body keeps its meaning (key order is kept).
+pub fn decorate(body: &[u8], prepend: &[&Value], append: &[&Value]) -> Result<Vec<u8>, String> {
+    let mut request: Value = serde_json::from_slice(body).map_err(|e| describe(&e, None))?;
+    let object = request
+        .as_object_mut()
+        .ok_or("the body is not a JSON object")?;
+    let text_block =
+        |d: &Value| json!({ "type": "text", "text": d["content"].as_str().unwrap_or("") });
+    let role = |d: &Value| d["role"].as_str().unwrap_or("user").to_string();
+    let system_blocks = |decorators: &[&Value]| -> Vec<Value> {
+        decorators
+            .iter()
+            .filter(|d| is_system(d))
+            .map(|d| text_block(d))
+            .collect()
+    };
+    let (before, after) = (system_blocks(prepend), system_blocks(append));
+    if !before.is_empty() || !after.is_empty() {
+        // Edited where it stands: removing and inserting would move keys around.
+        let slot = object.entry("system").or_insert(Value::Null);
+        let own = match slot.take() {
+            Value::Null => Vec::new(),
+            Value::String(text) => vec![json!({ "type": "text", "text": text })],
+            Value::Array(blocks) => blocks,
+            _ => return Err("`system` must be a string or an array of blocks".into()),
+        };
+        *slot = Value::Array(before.into_iter().chain(own).chain(after).collect());
+    }
+    let messages = object
+        .get_mut("messages")
+        .and_then(Value::as_array_mut)
+        .ok_or("`messages` must be an array")?;
+    for d in prepend.iter().rev().filter(|d| !is_system(d)) {
+        let role = role(d);
+        match messages.first_mut() {
+            Some(first) if first["role"].as_str() == Some(role.as_str()) => {
+                blocks_of(first)
+                    .ok_or("a turn's `content` must be a string or blocks")?
+                    .insert(0, text_block(d));
+            }
+            _ => messages.insert(0, json!({ "role": role, "content": [text_block(d)] })),
+        }
+    }
+    for d in append.iter().filter(|d| !is_system(d)) {
+        let role = role(d);
+        match messages.last_mut() {
+            Some(last) if last["role"].as_str() == Some(role.as_str()) => {
+                blocks_of(last)
+                    .ok_or("a turn's `content` must be a string or blocks")?
+                    .push(text_block(d));
+            }
+            _ => messages.push(json!({ "role": role, "content": [text_block(d)] })),
+        }
+    }
+    serde_json::to_vec(&request).map_err(|e| e.to_string())
+}
+
+/// A turn's content blocks, a string content turned into one text block first.
+fn blocks_of(turn: &mut Value) -> Option<&mut Vec<Value>> {
+    if let Some(text) = turn["content"].as_str() {
+        turn["content"] = json!([{ "type": "text", "text": text }]);
+    }
+    turn["content"].as_array_mut()
+}
+
+fn is_system(d: &Value) -> bool {
+    matches!(d["role"].as_str(), Some("system" | "developer"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1823,6 +1897,47 @@ fn error_message(body: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn decorators_join_the_system_prompt_and_the_turns_keeping_roles_alternating() {
+        let system = json!({ "role": "system", "content": "Answer in French." });
+        let closing = json!({ "role": "system", "content": "Be brief." });
+        let nudge = json!({ "role": "user", "content": "(from the gateway)" });
+        let primer = json!({ "role": "assistant", "content": "Bonjour." });
+        let body = br#"{"model":"m","max_tokens":5,"system":"Own.","messages":[{"role":"user","content":"hi"}],"cache":1}"#;
+        let out = decorate(body, &[&system, &primer], &[&closing, &nudge]).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["system"],
+            json!([
+                { "type": "text", "text": "Answer in French." },
+                { "type": "text", "text": "Own." },
+                { "type": "text", "text": "Be brief." },
+            ])
+        );
+        // The assistant primer opens the conversation as its own turn; the user nudge joins
+        // the last user turn, so roles still alternate.
+        assert_eq!(
+            v["messages"],
+            json!([
+                { "role": "assistant", "content": [{ "type": "text", "text": "Bonjour." }] },
+                { "role": "user", "content": [
+                    { "type": "text", "text": "hi" },
+                    { "type": "text", "text": "(from the gateway)" },
+                ]},
+            ])
+        );
+        // Everything else as sent, in its order.
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["model", "max_tokens", "system", "messages", "cache"]);
+        // Nothing to add: nothing but the decorators changes.
+        let plain = decorate(body, &[], &[]).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&plain).unwrap()["system"],
+            "Own."
+        );
+        assert!(decorate(b"[]", &[&system], &[]).is_err());
+    }
 
     fn chat(body: Value) -> Value {
         let bytes = chat_request(body.to_string().as_bytes()).unwrap();
