@@ -28,6 +28,8 @@ pub enum GatewayError {
     },
     /// The provider answered success with a body the gateway cannot read as its API's answer.
     UpstreamInvalidAnswer { provider: String },
+    /// An answer the gateway reads whole to translate it is larger than it holds.
+    UpstreamAnswerTooLarge { provider: String, limit: usize },
     /// No endpoint at this path.
     NotFound { path: String },
     /// The endpoint exists but not for this method; `allowed` is the one it takes.
@@ -142,6 +144,7 @@ impl GatewayError {
             Self::UpstreamUnavailable { .. }
             | Self::UpstreamAuthFailed { .. }
             | Self::UpstreamInvalidAnswer { .. }
+            | Self::UpstreamAnswerTooLarge { .. }
             | Self::RetryBudgetSpent { .. }
             | Self::PromptOutputInvalid { .. } => 502,
             Self::SharedStateUnavailable { .. } => 503,
@@ -174,6 +177,7 @@ impl GatewayError {
             Self::MalformedBody { .. } => "invalid_request_body",
             Self::UnsupportedParameter { .. } => "unsupported_parameter",
             Self::UpstreamInvalidAnswer { .. } => "upstream_invalid_answer",
+            Self::UpstreamAnswerTooLarge { .. } => "upstream_answer_too_large",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::KeysCooling { .. } => "provider_keys_cooling",
             Self::KeysRevoked { .. } => "provider_keys_revoked",
@@ -226,6 +230,7 @@ impl GatewayError {
             Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
             Self::UnsupportedParameter { param, provider_kind, reason } => format!("`{param}` is not supported by this model's provider (kind `{provider_kind}`): {reason}"),
             Self::UpstreamInvalidAnswer { provider } => format!("The provider `{provider}` answered with a body the gateway cannot read."),
+            Self::UpstreamAnswerTooLarge { provider, limit } => format!("The provider `{provider}` answered with more than {limit} bytes, which the gateway cannot translate."),
             Self::RateLimited { limit, scope, retry_after_ms } => format!(
                 "Rate limit reached: `{limit}` of {scope}. Retry after {}.",
                 crate::limits::format_duration(*retry_after_ms)

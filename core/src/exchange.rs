@@ -217,6 +217,12 @@ pub struct Exchange {
     passthrough: Option<Box<dyn UsageReader>>,
     /// A hub stream, being translated for the client.
     stream_to_client: Option<Box<dyn StreamTranslator>>,
+    /// An answer read whole to be translated: its retry hints, which the rebuilt answer
+    /// keeps (`on_collected`).
+    retry_hints: Vec<(&'static str, String)>,
+    /// The answer being read whole is the key role's own refusal (Envoy), already in the
+    /// hub shape: only the client's dialect is applied.
+    key_role_reply: bool,
 }
 
 /// What a request asks of the model, for its reservation: the prompt estimate (decorations
@@ -268,6 +274,8 @@ impl Exchange {
             count_tokens: false,
             passthrough: None,
             stream_to_client: None,
+            retry_hints: Vec::new(),
+            key_role_reply: false,
         }
     }
 
@@ -315,6 +323,8 @@ impl Exchange {
             (MESSAGES_PATH | COUNT_TOKENS_PATH, "POST") => {
                 self.client = ClientDialect::Messages;
                 self.count_tokens = path == COUNT_TOKENS_PATH;
+                // Anthropic's SDK marks beta calls with `?beta=true`: passed through.
+                self.query = query.to_string();
                 self.authenticate(head.headers)
                     .and_then(|()| self.read_body(head.headers))
             }
@@ -523,18 +533,6 @@ impl Exchange {
         let consumer_decorators = consumer.map_or(&no_decorators, |c| &c.decorators);
         let (prepend, append) = decorators::around(&model.decorators, consumer_decorators);
         let decorated_tokens = model.decorators.tokens + consumer_decorators.tokens;
-        let demand = self.admit(
-            now_ms,
-            || Demand {
-                prompt: req.estimate_prompt_tokens() + decorated_tokens,
-                max_output: req.max_output_tokens(),
-                choices: req.choices(),
-            },
-            model_id,
-            provider.has_key_limits(),
-            store,
-        )?;
-        let rate_headers = self.rate_headers();
         // Streams report usage only when asked: ask, so that streams are charged what they
         // really used, and hide the extra chunk from a client that did not ask.
         let is_mock = provider.kind == ProviderKind::Mock;
@@ -581,6 +579,20 @@ impl Exchange {
         if !speaks_hub {
             self.translate_answer = Some(provider.kind);
         }
+        // Reserved once the request is known to be sendable: a request the provider cannot
+        // take is refused before it holds anything.
+        let demand = self.admit(
+            now_ms,
+            || Demand {
+                prompt: req.estimate_prompt_tokens() + decorated_tokens,
+                max_output: req.max_output_tokens(),
+                choices: req.choices(),
+            },
+            model_id,
+            provider.has_key_limits(),
+            store,
+        )?;
+        let rate_headers = self.rate_headers();
         if is_mock {
             // Answered here, from the request as a provider would have received it.
             let sent = upstream_body.as_deref().unwrap_or(body);
@@ -602,7 +614,9 @@ impl Exchange {
             .as_ref()
             .map_or("", |u| u.path_prefix.as_str());
         let mut path = format!("{prefix}{}", sent.endpoint);
-        if !self.query.is_empty() {
+        // The client's query string is for an API of its own dialect (Azure's `api-version`,
+        // say): it goes only where that dialect is spoken.
+        if !self.query.is_empty() && speaks_hub && self.client == ClientDialect::Chat {
             path.push('?');
             path.push_str(&self.query);
         }
@@ -691,9 +705,14 @@ impl Exchange {
         self.stage = Stage::Upstream;
         self.forwarded = true;
         self.created_s = now_ms / 1_000;
+        let mut path = format!("{prefix}{}", sent.endpoint);
+        if !self.query.is_empty() {
+            path.push('?');
+            path.push_str(&self.query);
+        }
         Ok(Some(OnBody::Forward(Forward {
             provider: model.provider,
-            path: format!("{prefix}{}", sent.endpoint),
+            path,
             body: sent.body,
             remove_headers: &FORWARD_REMOVE_HEADERS,
             default_headers: sent.default_headers,
@@ -866,6 +885,14 @@ impl Exchange {
                 if real.is_some() {
                     self.status = real;
                 }
+                if self.client != ClientDialect::Chat {
+                    // In the hub shape; read whole to answer in the client's own.
+                    self.key_role_reply = true;
+                    self.retry_hints = retry_hints(headers);
+                    let limit =
+                        usize::try_from(self.config.server.max_body_bytes).unwrap_or(usize::MAX);
+                    return OnResponse::Collect { limit };
+                }
                 return OnResponse::Relay {
                     status: real,
                     remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
@@ -910,7 +937,8 @@ impl Exchange {
         let translated = self.translate_answer.is_some() || self.client != ClientDialect::Chat;
         if translated && !(success && self.stream) {
             // An answer or error in another dialect than the client's, read whole and
-            // translated (`on_collected`).
+            // translated (`on_collected`); its retry hints go with the new answer.
+            self.retry_hints = retry_hints(headers);
             return OnResponse::Collect { limit };
         }
         if success
@@ -956,7 +984,13 @@ impl Exchange {
     /// usage is read and charged either way).
     pub fn on_collected(&mut self, body: &[u8]) -> LocalResponse {
         self.stage = Stage::Done;
-        let mut response = self.collected_answer(body);
+        let mut response = if self.key_role_reply {
+            let status = self.status.unwrap_or(502);
+            LocalResponse::json(status, self.client.error_from_hub(status, body))
+        } else {
+            self.collected_answer(body)
+        };
+        response.headers.append(&mut self.retry_hints);
         response.headers.extend(self.rate_headers());
         response
     }
@@ -996,11 +1030,19 @@ impl Exchange {
     pub fn on_collect_overflow(&mut self, limit: usize) -> LocalResponse {
         self.stage = Stage::Done;
         self.body_overflowed = true;
-        let prompt = self.prompt_name();
-        let mut response = self.refuse(GatewayError::PromptOutputInvalid {
-            prompt,
-            detail: format!("the provider's answer is larger than {limit} bytes"),
-        });
+        let detail = format!("the provider's answer is larger than {limit} bytes");
+        let error = match self.prompt {
+            Some(_) => GatewayError::PromptOutputInvalid {
+                prompt: self.prompt_name(),
+                detail,
+            },
+            // An answer read whole only to be translated.
+            None => GatewayError::UpstreamAnswerTooLarge {
+                provider: self.provider_name().unwrap_or_default(),
+                limit,
+            },
+        };
+        let mut response = self.refuse(error);
         response.headers.extend(self.rate_headers());
         response
     }
@@ -1082,6 +1124,11 @@ impl Exchange {
             Chunk::Unchanged => hub_chunk.to_vec(),
             Chunk::Replace(bytes) => bytes,
         };
+        // The provider's own counts (cache writes too, and a cut stream's input and output
+        // so far) beat what its translated usage chunk can say.
+        if let Some(usage) = self.stream_to_hub.as_ref().and_then(|t| t.usage()) {
+            self.usage = Some(usage);
+        }
         Chunk::Replace(match &mut self.stream_to_client {
             Some(translator) => translate(translator.as_mut(), &hub, end_of_stream),
             None => hub,
@@ -1283,6 +1330,15 @@ impl Exchange {
         response.body = self.client.error_from_hub(response.status, &response.body);
         response
     }
+}
+
+/// The provider's hints of when to come back (`retry-after`, `retry-after-ms`), kept when its
+/// answer is rebuilt in another dialect.
+fn retry_hints<H: HeaderLookup + ?Sized>(headers: &H) -> Vec<(&'static str, String)> {
+    ["retry-after", "retry-after-ms"]
+        .into_iter()
+        .filter_map(|name| headers.header(name).map(|v| (name, v.to_string())))
+        .collect()
 }
 
 /// Refuses a request a guard rule of its model or consumer denies; the texts are only

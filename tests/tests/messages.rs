@@ -210,7 +210,7 @@ async fn a_message_to_an_openai_model_is_translated_both_ways(host: Host) {
     );
     let sent = sent.json();
     assert_eq!(sent["model"], "gpt-4o-mini-2024-07-18");
-    assert_eq!(sent["max_tokens"], 100);
+    assert_eq!(sent["max_completion_tokens"], 100);
     assert_eq!(
         sent["messages"][0],
         json!({ "role": "system", "content": "Be brief." })
@@ -552,7 +552,41 @@ async fn a_prompt_template_runs_on_an_anthropic_model(host: Host) {
     assert_eq!(outputs, DEFAULT_CONTENT, "{text}");
 }
 
+/// A rate-limited key pool answers an Anthropic client in Anthropic's shape with
+/// `retry-after`, whoever refused: the provider (passed through, or translated from an
+/// OpenAI-compatible one) or the gateway's key pool once every key cools (in Envoy, the key
+/// role's own reply).
+async fn a_cooling_pool_answers_anthropic_clients_in_their_shape(host: Host) {
+    let f = Fixture::start(host, "{}").await;
+    for key in [CLAUDE_KEY, OPENAI_KEY] {
+        f.mock.set_fault(
+            key,
+            Fault::TooManyRequests {
+                retry_after_secs: Some(30),
+            },
+        );
+    }
+    for model in ["claude-sonnet", "gpt-4o-mini"] {
+        for round in ["the provider's 429", "the pool's own refusal"] {
+            let r = f.send(APP_KEY, &hello(model)).await;
+            let retry: u64 = r
+                .headers()
+                .get("retry-after")
+                .unwrap_or_else(|| panic!("{model}, {round}: no retry-after: {:?}", r.headers()))
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=30).contains(&retry), "{model}, {round}: {retry}");
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            assert_anthropic_error(status, &v, 429, "rate_limit_error");
+        }
+    }
+}
+
 both_hosts!(
+    a_cooling_pool_answers_anthropic_clients_in_their_shape,
     decorators_reach_anthropic_models_on_both_front_doors,
     a_prompt_template_runs_on_an_anthropic_model,
     openai_sdk_tools_on_an_openai_model,

@@ -23,6 +23,11 @@ pub trait StreamTranslator: Send {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>);
     /// The stream ended: what is left, and nothing that makes a cut stream look whole.
     fn finish(&mut self, out: &mut Vec<u8>);
+    /// What the stream says it used so far, in the gateway's terms (cache writes included),
+    /// also when it was cut before its last event; `None` if it said nothing yet.
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
 }
 
 impl StreamTranslator for provider::ChatStream {
@@ -31,6 +36,9 @@ impl StreamTranslator for provider::ChatStream {
     }
     fn finish(&mut self, out: &mut Vec<u8>) {
         provider::ChatStream::finish(self, out);
+    }
+    fn usage(&self) -> Option<Usage> {
+        provider::ChatStream::usage(self)
     }
 }
 
@@ -225,7 +233,7 @@ pub fn answer_to_hub(
                 HubAnswer {
                     status,
                     body,
-                    usage: Some(usage),
+                    usage,
                 }
             })
         }
@@ -324,7 +332,7 @@ mod tests {
             provider::messages_request(chat.to_string().as_bytes(), "claude", 1024).unwrap();
         let back: Value =
             serde_json::from_slice(&client::chat_request(&messages).unwrap()).unwrap();
-        assert_eq!(back["max_tokens"], 300);
+        assert_eq!(back["max_completion_tokens"], 300);
         assert_eq!(back["temperature"], 0.3);
         assert_eq!(back["top_p"], 0.9);
         assert_eq!(back["stop"], json!(["END"]));
@@ -368,6 +376,7 @@ mod tests {
         });
         let (chat, usage) =
             provider::chat_completion(answer.to_string().as_bytes(), "claude", 1).unwrap();
+        let usage = usage.unwrap();
         assert_eq!(usage.prompt_tokens, 120);
         assert_eq!(usage.cached_prompt_tokens, 100);
         let back: Value =

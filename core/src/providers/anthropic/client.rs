@@ -649,7 +649,9 @@ impl MessagesStreamUsage {
 struct ChatBody<'a> {
     model: &'a str,
     messages: Vec<ChatMessage<'a>>,
-    max_tokens: u64,
+    /// OpenAI's current name for the limit: its reasoning models refuse `max_tokens`, and
+    /// the others take both.
+    max_completion_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -837,7 +839,7 @@ pub fn chat_request(body: &[u8]) -> Result<Vec<u8>, String> {
     let chat = ChatBody {
         model: &req.model,
         messages,
-        max_tokens: req.max_tokens,
+        max_completion_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
         stop: req.stop_sequences.as_deref(),
@@ -2283,7 +2285,7 @@ mod tests {
                     {"role": "tool", "content": "18 degrees, sunny", "tool_call_id": "toolu_01"},
                     {"role": "user", "content": "And tomorrow?"}
                 ],
-                "max_tokens": 1024,
+                "max_completion_tokens": 1024,
                 "temperature": 0.2,
                 "stream": true,
                 "stream_options": {"include_usage": true},
@@ -2333,7 +2335,7 @@ mod tests {
         ));
         assert_eq!(
             out,
-            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10,
                 "temperature": 1.0, "top_p": 0.9, "stop": ["END", "\n\n"], "stream": false, "user": "u-42"})
         );
         // No stream options unless streaming; metadata without a user is nothing.
