@@ -112,6 +112,9 @@ pub enum GatewayError {
     ContentRejected { rule: String },
     /// Shared state (counters, key health) could not be updated; refusing beats guessing.
     SharedStateUnavailable { detail: String },
+    /// The gateway is reading as many request bodies as its memory budget allows
+    /// (`server.max_body_memory_bytes`); it has room again in a moment.
+    GatewayBusy,
     /// The host failed an operation it should not fail (a bug or resource exhaustion).
     Internal { detail: String },
 }
@@ -147,7 +150,7 @@ impl GatewayError {
             | Self::UpstreamAnswerTooLarge { .. }
             | Self::RetryBudgetSpent { .. }
             | Self::PromptOutputInvalid { .. } => 502,
-            Self::SharedStateUnavailable { .. } => 503,
+            Self::SharedStateUnavailable { .. } | Self::GatewayBusy => 503,
             Self::UpstreamErrorNotJson { status, .. } if (400..600).contains(status) => *status,
             Self::UpstreamErrorNotJson { .. } => 502,
             Self::Internal { .. } => 500,
@@ -202,6 +205,7 @@ impl GatewayError {
             Self::UpstreamErrorNotJson { .. } => "upstream_error",
             Self::NotRoutedByGateway => "not_routed_by_gateway",
             Self::SharedStateUnavailable { .. } => "shared_state_unavailable",
+            Self::GatewayBusy => "gateway_busy",
             Self::Internal { .. } => "internal_error",
         }
     }
@@ -215,6 +219,7 @@ impl GatewayError {
                 | Self::UpstreamErrorNotJson { .. }
                 | Self::RetryBudgetSpent { .. }
                 | Self::SharedStateUnavailable { .. }
+                | Self::GatewayBusy
                 | Self::RateLimited { .. }
                 | Self::QuotaExhausted { .. }
                 | Self::KeysCooling { .. }
@@ -277,6 +282,7 @@ impl GatewayError {
             Self::UpstreamErrorNotJson { provider, status } => format!("The provider `{provider}` failed with status {status} and a body that is not JSON (an error page of its network edge)."),
             Self::NotRoutedByGateway => "This request did not pass through the gateway.".into(),
             Self::SharedStateUnavailable { detail } => format!("The gateway's shared state is unavailable ({detail}); try again."),
+            Self::GatewayBusy => "The gateway is reading too many request bodies at once; retry shortly.".into(),
             Self::Internal { detail } => format!("Internal gateway error: {detail}."),
         }
     }
@@ -300,6 +306,7 @@ impl GatewayError {
             Self::MethodNotAllowed { allowed, .. } => {
                 r.headers.push(("allow", (*allowed).to_string()))
             }
+            Self::GatewayBusy => r.headers.push(("retry-after", "1".to_string())),
             Self::RateLimited { retry_after_ms, .. }
             | Self::QuotaExhausted { retry_after_ms, .. }
             | Self::KeysCooling { retry_after_ms, .. }

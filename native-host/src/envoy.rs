@@ -5,6 +5,7 @@
 //! template for dropping tollgate into an existing Envoy.
 
 use serde_json::{json, Value};
+use tollgate_core::config::ServerSettings;
 use tollgate_core::http::PROVIDER_HEADER;
 use tollgate_core::providers::Scheme;
 use tollgate_core::retry::{RetryPolicy, RETRIED_STATUSES};
@@ -38,6 +39,22 @@ pub const VM_ID: &str = "tollgate";
 /// Retries a provider cluster may have in flight at once (Envoy's default is 3).
 const MAX_RETRIES_IN_FLIGHT: u32 = 10_000;
 
+/// Backoff (base, max) between reloads of a crashed Wasm VM.
+const VM_RELOAD_BACKOFF: (&str, &str) = ("1s", "10s");
+
+/// Edge limits Envoy's defaults leave open (they are tailored for a service mesh of trusted
+/// clients), after its "Configuring Envoy as an edge proxy" best practices. The connection
+/// limits, timeouts and HTTP/2 stream limit come from the config's `server` settings, which
+/// the native host applies too; see docs/envoy.md.
+const MAX_REQUEST_HEADERS_KB: u32 = 60;
+const MAX_HEADERS_COUNT: u32 = 100;
+/// The best practices' HTTP/2 connection window; the stream window cannot follow them (below).
+const H2_MIN_CONNECTION_WINDOW: u64 = 1024 * 1024;
+
+fn seconds(ms: u64) -> String {
+    format!("{}s", ms as f64 / 1000.0)
+}
+
 fn socket_address(addr: &std::net::SocketAddr) -> Value {
     json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
 }
@@ -50,7 +67,15 @@ fn wasm_filter(opts: &BootstrapOptions<'_>, root_id: &str, env_keys: &[String]) 
             "config": {
                 "name": root_id,
                 "root_id": root_id,
-                "fail_open": false,
+                // A VM that traps (a panic in the filter) is replaced by a fresh one for the
+                // next request, after a backoff; until then, and if the reload fails, the
+                // plugin fails closed (503): a gateway that enforces limits and keys must not
+                // let requests bypass it. `fail_open` cannot be set with it.
+                "failure_policy": "FAIL_RELOAD",
+                "reload_config": { "backoff": {
+                    "base_interval": VM_RELOAD_BACKOFF.0,
+                    "max_interval": VM_RELOAD_BACKOFF.1,
+                }},
                 // Without it Envoy turns a paused request-headers callback into "stop all",
                 // and the gateway role never sees the body it must route on (Envoy >= 1.35).
                 "allow_on_headers_stop_iteration": true,
@@ -107,7 +132,6 @@ fn local_reply_config() -> Value {
 /// retried after its first byte. Envoy's backoff is "full jitter" (0 up to the exponential
 /// step), the native host's the upper half of the step.
 fn retry_policy(retry: &RetryPolicy) -> Option<Value> {
-    let seconds = |ms: u64| format!("{}s", ms as f64 / 1000.0);
     (retry.attempts > 1).then(|| {
         json!({
             "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
@@ -121,6 +145,60 @@ fn retry_policy(retry: &RetryPolicy) -> Option<Value> {
     })
 }
 
+/// Envoy's admin interface can stop the server, change log levels and dump the config (with
+/// the listener's filter configuration): it belongs on loopback. `None` when it is there.
+pub fn admin_warning(admin: &std::net::SocketAddr) -> Option<String> {
+    (!admin.ip().is_loopback()).then(|| {
+        format!(
+            "Envoy's admin interface listens on {admin}, not on loopback: anyone who reaches it \
+             can stop Envoy and read its config. Firewall it, or pass --admin 127.0.0.1:PORT."
+        )
+    })
+}
+
+/// Room Envoy gives one request (its body and headers) before it pushes back: the largest body
+/// the gateway role accepts plus 64 KiB, so that the gateway role, not Envoy's buffer limit,
+/// refuses oversized bodies, with an OpenAI-shaped 413.
+fn request_buffer_bytes(server: &ServerSettings) -> u64 {
+    server.max_body_bytes + 64 * 1024
+}
+
+/// Downstream HTTP/2: a bounded number of streams per connection, keep-alive pings that close
+/// connections whose peer vanished without a FIN, and flow-control windows. The HTTP/2 stream
+/// window is also the most Envoy buffers for one stream: the best practices' 64 KiB would
+/// cut every body the gateway role buffers at 64 KiB (measured: the stream is reset), so it
+/// is the same room an HTTP/1 request gets (Envoy's default is 256 MiB).
+fn http2_options(server: &ServerSettings) -> Value {
+    let stream_window = request_buffer_bytes(server);
+    let mut options = json!({
+        "max_concurrent_streams": server.http2_max_concurrent_streams,
+        "initial_stream_window_size": stream_window,
+        "initial_connection_window_size": stream_window.max(H2_MIN_CONNECTION_WINDOW),
+    });
+    if server.http2_keepalive_interval_ms > 0 {
+        options["connection_keepalive"] = json!({
+            "interval": seconds(server.http2_keepalive_interval_ms),
+            "timeout": seconds(server.http2_keepalive_timeout_ms),
+        });
+    }
+    options
+}
+
+/// The overload manager: a cap on downstream connections across all listeners and workers
+/// (Envoy has none by default, and warns about it at startup). New connections past it are
+/// refused at accept.
+fn overload_manager(server: &ServerSettings) -> Value {
+    json!({
+        "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": server.max_connections,
+            },
+        }],
+    })
+}
+
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config
@@ -130,7 +208,8 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
         .collect();
     env_keys.sort();
     env_keys.dedup();
-    let timeout = format!("{}s", config.server.upstream_timeout_ms as f64 / 1000.0);
+    let timeout = seconds(config.server.upstream_timeout_ms);
+    let server = &config.server;
 
     let upstreams: Vec<_> = config
         .providers()
@@ -183,8 +262,15 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                 // Envoy allows 3 retries in flight per cluster by default and drops the rest
                 // (`upstream_rq_retry_overflow`): exactly when many keys are rate limited at
                 // once. Retries are bounded per request by `retry.attempts` instead.
+                // The other defaults (1024 connections, pending and active requests) would
+                // refuse long streams past 1024 at once, and no bound would let one slow
+                // provider hold every resource: a provider may take all of the gateway's
+                // traffic (`server.max_connections`), no more.
                 "circuit_breakers": { "thresholds": [{
                     "priority": "DEFAULT",
+                    "max_connections": server.max_connections,
+                    "max_pending_requests": server.max_connections,
+                    "max_requests": server.max_connections,
                     "max_retries": MAX_RETRIES_IN_FLIGHT,
                 }]},
                 "load_assignment": {
@@ -231,9 +317,7 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let listener = json!({
         "name": "tollgate",
         "address": socket_address(&opts.listen),
-        // Room for the largest body the gateway role accepts, so that it (not Envoy's
-        // buffer limit) answers oversized bodies, with an OpenAI-shaped 413.
-        "per_connection_buffer_limit_bytes": config.server.max_body_bytes + 64 * 1024,
+        "per_connection_buffer_limit_bytes": request_buffer_bytes(&config.server),
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -243,6 +327,18 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                 // from external clients (external `x-envoy-*` headers are dropped).
                 "use_remote_address": true,
                 "codec_type": "AUTO",
+                // A client that opens a request head and never finishes it (slowloris) is
+                // cut off, and so is a connection left idle: Envoy bounds neither by default.
+                "request_headers_timeout": seconds(server.header_read_timeout_ms),
+                "common_http_protocol_options": {
+                    "idle_timeout": seconds(server.idle_timeout_ms),
+                    // Some upstreams read `x_api_key` as `x-api-key`: a client must not be
+                    // able to smuggle a header past the gateway role that way.
+                    "headers_with_underscores_action": "REJECT_REQUEST",
+                    "max_headers_count": MAX_HEADERS_COUNT,
+                },
+                "max_request_headers_kb": MAX_REQUEST_HEADERS_KB,
+                "http2_protocol_options": http2_options(server),
                 "route_config": {
                     "name": "tollgate",
                     "virtual_hosts": [{ "name": "providers", "domains": ["*"], "routes": routes }],
@@ -257,10 +353,21 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     });
     let yaml = |v: &Value| serde_yaml::to_string(v).unwrap_or_default();
     let header = "# Envoy bootstrap for tollgate, rendered by `tollgate envoy-bootstrap`.\n";
-    let admin = json!({ "address": socket_address(&opts.admin) });
+    let header = match admin_warning(&opts.admin) {
+        Some(warning) => {
+            // The renderer's callers print only the bootstrap: say it where it is read too.
+            eprintln!("warning: {warning}");
+            format!("{header}# WARNING: {warning}\n")
+        }
+        None => header.to_string(),
+    };
+    // The operator's way in stays open when clients hold every connection the limit allows.
+    let admin = json!({ "address": socket_address(&opts.admin), "ignore_global_conn_limit": true });
+    let overload = overload_manager(server);
     let Some(dir) = opts.xds_dir else {
         let bootstrap = json!({
             "admin": admin,
+            "overload_manager": overload,
             "static_resources": { "listeners": [listener], "clusters": clusters },
         });
         return Rendered {
@@ -281,6 +388,7 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
         // xDS needs a node identity, even from files.
         "node": { "id": "tollgate", "cluster": "tollgate" },
         "admin": admin,
+        "overload_manager": overload,
         "dynamic_resources": { "lds_config": source(LDS_FILE), "cds_config": source(CDS_FILE) },
     });
     let resources = |type_url: &str, items: Vec<Value>| {

@@ -5,6 +5,7 @@ mod admin;
 mod body;
 mod envoy;
 mod proxy;
+mod request_body;
 mod server;
 mod store;
 
@@ -222,6 +223,7 @@ fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         let gateway =
             Arc::new(proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?);
+        warn_if_too_few_file_descriptors(gateway.config().server.max_connections);
         reload_on_sighup(Arc::clone(&gateway), path.to_path_buf());
         tracing::info!(address = %local, "tollgate listening");
         // One line on stdout, for scripts and tests that started us on port 0.
@@ -230,6 +232,31 @@ fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
         server::serve(gateway, listener, server::shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// Each connection takes a file descriptor: a limit below `server.max_connections` would
+/// make accepting fail before the cap is reached (Linux: read from /proc/self/limits).
+fn warn_if_too_few_file_descriptors(max_connections: u64) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    // Room for the listener, logs and connections to providers.
+    const SPARE: u64 = 256;
+    if let Some(soft) = soft {
+        if soft < max_connections.saturating_add(SPARE) {
+            tracing::warn!(
+                open_files_limit = soft,
+                max_connections,
+                "the open files limit (ulimit -n) is below server.max_connections plus {SPARE}: \
+                 raise it, or accepting connections will fail before the cap is reached"
+            );
+        }
+    }
 }
 
 /// On SIGHUP, loads the config file again and, if it is valid, serves new requests with it.
@@ -246,6 +273,28 @@ fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
         while hangups.recv().await.is_some() {
             match load(&path) {
                 Ok((_, config)) => {
+                    let running = gateway.config();
+                    for (setting, was, now) in [
+                        (
+                            "server.max_connections",
+                            running.server.max_connections,
+                            config.server.max_connections,
+                        ),
+                        (
+                            "server.max_body_memory_bytes",
+                            running.server.max_body_memory_bytes,
+                            config.server.max_body_memory_bytes,
+                        ),
+                    ] {
+                        if was != now {
+                            tracing::warn!(
+                                setting,
+                                running = was,
+                                new = now,
+                                "this setting takes effect on restart; the running value is kept"
+                            );
+                        }
+                    }
                     gateway.replace_config(config);
                     tracing::info!(config = %path.display(), "config reloaded");
                 }

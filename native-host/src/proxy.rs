@@ -25,6 +25,7 @@ use tollgate_core::{Config, Exchange, GatewayError};
 use crate::access_log::{self, Ending};
 use crate::admin::{self, AdminKey};
 use crate::body::{GatewayBody, UpstreamBody};
+use crate::request_body::{self, BodyBudget, ReadError};
 use crate::store::MemoryStore;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -37,6 +38,8 @@ pub struct Gateway {
     pub store: MemoryStore,
     pub client: UpstreamClient,
     admin: AdminKey,
+    /// `server.max_body_memory_bytes` as read at start.
+    pub body_budget: BodyBudget,
 }
 
 impl Gateway {
@@ -65,11 +68,13 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
+        let body_budget = BodyBudget::new(config.server.max_body_memory_bytes);
         Ok(Self {
             config: RwLock::new(config),
             store: MemoryStore::default(),
             client,
             admin: AdminKey::from_env(),
+            body_budget,
         })
     }
 }
@@ -139,18 +144,23 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
         }
         OnHeaders::ReadBody { limit } => limit,
     };
-    let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-    let body = match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
+    let read = request_body::read(
+        body,
+        usize::try_from(limit).unwrap_or(usize::MAX),
+        &gw.body_budget,
+    );
+    // The body's share of `server.max_body_memory_bytes`, held until the response head is
+    // sent (the body may be sent to the provider again until then).
+    let (body, _memory) = match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read).await {
+        Ok(Ok(read)) => read,
         Ok(Err(e)) => {
-            let error = if e.is::<http_body_util::LengthLimitError>() {
-                GatewayError::BodyTooLarge { limit }
-            } else {
-                GatewayError::MalformedBody {
+            let r = match e {
+                ReadError::TooLarge => exchange.refuse(GatewayError::BodyTooLarge { limit }),
+                ReadError::Failed => exchange.refuse(GatewayError::MalformedBody {
                     detail: "the request body could not be read".into(),
-                }
+                }),
+                ReadError::Busy => exchange.refuse(GatewayError::GatewayBusy),
             };
-            let r = exchange.refuse(error);
             return conclude(&gw, exchange, r, None, started, Ending::Answered);
         }
         Err(_) => {

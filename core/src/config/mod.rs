@@ -27,6 +27,13 @@ use raw::{RawConsumer, RawModel, RawPrompt, RawProvider, RawServer};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 120_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u64 = 100;
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MAX_BODY_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 /// Completion tokens reserved for a request that names no maximum, unless the model says.
 pub const DEFAULT_MAX_TOKENS: u64 = 4_096;
 
@@ -78,6 +85,22 @@ pub struct ServerSettings {
     pub listen: String,
     pub max_body_bytes: u64,
     pub upstream_timeout_ms: u64,
+    /// Native host: a client connection with no request in flight (none yet, or none since
+    /// the last response ended) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Native host: how long an HTTP/1 client may take to send a request head once it began.
+    pub header_read_timeout_ms: u64,
+    /// Native host: connections beyond this many are closed as soon as they are accepted.
+    pub max_connections: u64,
+    /// Native host: most requests in flight on one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u64,
+    /// Native host: interval of HTTP/2 keep-alive pings; 0 sends none.
+    pub http2_keepalive_interval_ms: u64,
+    /// Native host: a keep-alive ping unanswered this long closes the connection.
+    pub http2_keepalive_timeout_ms: u64,
+    /// Native host: most bytes of request bodies held at once over all requests; a request
+    /// whose body does not fit in what is left gets 503 at once.
+    pub max_body_memory_bytes: u64,
 }
 
 pub type ProviderId = usize;
@@ -422,10 +445,140 @@ fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
     if upstream_timeout_ms == 0 {
         errors.at("server.upstream_timeout_ms", "must be at least 1");
     }
+    let mut within = |field: &str, value: Option<u64>, default: u64, min: u64, max: u64| {
+        let value = value.unwrap_or(default);
+        if !(min..=max).contains(&value) {
+            errors.at(
+                format!("server.{field}"),
+                format!("must be between {min} and {max}"),
+            );
+        }
+        value
+    };
+    const DAY_MS: u64 = 86_400_000;
+    let idle_timeout_ms = within(
+        "idle_timeout_ms",
+        raw.idle_timeout_ms,
+        DEFAULT_IDLE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+    );
+    let header_read_timeout_ms = within(
+        "header_read_timeout_ms",
+        raw.header_read_timeout_ms,
+        DEFAULT_HEADER_READ_TIMEOUT_MS,
+        1,
+        DAY_MS,
+    );
+    let max_connections = within(
+        "max_connections",
+        raw.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        1,
+        1_000_000,
+    );
+    let http2_max_concurrent_streams = within(
+        "http2_max_concurrent_streams",
+        raw.http2_max_concurrent_streams,
+        DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        1,
+        10_000,
+    );
+    let http2_keepalive_interval_ms = within(
+        "http2_keepalive_interval_ms",
+        raw.http2_keepalive_interval_ms,
+        DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS,
+        0,
+        DAY_MS,
+    );
+    let http2_keepalive_timeout_ms = within(
+        "http2_keepalive_timeout_ms",
+        raw.http2_keepalive_timeout_ms,
+        DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+    );
+    const MAX_BODY_MEMORY: u64 = 64 * 1024 * 1024 * 1024;
+    let max_body_memory_bytes = raw
+        .max_body_memory_bytes
+        .unwrap_or(DEFAULT_MAX_BODY_MEMORY_BYTES);
+    if !(max_body_bytes..=MAX_BODY_MEMORY).contains(&max_body_memory_bytes) {
+        errors.at(
+            "server.max_body_memory_bytes",
+            format!(
+                "must be between server.max_body_bytes ({max_body_bytes}) and {MAX_BODY_MEMORY} \
+                 (64 GiB): a body the size of max_body_bytes must fit"
+            ),
+        );
+    }
     ServerSettings {
         listen,
         max_body_bytes,
         upstream_timeout_ms,
+        idle_timeout_ms,
+        header_read_timeout_ms,
+        max_connections,
+        http2_max_concurrent_streams,
+        http2_keepalive_interval_ms,
+        http2_keepalive_timeout_ms,
+        max_body_memory_bytes,
+    }
+}
+
+#[cfg(test)]
+mod server_connection_settings {
+    use super::*;
+
+    fn none(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_apply_and_values_are_read() {
+        let c = Config::load("server: {}", &none).unwrap();
+        assert_eq!(c.server.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+        assert_eq!(
+            c.server.header_read_timeout_ms,
+            DEFAULT_HEADER_READ_TIMEOUT_MS
+        );
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            c.server.max_body_memory_bytes,
+            DEFAULT_MAX_BODY_MEMORY_BYTES
+        );
+        let c = Config::load(
+            "server: { idle_timeout_ms: 500, max_connections: 20, http2_keepalive_interval_ms: 0, \
+             max_body_bytes: 1000, max_body_memory_bytes: 1000 }",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(c.server.idle_timeout_ms, 500);
+        assert_eq!(c.server.max_connections, 20);
+        assert_eq!(c.server.http2_keepalive_interval_ms, 0);
+        assert_eq!(c.server.max_body_memory_bytes, 1000);
+    }
+
+    #[test]
+    fn out_of_range_values_are_reported_with_their_paths() {
+        let errs = Config::load(
+            "server: { idle_timeout_ms: 0, header_read_timeout_ms: 0, max_connections: 0, \
+             http2_max_concurrent_streams: 0, http2_keepalive_timeout_ms: 0, \
+             max_body_bytes: 2000, max_body_memory_bytes: 1000 }",
+            &none,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.idle_timeout_ms",
+                "server.header_read_timeout_ms",
+                "server.max_connections",
+                "server.http2_max_concurrent_streams",
+                "server.http2_keepalive_timeout_ms",
+                "server.max_body_memory_bytes",
+            ]
+        );
     }
 }
 

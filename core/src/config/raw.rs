@@ -12,6 +12,25 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     /// How long to wait for a provider's response headers, in milliseconds.
     pub upstream_timeout_ms: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): a client connection with no request in flight
+    /// this long is closed.
+    pub idle_timeout_ms: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): how long an HTTP/1 client may take to send a
+    /// request head.
+    pub header_read_timeout_ms: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): most client connections open at once; more are
+    /// closed on accept.
+    pub max_connections: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): most concurrent streams (requests) on one HTTP/2
+    /// connection.
+    pub http2_max_concurrent_streams: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): interval of HTTP/2 keep-alive pings; 0 sends none.
+    pub http2_keepalive_interval_ms: Option<u64>,
+    /// Both hosts (Envoy: in its bootstrap): how long a keep-alive ping may go unanswered
+    /// before the connection is closed.
+    pub http2_keepalive_timeout_ms: Option<u64>,
+    /// Native host: most bytes of request bodies held at once, over all requests.
+    pub max_body_memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
