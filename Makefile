@@ -105,3 +105,22 @@ bench-load: wasm envoy-install
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+## fuzz: every cargo-fuzz target of the core (fuzz/), FUZZ_SECONDS each, one after another;
+## needs the nightly toolchain (cargo-fuzz is installed if missing). See docs/fuzzing.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= sse openai_usage openai_wire config_load prompt_render signals \
+	anthropic_provider anthropic_client refusal exchange
+FUZZ_ARGS ?=
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@mkdir -p fuzz/logs
+	@failed=""; cd fuzz && for t in $(FUZZ_TARGETS); do \
+		echo "== $$t ($(FUZZ_SECONDS) s)"; \
+		$(CARGO) +nightly fuzz run --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) \
+			-timeout=10 -print_final_stats=1 $(FUZZ_ARGS) 2>&1 | tee logs/$$t.log \
+			| grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|==[0-9]+== ERROR|SUMMARY)|panicked at'; \
+		[ $${PIPESTATUS[0]} -eq 0 ] || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "crashed:$$failed (inputs in fuzz/artifacts/, logs in fuzz/logs/)"; exit 1; fi

@@ -16,7 +16,8 @@ pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (y, m, d)
 }
 
-/// Day count since 1970-01-01 of a date from 1970 on.
+/// Day count since 1970-01-01 of a date from 1970 on (callers keep years to four digits: the
+/// arithmetic is exact far beyond, but not for any `u64`).
 pub fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y / 400;

@@ -164,10 +164,12 @@ pub fn parse_rfc3339_ms(value: &str) -> Option<u64> {
         let (c, off) = time.split_at_checked(at)?;
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off.get(1..)?.split_once(':')?;
-        (
-            c,
-            sign * (oh.parse::<i64>().ok()? * 3_600 + om.parse::<i64>().ok()? * 60),
-        )
+        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+        // Real offsets are within a day; anything else is no time (and could overflow).
+        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
+            return None;
+        }
+        (c, sign * (oh * 3_600 + om * 60))
     };
     let mut t = clock.split(':');
     let (h, mi) = (
@@ -180,7 +182,7 @@ pub fn parse_rfc3339_ms(value: &str) -> Option<u64> {
         || h > 23
         || mi > 59
         || !(0.0..61.0).contains(&secs)
-        || y < 1970
+        || !(1970..=9999).contains(&y)
     {
         return None;
     }
@@ -351,5 +353,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(past.cooldown_until(NOW, 5_000, 60_000), NOW);
+    }
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    /// Regressions the fuzzer found: absurd years and offsets in a provider's time headers
+    /// overflowed the arithmetic (a panic in debug builds, a wrong time in release).
+    #[test]
+    fn absurd_times_are_no_times() {
+        for value in [
+            "1999999999999-01-01T00:00:00Z",
+            "2026-01-01T00:00:00+9999999999999999:00",
+            "2026-01-01T00:00:00+00:999999999999999999",
+            "2026-01-01T00:00:00+99999999999999:00",
+            "2026-01-01T00:00:00-2562047788015:00",
+            "18446744073709551615-01-01T00:00:00Z",
+            "2026-01-01T00:00:00+24:00",
+        ] {
+            assert_eq!(parse_rfc3339_ms(value), None, "{value}");
+        }
+        assert_eq!(
+            parse_http_date_ms("Sun, 06 Nov 199888888884 08:48:37 GMT"),
+            None
+        );
+        // Ordinary ones still read.
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-01T01:00:00+01:00"),
+            parse_rfc3339_ms("2026-01-01T00:00:00Z")
+        );
+        assert!(parse_rfc3339_ms("9999-12-31T23:59:59Z").is_some());
     }
 }
