@@ -1148,6 +1148,10 @@ impl Exchange {
         }
         if let Some(mut sse) = self.sse.take() {
             sse.feed(chunk, |e| observer.observe(&e.data));
+            if sse.pending() > MAX_HELD_EVENT {
+                // No Messages event is this large: read none of it (it is relayed as it is).
+                sse.abandon();
+            }
             if end_of_stream {
                 let _ = sse.finish(|e| observer.observe(&e.data));
             } else {
@@ -1211,15 +1215,17 @@ impl Exchange {
             // Keep-alive comments go out now, not with the next event: clients and proxies
             // time out on silence while the model thinks.
             out.extend(sse.take_idle());
-            if sse.pending() > MAX_HELD_EVENT {
-                // An "event" this large is no OpenAI stream: stop holding anything back. A
-                // reshaped (`text` prompt) stream only ever sends what it reshaped: the
-                // oversized event is dropped, and reshaping goes on.
-                let held = sse.abandon();
-                if !reshape {
-                    out.extend(held);
-                    self.strip_usage_chunk = false;
-                }
+        }
+        if sse.pending() > MAX_HELD_EVENT {
+            // An "event" this large is no OpenAI stream: hold none of it, whatever the
+            // provider sends (the parser finds its feet at the next blank line). What was
+            // held back goes out, and stripping stops; a reshaped (`text` prompt) stream only
+            // ever sends what it reshaped: the oversized event is dropped, reshaping goes on.
+            // Unstripped, the bytes were relayed as they came.
+            let held = sse.abandon();
+            if strip && !reshape {
+                out.extend(held);
+                self.strip_usage_chunk = false;
             }
         }
         if end_of_stream {

@@ -636,6 +636,10 @@ pub enum Fault {
     /// Anything else: wait for `release` before answering at all (use
     /// `notify_one` there, as nothing tells the client when the wait began).
     HoldStream { release: Arc<Notify> },
+    /// 200 `text/event-stream` whose body is one event that never ends: `data: ` and then
+    /// `bytes` bytes of `x` in 64 KiB frames, with no line end, then the body ends. What a
+    /// broken or hostile provider can send to grow a gateway's buffers.
+    EndlessEvent { bytes: u64 },
 }
 
 /// What is configured for one provider key and copied out per request.
@@ -1462,6 +1466,7 @@ async fn respond(
             )
         }
         Some(Fault::HtmlError { status }) => return html_error(status),
+        Some(Fault::EndlessEvent { bytes }) => return endless_event(bytes),
         Some(
             fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
         ) => body_fault(fault).await,
@@ -1529,6 +1534,29 @@ fn too_many_requests(retry_after_secs: Option<u64>) -> Response<MockBody> {
 }
 
 /// [`Fault::HtmlError`]'s response: a page like those of Cloudflare's edge.
+/// See [`Fault::EndlessEvent`].
+fn endless_event(bytes: u64) -> Response<MockBody> {
+    const FRAME: usize = 64 * 1024;
+    let (tx, rx) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
+    tokio::spawn(async move {
+        let frame = Bytes::from(vec![b'x'; FRAME]);
+        let frames = (0..bytes.div_ceil(FRAME as u64)).map(|i| {
+            let n = bytes.saturating_sub(i * FRAME as u64).min(FRAME as u64);
+            frame.slice(..usize::try_from(n).unwrap_or(FRAME))
+        });
+        send_pieces(
+            &tx,
+            std::iter::once(Bytes::from_static(b"data: ")).chain(frames),
+        )
+        .await;
+    });
+    let mut response = Response::new(MockBody::channel(rx, false));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response
+}
+
 fn html_error(status: u16) -> Response<MockBody> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let code = status.as_u16();
@@ -1779,6 +1807,7 @@ async fn respond_anthropic(
         }
         Some(Fault::Overloaded) => return anthropic_overloaded(exchange),
         Some(Fault::HtmlError { status }) => return html_error(status),
+        Some(Fault::EndlessEvent { bytes }) => return endless_event(bytes),
         Some(
             fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
         ) => body_fault(fault).await,

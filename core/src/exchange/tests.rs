@@ -931,3 +931,47 @@ fn forwarded_small(c: &Arc<Config>, store: &CellStore) -> (Exchange, crate::exch
     };
     (x, f)
 }
+
+/// Whatever a provider streams, the exchange holds no more than `MAX_HELD_EVENT` of one
+/// event: one never-ending event (16 MiB, no line end) on a stream relayed as it is, on one
+/// stripped of its usage chunk, and on a Messages passthrough.
+#[test]
+fn a_never_ending_event_is_never_held_whole() {
+    let config = limited_config("{ tokens_per_minute: 100000000 }", "");
+    let store = CellStore::default();
+    let piece = "x".repeat(64 * 1024);
+    for wants_usage in [true, false] {
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini","stream":true,"max_tokens":20,{}"messages":[{{"role":"user","content":"hi"}}]}}"#,
+            if wants_usage {
+                r#""stream_options":{"include_usage":true},"#
+            } else {
+                ""
+            }
+        );
+        let mut x = Exchange::new(Arc::clone(&config));
+        let headers = crate::http::test_headers(&[AUTH]);
+        let _ = x.on_request_headers(
+            0,
+            &RequestHead {
+                method: "POST",
+                path: CHAT,
+                headers: &headers,
+            },
+        );
+        let OnBody::Forward(_) = x.on_request_body(0, body.as_bytes(), &store) else {
+            panic!("not forwarded")
+        };
+        let _ = x.on_response_headers(200, &crate::http::test_headers(&[]));
+        let _ = x.on_response_chunk(b"data: ", false);
+        for _ in 0..256 {
+            let _ = x.on_response_chunk(piece.as_bytes(), false);
+            let held = x.sse.as_ref().map_or(0, |s| s.pending());
+            assert!(held <= MAX_HELD_EVENT + piece.len(), "{held} bytes held");
+        }
+        // The stream still ends, and is settled.
+        let _ = x.on_response_chunk(b"\n\n", true);
+        let summary = x.finish(0, &store);
+        assert_eq!(summary.status, Some(200));
+    }
+}

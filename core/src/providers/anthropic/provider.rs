@@ -1062,6 +1062,9 @@ impl<'b> From<&'b ErrorDetailIn<'_>> for ErrorOut<'b> {
 // Stream: Messages SSE → chat completion chunks
 // ---------------------------------------------------------------------------------------------
 
+/// Most bytes of one Messages stream event held while it arrives (Anthropic's are a few KB).
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
 /// Translates a Messages SSE stream into chat completion chunks, fed at any byte boundary.
 /// Output depends only on the events, never on where the bytes were split.
 #[derive(Debug)]
@@ -1091,10 +1094,28 @@ impl ChatStream {
     }
 
     /// Translates what `bytes` completes; appends the OpenAI SSE bytes (`data: {...}\n\n`) to
-    /// `out`.
+    /// `out`. An event larger than `MAX_EVENT_BYTES` is no Anthropic stream: it ends the
+    /// translation with an error chunk rather than be held.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         let state = &mut self.state;
         self.parser.feed(bytes, |event| state.on_event(&event, out));
+        if self.parser.pending() > MAX_EVENT_BYTES {
+            self.parser.abandon();
+            if !self.state.ended {
+                self.state.ended = true;
+                write_event(
+                    out,
+                    &ErrorOut {
+                        error: ErrorInnerOut {
+                            message: "The provider sent a stream event too large to translate.",
+                            kind: "api_error",
+                            param: None,
+                            code: "upstream_event_too_large",
+                        },
+                    },
+                );
+            }
+        }
     }
 
     /// The provider's body ended: translates an event the last byte completed (a final CR).
@@ -2117,6 +2138,22 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn a_never_ending_event_ends_the_translation_instead_of_growing() {
+        let mut stream = ChatStream::new("m", 0, true);
+        let mut out = Vec::new();
+        stream.feed(b"event: message_start\ndata: ", &mut out);
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..(MAX_EVENT_BYTES / piece.len() + 8) {
+            stream.feed(&piece, &mut out);
+            assert!(stream.parser.pending() <= MAX_EVENT_BYTES + piece.len());
+        }
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("upstream_event_too_large"), "{text}");
+        assert_eq!(text.matches("data: ").count(), 1, "one error chunk: {text}");
+        assert!(!text.contains("[DONE]"));
     }
 
     // The stream.
