@@ -640,7 +640,27 @@ pub enum Fault {
     /// `bytes` bytes of `x` in 64 KiB frames, with no line end, then the body ends. What a
     /// broken or hostile provider can send to grow a gateway's buffers.
     EndlessEvent { bytes: u64 },
+    /// 200 `text/event-stream`, whatever was asked and on both dialects' endpoints: a chat
+    /// completion stream (role chunk, one content chunk, finish chunk, `[DONE]`, one frame per
+    /// event) whose content delta carries the bytes `0xff 0xfe`, not UTF-8, inside its JSON
+    /// string. See [`INVALID_UTF8_CONTENT`].
+    InvalidUtf8Stream,
+    /// 200 `application/json` whose body is `{"choices": [`: JSON cut short, with a correct
+    /// `content-length`. The same on both dialects' endpoints.
+    TruncatedJson,
+    /// Written on the socket, bypassing the HTTP server: a 200 `application/json` head
+    /// declaring `content-length: declared`, then `sent` bytes of body (the start of a JSON
+    /// object), then the connection closes. Meant for `sent < declared`: a body shorter than
+    /// its length. The same on both dialects' endpoints.
+    ShortBody { declared: u64, sent: usize },
+    /// Written on the socket, bypassing the HTTP server: a 200 `application/json` head with a
+    /// header `x-huge` whose value is `bytes` bytes of `a`, then a small JSON body
+    /// (`{"ok":true}`), then the connection closes. The same on both dialects' endpoints.
+    HugeHeader { bytes: usize },
 }
+
+/// The content of [`Fault::InvalidUtf8Stream`]'s content delta: `ok ` then `0xff 0xfe`.
+pub const INVALID_UTF8_CONTENT: &[u8] = b"ok \xff\xfe";
 
 /// What is configured for one provider key and copied out per request.
 #[derive(Clone, Default)]
@@ -1243,15 +1263,126 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 async fn serve_connection(stream: TcpStream, state: Arc<State>) {
     // SSE events are small writes that must leave at once.
     let _ = stream.set_nodelay(true);
+    let slot = Arc::new(RawSlot::default());
+    let io = RawSwitch {
+        inner: stream,
+        slot: Arc::clone(&slot),
+        writing: None,
+    };
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+        let slot = Arc::clone(&slot);
+        async move {
+            let mut response = handle(&state, request).await;
+            if let Some(RawReply(bytes)) = response.extensions_mut().remove::<RawReply>() {
+                *lock(&slot.bytes) = Some(bytes);
+                slot.armed.store(true, Ordering::Release);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     // Errors here are clients going away or deliberate cuts: nothing to do.
     let _ = http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .await;
+}
+
+/// Raw bytes for a connection to write in place of its next response (see [`RawReply`]).
+#[derive(Default)]
+struct RawSlot {
+    /// Set once `bytes` holds them: the one check on the ordinary path.
+    armed: AtomicBool,
+    bytes: Mutex<Option<Bytes>>,
+}
+
+/// A connection's socket, which, once its [`RawSlot`] is armed, writes the slot's bytes
+/// instead of what the HTTP server writes, then shuts its sending side and fails every
+/// write, so that the server drops the connection.
+struct RawSwitch {
+    inner: TcpStream,
+    slot: Arc<RawSlot>,
+    /// What is left to write of the raw bytes, once armed.
+    writing: Option<Bytes>,
+}
+
+impl RawSwitch {
+    /// `None` while not armed; else writes the raw bytes, shuts down, and fails.
+    fn poll_raw(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Result<usize>>> {
+        use tokio::io::AsyncWrite as _;
+        if self.writing.is_none() {
+            if !self.slot.armed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.writing = Some(lock(&self.slot.bytes).take().unwrap_or_default());
+        }
+        let rest = self.writing.as_mut()?;
+        while !rest.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *rest = rest.slice(n..),
+            }
+        }
+        if Pin::new(&mut self.inner).poll_shutdown(cx).is_pending() {
+            return Some(Poll::Pending);
+        }
+        Some(Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "raw reply sent",
+        ))))
+    }
+}
+
+impl tokio::io::AsyncRead for RawSwitch {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for RawSwitch {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match this.poll_raw(cx) {
+            Some(poll) => poll,
+            None => Pin::new(&mut this.inner).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match this.poll_raw(cx) {
+            Some(poll) => poll,
+            None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Faults that shape the response body rather than replace the response.
@@ -1467,6 +1598,12 @@ async fn respond(
         }
         Some(Fault::HtmlError { status }) => return html_error(status),
         Some(Fault::EndlessEvent { bytes }) => return endless_event(bytes),
+        Some(Fault::InvalidUtf8Stream) => return invalid_utf8_stream(),
+        Some(Fault::TruncatedJson) => {
+            return json_response(StatusCode::OK, Bytes::from_static(b"{\"choices\": ["))
+        }
+        Some(Fault::ShortBody { declared, sent }) => return short_body(declared, sent),
+        Some(Fault::HugeHeader { bytes }) => return huge_header(bytes),
         Some(
             fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
         ) => body_fault(fault).await,
@@ -1533,7 +1670,6 @@ fn too_many_requests(retry_after_secs: Option<u64>) -> Response<MockBody> {
     response
 }
 
-/// [`Fault::HtmlError`]'s response: a page like those of Cloudflare's edge.
 /// See [`Fault::EndlessEvent`].
 fn endless_event(bytes: u64) -> Response<MockBody> {
     const FRAME: usize = 64 * 1024;
@@ -1555,6 +1691,75 @@ fn endless_event(bytes: u64) -> Response<MockBody> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     response
+}
+
+/// See [`Fault::InvalidUtf8Stream`].
+fn invalid_utf8_stream() -> Response<MockBody> {
+    let chunk = |delta: &[u8], finish: &str| {
+        let mut event =
+            b"data: {\"id\":\"chatcmpl-mock-utf8\",\"object\":\"chat.completion.chunk\",\
+\"created\":1700000000,\"model\":\"mock-model\",\"choices\":[{\"index\":0,\"delta\":"
+                .to_vec();
+        event.extend_from_slice(delta);
+        event.extend_from_slice(format!(",\"finish_reason\":{finish}}}]}}\n\n").as_bytes());
+        Bytes::from(event)
+    };
+    let mut content = b"{\"content\":\"".to_vec();
+    content.extend_from_slice(INVALID_UTF8_CONTENT);
+    content.extend_from_slice(b"\"}");
+    let events = vec![
+        chunk(br#"{"role":"assistant","content":""}"#, "null"),
+        chunk(&content, "null"),
+        chunk(b"{}", "\"stop\""),
+        Bytes::from_static(b"data: [DONE]\n\n"),
+    ];
+    let (tx, rx) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
+    tokio::spawn(async move {
+        send_pieces(&tx, events).await;
+    });
+    let mut response = Response::new(MockBody::channel(rx, true));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response
+}
+
+/// Bytes a connection writes on its socket in place of the response this rides on, before
+/// closing (see [`RawSwitch`]).
+#[derive(Clone)]
+struct RawReply(Bytes);
+
+/// A response whose place `bytes` take on the wire.
+fn raw_reply(bytes: Bytes) -> Response<MockBody> {
+    let mut response = Response::new(MockBody::full(Bytes::new()));
+    response.extensions_mut().insert(RawReply(bytes));
+    response
+}
+
+/// See [`Fault::ShortBody`].
+fn short_body(declared: u64, sent: usize) -> Response<MockBody> {
+    let mut bytes = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend(
+        br#"{"id":"chatcmpl-mock-short","object":"chat.completion","choices":["#
+            .iter()
+            .chain(std::iter::repeat(&b' '))
+            .take(sent),
+    );
+    raw_reply(Bytes::from(bytes))
+}
+
+/// See [`Fault::HugeHeader`].
+fn huge_header(bytes: usize) -> Response<MockBody> {
+    const BODY: &[u8] = br#"{"ok":true}"#;
+    let mut raw = Vec::with_capacity(bytes + 200);
+    raw.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-huge: ");
+    raw.resize(raw.len() + bytes, b'a');
+    raw.extend_from_slice(format!("\r\ncontent-length: {}\r\n\r\n", BODY.len()).as_bytes());
+    raw.extend_from_slice(BODY);
+    raw_reply(Bytes::from(raw))
 }
 
 fn html_error(status: u16) -> Response<MockBody> {
@@ -1808,6 +2013,12 @@ async fn respond_anthropic(
         Some(Fault::Overloaded) => return anthropic_overloaded(exchange),
         Some(Fault::HtmlError { status }) => return html_error(status),
         Some(Fault::EndlessEvent { bytes }) => return endless_event(bytes),
+        Some(Fault::InvalidUtf8Stream) => return invalid_utf8_stream(),
+        Some(Fault::TruncatedJson) => {
+            return json_response(StatusCode::OK, Bytes::from_static(b"{\"choices\": ["))
+        }
+        Some(Fault::ShortBody { declared, sent }) => return short_body(declared, sent),
+        Some(Fault::HugeHeader { bytes }) => return huge_header(bytes),
         Some(
             fault @ (Fault::Slow { .. } | Fault::CutStreamAfter { .. } | Fault::HoldStream { .. }),
         ) => body_fault(fault).await,
@@ -5056,5 +5267,107 @@ mod tests {
         let text = normalize_call_ids(&text);
         let events: Vec<&str> = text.split_inclusive("\n\n").collect();
         assert_eq!(events, plain_events[..1 + pieces]);
+    }
+
+    /// Sends a chat completion request with key `key` on a plain TCP connection and returns
+    /// every byte the mock writes until it closes the connection.
+    async fn raw_exchange(mock: &MockProvider, key: &str) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = stream_request(false).to_string();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = guard(TcpStream::connect(mock.addr()))
+            .await
+            .expect("connect");
+        guard(stream.write_all(request.as_bytes()))
+            .await
+            .expect("write");
+        let mut received = Vec::new();
+        guard(stream.read_to_end(&mut received))
+            .await
+            .expect("read");
+        received
+    }
+
+    #[tokio::test]
+    async fn raw_faults_write_their_bytes_then_close() {
+        let mock = MockProvider::start().await;
+        mock.set_fault(
+            "sk-short",
+            Fault::ShortBody {
+                declared: 1_000,
+                sent: 10,
+            },
+        );
+        let received = raw_exchange(&mock, "sk-short").await;
+        let text = String::from_utf8(received).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-length: 1000"), "{head}");
+        assert_eq!(body, r#"{"id":"cha"#);
+
+        const HUGE: usize = 1024 * 1024;
+        mock.set_fault("sk-huge", Fault::HugeHeader { bytes: HUGE });
+        let received = raw_exchange(&mock, "sk-huge").await;
+        let text = String::from_utf8(received).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        let huge = head
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix("x-huge: "))
+            .expect("x-huge");
+        assert_eq!(huge.len(), HUGE);
+        assert!(huge.bytes().all(|b| b == b'a'));
+        assert_eq!(body, r#"{"ok":true}"#);
+
+        // The same connections serve other keys as before: the switch is per response.
+        let client = client();
+        for _ in 0..2 {
+            let completion = json_body(chat(&client, &mock, "sk-plain", json!({})).await).await;
+            assert_eq!(completion["object"], "chat.completion");
+        }
+        let response = chat(&client, &mock, "sk-short", json!({})).await;
+        let (_, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_some(), "a short body ended cleanly");
+        let completion = json_body(chat(&client, &mock, "sk-plain", json!({})).await).await;
+        assert_eq!(completion["object"], "chat.completion");
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_and_truncated_json_faults() {
+        let mock = MockProvider::start().await;
+        let client = client();
+        mock.set_fault("sk-utf8", Fault::InvalidUtf8Stream);
+        let response = chat(&client, &mock, "sk-utf8", stream_request(false)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
+        let (frames, error) = read_frames(&mut response.into_body()).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(frames.len(), 4);
+        assert!(frames
+            .iter()
+            .all(|frame| frame.starts_with(b"data: ") && frame.ends_with(b"\n\n")));
+        assert!(std::str::from_utf8(&frames[1]).is_err());
+        let expected = [br#"{"content":""#.as_slice(), INVALID_UTF8_CONTENT, b"\"}"].concat();
+        assert!(frames[1]
+            .windows(expected.len())
+            .any(|window| window == expected.as_slice()));
+        assert_eq!(&frames[3][..], b"data: [DONE]\n\n");
+        for frame in &frames[..3] {
+            // Valid JSON once the invalid bytes are replaced.
+            let text = String::from_utf8_lossy(&frame[6..]);
+            let chunk: Value = serde_json::from_str(text.trim_end()).expect("a JSON chunk");
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+        }
+
+        mock.set_fault("sk-cut-json", Fault::TruncatedJson);
+        let response = chat(&client, &mock, "sk-cut-json", json!({})).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let (text, error) = read_body(&mut response.into_body()).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(text, r#"{"choices": ["#);
     }
 }
