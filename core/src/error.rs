@@ -26,7 +26,8 @@ pub enum GatewayError {
         provider_kind: &'static str,
         reason: String,
     },
-    /// The provider answered success with a body the gateway cannot read as its API's answer.
+    /// The provider answered with a response the gateway cannot read: a success body that is
+    /// not its API's answer, or a head that is not HTTP (oversized, malformed).
     UpstreamInvalidAnswer { provider: String },
     /// An answer the gateway reads whole to translate it is larger than it holds.
     UpstreamAnswerTooLarge { provider: String, limit: usize },
@@ -234,7 +235,7 @@ impl GatewayError {
             Self::UnknownModel { model } => format!("The model `{model}` does not exist."),
             Self::MalformedBody { detail } => format!("Malformed request body: {detail}"),
             Self::UnsupportedParameter { param, provider_kind, reason } => format!("`{param}` is not supported by this model's provider (kind `{provider_kind}`): {reason}"),
-            Self::UpstreamInvalidAnswer { provider } => format!("The provider `{provider}` answered with a body the gateway cannot read."),
+            Self::UpstreamInvalidAnswer { provider } => format!("The provider `{provider}` answered with a response the gateway cannot read."),
             Self::UpstreamAnswerTooLarge { provider, limit } => format!("The provider `{provider}` answered with more than {limit} bytes, which the gateway cannot translate."),
             Self::RateLimited { limit, scope, retry_after_ms } => format!(
                 "Rate limit reached: `{limit}` of {scope}. Retry after {}.",

@@ -122,6 +122,8 @@ fn local_reply_config() -> Value {
         "mappers": [
             mapper(&["UF", "UH", "UR", "UC", "URX", "UO", "NR"], GatewayError::UpstreamUnavailable { provider: provider() }),
             mapper(&["UT", "SI"], GatewayError::UpstreamTimeout { provider: provider() }),
+            // An answer Envoy cannot parse (oversized or malformed head): it came, unreadable.
+            mapper(&["UPE"], GatewayError::UpstreamInvalidAnswer { provider: provider() }),
         ]
     })
 }

@@ -305,8 +305,11 @@ async fn forward_upstream(
             Ok(Err(e)) => {
                 tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
                 unanswered();
-                Failed::Unreachable(GatewayError::UpstreamUnavailable {
-                    provider: provider.clone(),
+                let provider = provider.clone();
+                Failed::Unreachable(if answered_unreadably(&e) {
+                    GatewayError::UpstreamInvalidAnswer { provider }
+                } else {
+                    GatewayError::UpstreamUnavailable { provider }
                 })
             }
             Err(_) => {
@@ -334,6 +337,19 @@ async fn forward_upstream(
         tokio::time::sleep(Duration::from_millis(wait)).await;
         next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
     }
+}
+
+/// Whether a failed upstream request did get an answer, one hyper could not parse (a head
+/// too large or not HTTP), rather than none.
+fn answered_unreadably(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_parse() || h.is_parse_too_large() || h.is_parse_status();
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// An attempt another key may fix.
