@@ -8,6 +8,7 @@ ENVOY_VERSION := 1.40.0
 VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
+TRAP_WASM := target/wasm32-wasip1/trap-test/tollgate_filter.wasm
 CONFIG ?= envoy-config/tollgate.yaml
 DEMO_KEY := tg-demo-key
 NATIVE_ADDR := 127.0.0.1:8080
@@ -22,7 +23,7 @@ define print_curl
 	@echo ""
 endef
 
-.PHONY: run envoy test lint wasm native envoy-install sdk-install rust-targets bench bench-load envoy-config clean
+.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install rust-targets bench bench-load envoy-config clean
 
 ## run: build and start the native gateway on the default config (mock provider, demo key)
 run:
@@ -36,17 +37,27 @@ envoy: wasm envoy-install
 	exec $(ENVOY) -c envoy-config/envoy.yaml --concurrency $(ENVOY_WORKERS) --disable-hot-restart --log-level warning
 
 ## test: every test — core, native host, and the end-to-end suite against both hosts
-test: lint wasm envoy-install sdk-install native
-	TOLLGATE_BIN=$(CURDIR)/target/debug/tollgate \
+test: lint wasm wasm-trap envoy-install sdk-install native
+	$(E2E_ENV) $(CARGO) test --workspace --all-targets
+
+# Where the end-to-end suites find what they run.
+E2E_ENV := TOLLGATE_BIN=$(CURDIR)/target/debug/tollgate \
 	TOLLGATE_WASM=$(CURDIR)/$(WASM) \
+	TOLLGATE_TRAP_WASM=$(CURDIR)/$(TRAP_WASM) \
 	ENVOY_BIN=$(CURDIR)/$(ENVOY) \
-	SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python \
-	$(CARGO) test --workspace --all-targets
+	SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python
+
+## soak: the fault soak (tests/tests/soak.rs) in both hosts for SOAK_SECONDS each (default
+## 180; `make test` runs it for 20 s), printing requests and resident memory
+SOAK_SECONDS ?= 180
+soak: wasm wasm-trap envoy-install native
+	SOAK_SECONDS=$(SOAK_SECONDS) $(E2E_ENV) $(CARGO) test -p tollgate-e2e --test soak -- --nocapture
 
 lint: rust-targets
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p tollgate-core -p tollgate-filter --target wasm32-wasip1 --all-targets -- -D warnings
+	$(CARGO) clippy -p tollgate-filter --target wasm32-wasip1 --features test-trap -- -D warnings
 
 # The touch marks the artifact as built from the sources as they are now, also when cargo
 # found nothing to relink (a manifest change): the test harness refuses artifacts older
@@ -63,6 +74,12 @@ wasm: rust-targets
 	$(CARGO) build --release -p tollgate-filter --target wasm32-wasip1
 	touch $(WASM)
 	@ls -l $(WASM)
+
+## wasm-trap: a test build of the filter whose VM crashes on request (feature test-trap), as
+## $(TRAP_WASM); the VM-recovery tests load it. Its own profile: never the release module.
+wasm-trap: rust-targets
+	$(CARGO) build --profile trap-test -p tollgate-filter --target wasm32-wasip1 --features test-trap
+	touch $(TRAP_WASM)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

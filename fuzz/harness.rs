@@ -856,6 +856,7 @@ pub fn exchange(data: &[u8]) {
         if let Ok(a) = &attempt {
             if flags & 2 != 0 {
                 if let Some(h) = a.handover() {
+                    let h = h.header(&a.reservation);
                     response_headers.push((keys::KEY_RESERVATION_HEADER.to_string(), h));
                 }
             }
@@ -863,7 +864,7 @@ pub fn exchange(data: &[u8]) {
         }
         let whole: Vec<u8> = response_chunks.concat();
         now += step;
-        match x.on_response_headers(status, &response_headers) {
+        match x.on_response_headers(status, &response_headers, &store) {
             OnResponse::Relay { .. } => {
                 let n = response_chunks.len();
                 if n == 0 {

@@ -862,14 +862,16 @@ impl Exchange {
             .unwrap_or_default()
     }
 
+    /// `store` takes over the leases of a reservation the key role handed over.
     pub fn on_response_headers<H: HeaderLookup + ?Sized>(
         &mut self,
         status: u16,
         headers: &H,
+        store: &impl CounterStore,
     ) -> OnResponse {
         self.status = Some(status);
         if let Some(handover) = headers.header(KEY_RESERVATION_HEADER) {
-            if let Some(r) = taken_over(&self.config, handover) {
+            if let Some(r) = taken_over(&self.config, handover, store) {
                 self.attach_key_reservation(r);
             }
         }

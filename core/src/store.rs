@@ -24,6 +24,8 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+use crate::limits::LeaseBook;
+
 /// A map from key to one `u64`, updated atomically.
 pub trait CounterStore {
     /// Reads the value at `key` (`None` if never written), lets `f` decide, and if `f`
@@ -36,12 +38,19 @@ pub trait CounterStore {
         key: &str,
         f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
     ) -> Result<Result<T, E>, StoreError>;
+
+    /// The concurrency leases this process (or Envoy VM) holds for its live requests, which
+    /// it renews with `limits::renew_leases` while they run.
+    fn leases(&self) -> &LeaseBook;
 }
 
 /// A single-threaded store: for the core's tests and benches, and any host that runs one
 /// request at a time.
 #[derive(Debug, Default)]
-pub struct LocalStore(std::cell::RefCell<std::collections::BTreeMap<String, u64>>);
+pub struct LocalStore(
+    std::cell::RefCell<std::collections::BTreeMap<String, u64>>,
+    LeaseBook,
+);
 
 impl CounterStore for LocalStore {
     fn measure_and_replace<T, E>(
@@ -60,6 +69,10 @@ impl CounterStore for LocalStore {
             }
             out
         }))
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        &self.1
     }
 }
 

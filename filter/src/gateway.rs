@@ -11,6 +11,10 @@ use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::host::{self, SharedStore};
 
+/// The request header that crashes a test build of the module (feature `test-trap`).
+#[cfg(feature = "test-trap")]
+const TEST_TRAP_HEADER: &str = "x-tollgate-test-trap";
+
 pub struct GatewayFlow {
     exchange: Exchange,
     /// Set while the request body is being read, to the largest size accepted.
@@ -30,6 +34,9 @@ pub struct GatewayFlow {
     collecting: Option<usize>,
     /// Bytes of response body buffered so far while collecting.
     collected: usize,
+    /// Crash the VM at the response (`TEST_TRAP_HEADER`).
+    #[cfg(feature = "test-trap")]
+    trap: bool,
 }
 
 impl GatewayFlow {
@@ -44,6 +51,8 @@ impl GatewayFlow {
             request_headers: Vec::new(),
             collecting: None,
             collected: 0,
+            #[cfg(feature = "test-trap")]
+            trap: false,
         }
     }
 
@@ -63,6 +72,10 @@ impl GatewayFlow {
     fn on_headers(&mut self, end_of_stream: bool) -> Result<Action, GatewayError> {
         let map = MapType::HttpRequestHeaders;
         let mut headers = host::headers(map)?;
+        #[cfg(feature = "test-trap")]
+        {
+            self.trap = header_value(&headers, TEST_TRAP_HEADER) == "1";
+        }
         // A client must never pick a route itself, nor steer Envoy's router.
         for (name, _) in &headers {
             if is_gateway_header(name) {
@@ -210,13 +223,25 @@ impl HttpContext for GatewayFlow {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Test builds only (`make wasm-trap`): crash the VM while this request holds its
+        // slots, as a bug would, to show that a reloaded VM gets them back.
+        #[cfg(feature = "test-trap")]
+        if self.trap {
+            #[allow(clippy::panic)] // the point of the test build
+            {
+                panic!("{TEST_TRAP_HEADER}: trapping on purpose");
+            }
+        }
         if !self.forwarded {
             return Action::Continue;
         }
         let map = MapType::HttpResponseHeaders;
         let result = host::headers(map).and_then(|headers| {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
-            match self.exchange.on_response_headers(status, &headers) {
+            match self
+                .exchange
+                .on_response_headers(status, &headers, &SharedStore)
+            {
                 OnResponse::Relay {
                     status,
                     remove_headers,

@@ -8,6 +8,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 use tollgate_core::http::LocalResponse;
 use tollgate_core::keys::Ticket;
+use tollgate_core::limits::LeaseBook;
 use tollgate_core::store::{CounterStore, StoreError};
 use tollgate_core::GatewayError;
 
@@ -152,6 +153,11 @@ const CAS_ATTEMPTS: u32 = 32;
 /// endian; updates retry on CAS mismatch, a bounded number of times.
 pub struct SharedStore;
 
+/// The concurrency leases of this VM's live requests (both roles), renewed on its roots'
+/// ticks. A VM that dies takes the book with it; shared data keeps the slots until their
+/// leases run out.
+static LEASES: LeaseBook = LeaseBook::new();
+
 impl CounterStore for SharedStore {
     fn measure_and_replace<T, E>(
         &self,
@@ -180,5 +186,9 @@ impl CounterStore for SharedStore {
         Err(StoreError::Contended {
             attempts: CAS_ATTEMPTS,
         })
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        &LEASES
     }
 }

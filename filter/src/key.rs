@@ -13,7 +13,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use tollgate_core::http::{
     FinalAnswer, HeaderLookup, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
-use tollgate_core::keys::{self, attempt_key, Attempted, KEY_RESERVATION_HEADER};
+use tollgate_core::keys::{self, attempt_key, Attempted, Handover, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
 use tollgate_core::providers::refusal::{self, RefusalClass};
 use tollgate_core::retry::{is_retryable, RetryPolicy};
@@ -48,7 +48,7 @@ pub struct KeyFlow {
     /// What this attempt took from the key's own limits, until it is handed to the gateway
     /// role (with a successful response) or given back (on any other ending).
     reservation: Reservation,
-    handover: Option<String>,
+    handover: Option<Handover>,
     /// The key role answered this attempt itself (its reply carries its own marker).
     replied: bool,
     /// The attempt, once a key (or none) was picked.
@@ -186,7 +186,9 @@ impl HttpContext for KeyFlow {
         // A successful response reaches the gateway role, which sees its usage: hand it the
         // reservation to settle. Anything else (a retry, an error) is settled here.
         if let (true, Some(handover)) = (success, self.handover.take()) {
-            if host::set_header(map, KEY_RESERVATION_HEADER, &handover).is_ok() {
+            // Written now, with the epochs its slots were renewed to since.
+            let header = handover.header(&self.reservation);
+            if host::set_header(map, KEY_RESERVATION_HEADER, &header).is_ok() {
                 self.reservation = Reservation::default();
             }
         }

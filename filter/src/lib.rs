@@ -20,9 +20,11 @@ mod key;
 mod metrics;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
+use tollgate_core::limits;
 use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID};
 use tollgate_core::Config;
 
@@ -48,7 +50,7 @@ struct Root {
 }
 
 /// How often the key role publishes the pools' gauges.
-const GAUGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+const GAUGE_PERIOD: Duration = Duration::from_secs(1);
 
 impl Context for Root {}
 
@@ -79,10 +81,14 @@ impl RootContext for Root {
                 // clusters reload separately under xDS).
                 host::create_counters(config.all_limits().map(|l| &*l.store_key));
                 host::create_counters(config.pool_store_keys());
+                // Every half lease, the concurrency slots of this VM's live requests are
+                // renewed (see `limits::concurrency`).
+                let mut tick = Duration::from_millis(config.server.concurrency_lease_ms / 2);
                 if role == Role::Key {
                     self.metrics = Some(Arc::new(metrics::KeyMetrics::define(&config)));
-                    self.set_tick_period(GAUGE_PERIOD);
+                    tick = tick.min(GAUGE_PERIOD);
                 }
+                self.set_tick_period(tick);
                 self.role = Some(role);
                 self.config = Some(Arc::new(config));
                 true
@@ -110,8 +116,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        let now = host::now_ms();
+        limits::renew_leases(&host::SharedStore, now);
         if let (Some(metrics), Some(config)) = (&self.metrics, &self.config) {
-            metrics.publish(config, host::now_ms());
+            metrics.publish(config, now);
         }
     }
 

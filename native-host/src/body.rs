@@ -71,6 +71,8 @@ pub struct UpstreamBody {
     started: Instant,
     key_id: Option<String>,
     ended: bool,
+    /// The provider's body failed: the error, given to hyper on the next poll.
+    failed: Option<BoxError>,
 }
 
 impl UpstreamBody {
@@ -91,6 +93,7 @@ impl UpstreamBody {
             started,
             key_id,
             ended: false,
+            failed: None,
         }
     }
 
@@ -112,6 +115,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         if this.ended {
             return Poll::Ready(None);
         }
@@ -144,7 +150,13 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.end(Ending::UpstreamError);
-                Poll::Ready(Some(Err(e.into())))
+                // Not at once: an error on hyper's first poll of the body makes it drop the
+                // connection with the response head still unsent, and the client sees no
+                // answer at all. One pending poll lets it flush the head and what came
+                // before; the error then cuts the body, as in Envoy.
+                this.failed = Some(e.into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(None) => {
                 let tail = match this.exchange.on_response_chunk(&[], true) {

@@ -443,7 +443,11 @@ fn relay_read(
     // A failed answer used no tokens of the key, but the provider saw a request.
     guard.give_back_key();
     let body = refusal::scrub_account_ids(&body).map_or(body, Bytes::from);
-    let r = match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
+    let r = match exchange.on_response_headers(
+        parts.status.as_u16(),
+        &Headers(&parts.headers),
+        &gw.store,
+    ) {
         OnResponse::Relay {
             status,
             remove_headers,
@@ -508,7 +512,7 @@ async fn relay(
         // key role settles it in Envoy).
         guard.give_back_key();
     }
-    match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers)) {
+    match exchange.on_response_headers(parts.status.as_u16(), &Headers(&parts.headers), &gw.store) {
         OnResponse::Relay {
             status,
             remove_headers,

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tollgate_core::config::ServerSettings;
+use tollgate_core::limits;
 
 use crate::body::{BoxError, GatewayBody};
 use crate::proxy::{handle, Gateway};
@@ -100,6 +101,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(max_connections as usize));
     let (stop, stopping) = watch::channel(false);
     let mut refused = Refusals::default();
+    let renewing = tokio::spawn(renew_leases(Arc::clone(&gateway)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -139,6 +141,17 @@ pub async fn serve(
     tokio::select! {
         _ = slots.acquire_many(max_connections) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(GRACE) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+    renewing.abort();
+}
+
+/// Renews the concurrency slots of the requests in flight every half lease (see
+/// `limits::concurrency`), so that a long stream keeps its slot.
+async fn renew_leases(gateway: Arc<Gateway>) {
+    loop {
+        let lease_ms = gateway.config().server.concurrency_lease_ms;
+        tokio::time::sleep(Duration::from_millis(lease_ms / 2)).await;
+        limits::renew_leases(&gateway.store, crate::now_ms());
     }
 }
 

@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
+use tollgate_core::limits::LeaseBook;
 use tollgate_core::store::{CounterStore, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
     counters: RwLock<HashMap<String, AtomicU64>>,
+    leases: LeaseBook,
 }
 
 impl CounterStore for MemoryStore {
@@ -48,6 +50,10 @@ impl CounterStore for MemoryStore {
             }
             out
         }))
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        &self.leases
     }
 }
 

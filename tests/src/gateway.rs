@@ -52,14 +52,36 @@ pub fn tollgate_bin() -> PathBuf {
 }
 
 pub fn wasm_path() -> PathBuf {
-    const BUILD: &str = "make wasm";
     static FRESH: OnceLock<Result<(), String>> = OnceLock::new();
-    let path = binary(
+    filter_module(
         "TOLLGATE_WASM",
         "target/wasm32-wasip1/release/tollgate_filter.wasm",
-        BUILD,
-    );
-    if let Err(why) = FRESH.get_or_init(|| check_fresh(&path, &workspace(), WASM_SOURCES, BUILD)) {
+        "make wasm",
+        &FRESH,
+    )
+}
+
+/// A test build of the filter that crashes its VM on a request with `x-tollgate-test-trap: 1`
+/// (feature `test-trap`), never the release module.
+pub fn trap_wasm_path() -> PathBuf {
+    static FRESH: OnceLock<Result<(), String>> = OnceLock::new();
+    filter_module(
+        "TOLLGATE_TRAP_WASM",
+        "target/wasm32-wasip1/trap-test/tollgate_filter.wasm",
+        "make wasm-trap",
+        &FRESH,
+    )
+}
+
+/// A build of the filter, checked once (`fresh`) to be newer than its sources.
+fn filter_module(
+    env: &str,
+    default: &str,
+    build: &str,
+    fresh: &OnceLock<Result<(), String>>,
+) -> PathBuf {
+    let path = binary(env, default, build);
+    if let Err(why) = fresh.get_or_init(|| check_fresh(&path, &workspace(), WASM_SOURCES, build)) {
         panic!("{why}");
     }
     path
@@ -215,7 +237,9 @@ impl Gateway {
         std::fs::write(&config_path, config).expect("write config");
         match host {
             Host::Native => start_native(dir, &config_path, env),
-            Host::Envoy { workers } => start_envoy(dir, &config_path, env, workers, false),
+            Host::Envoy { workers } => {
+                start_envoy(dir, &config_path, env, workers, false, &wasm_path())
+            }
         }
     }
 
@@ -271,6 +295,19 @@ impl Gateway {
     }
 
     /// Everything the process logged so far.
+    /// The gateway process's id (Envoy's, for Envoy).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The gateway process's resident memory now, from `/proc` (Linux).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -281,7 +318,23 @@ impl Gateway {
         let dir = TempDir::new("envoy-xds");
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        start_envoy(dir, &config_path, env, workers, true).unwrap_or_else(|why| panic!("{why}"))
+        start_envoy(dir, &config_path, env, workers, true, &wasm_path())
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts Envoy with another build of the filter than the release one (e.g.
+    /// `trap_wasm_path`).
+    pub fn start_envoy_with_module(
+        config: &str,
+        env: &[(&str, &str)],
+        workers: u32,
+        wasm: &Path,
+    ) -> Gateway {
+        let dir = TempDir::new("envoy-module");
+        let config_path = dir.path().join("tollgate.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        start_envoy(dir, &config_path, env, workers, false, wasm)
+            .unwrap_or_else(|why| panic!("{why}"))
     }
 
     /// Writes a new config and has the running gateway load it: SIGHUP for the native host,
@@ -340,6 +393,7 @@ impl Gateway {
             &self.addr.to_string(),
             "127.0.0.1:0",
             Some(&xds.dir),
+            &wasm_path(),
         )
         .is_err()
         {
@@ -438,12 +492,13 @@ fn render(
     listen: &str,
     admin: &str,
     xds_dir: Option<&Path>,
+    wasm: &Path,
 ) -> Result<Vec<u8>, String> {
     let mut cmd = Command::new(tollgate_bin());
     cmd.args(["envoy-bootstrap", "--config"])
         .arg(config)
         .arg("--wasm")
-        .arg(wasm_path())
+        .arg(wasm)
         .args(["--listen", listen, "--admin", admin]);
     if let Some(dir) = xds_dir {
         cmd.arg("--xds-dir").arg(dir);
@@ -465,6 +520,7 @@ fn start_envoy(
     env: &[(&str, &str)],
     workers: u32,
     xds: bool,
+    wasm: &Path,
 ) -> Result<Gateway, String> {
     // A listener served over xDS keeps its address across updates: give it a fixed port,
     // probed by binding then releasing it. Another process may take it meanwhile; then Envoy
@@ -478,7 +534,7 @@ fn start_envoy(
         } else {
             "127.0.0.1:0".to_string()
         };
-        match launch_envoy(dir.path(), config, env, workers, xds, &listen) {
+        match launch_envoy(dir.path(), config, env, workers, xds, &listen, wasm) {
             Ok(started) => {
                 return Ok(Gateway {
                     host: Host::Envoy { workers },
@@ -528,6 +584,7 @@ fn launch_envoy(
     workers: u32,
     xds: bool,
     listen: &str,
+    wasm: &Path,
 ) -> Result<EnvoyStarted, EnvoyFailed> {
     let bootstrap = dir.join("envoy.yaml");
     let xds_dir = dir.join("xds");
@@ -539,6 +596,7 @@ fn launch_envoy(
         listen,
         "127.0.0.1:0",
         xds.then_some(xds_dir.as_path()),
+        wasm,
     )
     .map_err(|why| EnvoyFailed {
         why,

@@ -214,14 +214,19 @@ fn connections_past_max_connections_are_closed_at_once() {
     let _ = third.write_all(models_request("").as_bytes());
     let (sent, _) = read_until_closed(&mut third);
     assert!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
-    // The listener's stats are named after its configured address, `127.0.0.1_0`.
-    assert_eq!(
+    // The listener's stats are named after its configured address, `127.0.0.1_0`. Read
+    // until it shows (a hang guard): the worker may close the socket before its stats merge.
+    let overflow = || {
         stat(
             &gateway,
-            "listener.127.0.0.1_0.downstream_global_cx_overflow"
-        ),
-        1
-    );
+            "listener.127.0.0.1_0.downstream_global_cx_overflow",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while overflow() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(overflow(), 1);
     // The admin interface ignores the limit: the stats above were read through it.
     drop(held);
 }

@@ -2,6 +2,7 @@
 
 use super::raw::{RawLimits, RawPricing};
 use super::Errors;
+use crate::limits::concurrency::{self, Concurrency};
 use crate::limits::gcra::Rate;
 use crate::limits::quota::{Period, Quota};
 use crate::limits::{Limit, Meter, Unit};
@@ -80,6 +81,7 @@ pub(super) fn compile_limits(
     path: &str,
     scope: &str,
     key: &str,
+    lease_ms: u64,
     errors: &mut Errors,
 ) -> Vec<Limit> {
     let rate = |limit: u64, window_ms: u64| {
@@ -127,12 +129,9 @@ pub(super) fn compile_limits(
         ("tokens_per_day", raw.tokens_per_day, Unit::Tokens, &|l| {
             rate(l, DAY_MS)
         }),
-        (
-            "concurrency",
-            raw.concurrency,
-            Unit::Requests,
-            &Meter::Concurrency,
-        ),
+        ("concurrency", raw.concurrency, Unit::Requests, &|max| {
+            Meter::Concurrency(Concurrency { max, lease_ms })
+        }),
         ("daily_tokens", raw.daily_tokens, Unit::Tokens, &|l| {
             quota(l, Period::Day)
         }),
@@ -143,19 +142,31 @@ pub(super) fn compile_limits(
     let mut out = Vec::new();
     for (name, value, unit, meter) in counts {
         let Some(limit) = value else { continue };
-        if limit == 0 || limit > Quota::MAX_LIMIT {
+        let max = if name == "concurrency" {
+            concurrency::MAX_SLOTS
+        } else {
+            Quota::MAX_LIMIT
+        };
+        if limit == 0 || limit > max {
             errors.at(
                 format!("{path}.{name}"),
-                format!("must be between 1 and {}", Quota::MAX_LIMIT),
+                format!("must be between 1 and {max}"),
             );
             continue;
         }
+        let meter = meter(limit);
+        // The store key names what the counter's state means: the limit, and for slots
+        // their lease (the epochs it counts in).
+        let store_key = match meter {
+            Meter::Concurrency(c) => format!("tollgate/limit/{key}/{name}/{limit}/{}", c.lease_ms),
+            _ => format!("tollgate/limit/{key}/{name}/{limit}"),
+        };
         out.push(Limit {
             name,
             scope: scope.into(),
             unit,
-            meter: meter(limit),
-            store_key: format!("tollgate/limit/{key}/{name}/{limit}").into(),
+            meter,
+            store_key: store_key.into(),
         });
     }
     for (name, value, period) in [

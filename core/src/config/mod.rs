@@ -34,6 +34,8 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u64 = 100;
 pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
 pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_BODY_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
+/// A concurrency slot whose holder died comes back within one to two of these.
+pub const DEFAULT_CONCURRENCY_LEASE_MS: u64 = 10_000;
 /// Completion tokens reserved for a request that names no maximum, unless the model says.
 pub const DEFAULT_MAX_TOKENS: u64 = 4_096;
 
@@ -101,6 +103,10 @@ pub struct ServerSettings {
     /// Native host: most bytes of request bodies held at once over all requests; a request
     /// whose body does not fit in what is left gets 503 at once.
     pub max_body_memory_bytes: u64,
+    /// Both hosts: the lease of a concurrency slot (see `limits::concurrency`). Live requests
+    /// renew theirs every half lease; the slots of a holder that died (an Envoy VM that
+    /// trapped) come back within one to two leases.
+    pub concurrency_lease_ms: u64,
 }
 
 pub type ProviderId = usize;
@@ -390,9 +396,22 @@ fn compile(
         Some(v) => one::<RawServer>(v, "server", errors),
     }
     .map(|raw| compile_server(raw, errors));
+    let lease_ms = server
+        .as_ref()
+        .map_or(DEFAULT_CONCURRENCY_LEASE_MS, |s| s.concurrency_lease_ms);
 
-    let providers = compile_providers(list::<RawProvider>(doc, "providers", errors), env, errors);
-    let models = compile_models(list::<RawModel>(doc, "models", errors), &providers, errors);
+    let providers = compile_providers(
+        list::<RawProvider>(doc, "providers", errors),
+        env,
+        lease_ms,
+        errors,
+    );
+    let models = compile_models(
+        list::<RawModel>(doc, "models", errors),
+        &providers,
+        lease_ms,
+        errors,
+    );
     let prompts =
         prompts::compile_prompts(list::<RawPrompt>(doc, "prompts", errors), &models, errors);
     let (consumers, consumer_by_key) = compile_consumers(
@@ -400,6 +419,7 @@ fn compile(
         &models,
         &providers,
         &prompts,
+        lease_ms,
         errors,
     );
     let model_by_name = models
@@ -498,6 +518,13 @@ fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
         1,
         DAY_MS,
     );
+    let concurrency_lease_ms = within(
+        "concurrency_lease_ms",
+        raw.concurrency_lease_ms,
+        DEFAULT_CONCURRENCY_LEASE_MS,
+        200,
+        DAY_MS,
+    );
     const MAX_BODY_MEMORY: u64 = 64 * 1024 * 1024 * 1024;
     let max_body_memory_bytes = raw
         .max_body_memory_bytes
@@ -522,6 +549,7 @@ fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
         http2_keepalive_interval_ms,
         http2_keepalive_timeout_ms,
         max_body_memory_bytes,
+        concurrency_lease_ms,
     }
 }
 
@@ -563,7 +591,7 @@ mod server_connection_settings {
         let errs = Config::load(
             "server: { idle_timeout_ms: 0, header_read_timeout_ms: 0, max_connections: 0, \
              http2_max_concurrent_streams: 0, http2_keepalive_timeout_ms: 0, \
-             max_body_bytes: 2000, max_body_memory_bytes: 1000 }",
+             concurrency_lease_ms: 100, max_body_bytes: 2000, max_body_memory_bytes: 1000 }",
             &none,
         )
         .unwrap_err();
@@ -576,15 +604,46 @@ mod server_connection_settings {
                 "server.max_connections",
                 "server.http2_max_concurrent_streams",
                 "server.http2_keepalive_timeout_ms",
+                "server.concurrency_lease_ms",
                 "server.max_body_memory_bytes",
             ]
         );
+    }
+
+    #[test]
+    fn concurrency_limits_carry_the_lease_and_name_it_in_their_key() {
+        let text = |lease: &str, max: u64| {
+            format!(
+                "server: {{ {lease} }}\nconsumers: [{{ name: a, keys: [{{ sha256: {} }}], \
+                 limits: {{ concurrency: {max} }} }}]",
+                "ab".repeat(32)
+            )
+        };
+        let c = Config::load(&text("", 3), &none).unwrap();
+        let limit = c.all_limits().next().unwrap();
+        assert_eq!(
+            limit.meter,
+            crate::limits::Meter::Concurrency(crate::limits::Concurrency {
+                max: 3,
+                lease_ms: DEFAULT_CONCURRENCY_LEASE_MS
+            })
+        );
+        let c = Config::load(&text("concurrency_lease_ms: 2000", 3), &none).unwrap();
+        let limit = c.all_limits().next().unwrap();
+        assert!(
+            limit.store_key.ends_with("/concurrency/3/2000"),
+            "{}",
+            limit.store_key
+        );
+        let errs = Config::load(&text("", 1 << 20), &none).unwrap_err();
+        assert_eq!(errs.0[0].path, "consumers[0].limits.concurrency", "{errs}");
     }
 }
 
 fn compile_providers(
     raws: Vec<Option<RawProvider>>,
     env: &dyn Fn(&str) -> Option<String>,
+    lease_ms: u64,
     errors: &mut Errors,
 ) -> Vec<Provider> {
     let mut names = BTreeSet::new();
@@ -650,7 +709,14 @@ fn compile_providers(
             let key_limits = k.limits.as_ref().map_or_else(Vec::new, |l| {
                 let scope = format!("key `{}` of provider `{}`", k.id, raw.name);
                 let store_key = format!("k/{}/{}", raw.name, k.id);
-                limits::compile_limits(l, &format!("{kpath}.limits"), &scope, &store_key, errors)
+                limits::compile_limits(
+                    l,
+                    &format!("{kpath}.limits"),
+                    &scope,
+                    &store_key,
+                    lease_ms,
+                    errors,
+                )
             });
             if key_limits.iter().any(|l| l.unit == Unit::MicroUsd) {
                 errors.at(
@@ -768,6 +834,7 @@ fn compile_providers(
 fn compile_models(
     raws: Vec<Option<RawModel>>,
     providers: &[Provider],
+    lease_ms: u64,
     errors: &mut Errors,
 ) -> Vec<Model> {
     let mut names = BTreeSet::new();
@@ -812,6 +879,7 @@ fn compile_models(
                 &format!("{path}.limits"),
                 &scope,
                 &format!("m/{}", raw.name),
+                lease_ms,
                 errors,
             )
         });
@@ -923,6 +991,7 @@ fn compile_consumers(
     models: &[Model],
     providers: &[Provider],
     prompts: &[PromptTemplate],
+    lease_ms: u64,
     errors: &mut Errors,
 ) -> (Vec<Consumer>, KeyIndex) {
     let mut names = BTreeSet::new();
@@ -991,6 +1060,7 @@ fn compile_consumers(
                 &format!("{path}.limits"),
                 &scope,
                 &format!("c/{}", raw.name),
+                lease_ms,
                 errors,
             )
         });
@@ -1003,7 +1073,10 @@ fn compile_consumers(
             };
             let scope = format!("consumer `{}` on model `{name}`", raw.name);
             let key = format!("cm/{}/{name}", raw.name);
-            model_limits.insert(m, limits::compile_limits(l, &lpath, &scope, &key, errors));
+            model_limits.insert(
+                m,
+                limits::compile_limits(l, &lpath, &scope, &key, lease_ms, errors),
+            );
         }
         // A cost budget that some allowed model cannot be priced against would never trip.
         let has_budget = own_limits.iter().any(|l| l.unit == Unit::MicroUsd);

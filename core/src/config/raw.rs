@@ -31,6 +31,9 @@ pub struct RawServer {
     pub http2_keepalive_timeout_ms: Option<u64>,
     /// Native host: most bytes of request bodies held at once, over all requests.
     pub max_body_memory_bytes: Option<u64>,
+    /// Both hosts: how long a concurrency slot outlives a holder that stopped renewing it
+    /// (default 10000; freed within one to two of these).
+    pub concurrency_lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -76,7 +76,7 @@ fn run_with(config: Arc<Config>, store: &CellStore, events: &[Event]) -> Vec<Str
                     f.route_header.1,
                 ),
             },
-            Event::ResponseHead(s) => match x.on_response_headers(*s, &Vec::new()) {
+            Event::ResponseHead(s) => match x.on_response_headers(*s, &Vec::new(), store) {
                 OnResponse::Relay {
                     status,
                     remove_headers,
@@ -739,15 +739,21 @@ models: [{{ name: gpt-4o-mini, provider: openai }}]
     );
     // The key role reserves on key a and hands the reservation over in a response header.
     let a = attempt_key(&c, &f.ticket, &store, 0).unwrap();
-    let handover = a.handover().unwrap();
-    // With where key a's token bucket stood after it (the slot a refund is limited to).
-    let (head, slot_end) = handover.rsplit_once('/').unwrap();
+    let handover = a.handover().unwrap().header(&a.reservation);
+    // With where key a's token bucket stood after it (the slot a refund is limited to), and
+    // no concurrency slots.
+    let (head, slot_end) = handover.trim_end_matches('/').rsplit_once('/').unwrap();
     assert_eq!(head, format!("openai/a/1/{}/0", reserved_small()));
+    assert!(handover.ends_with('/'), "{handover}");
     assert!(slot_end.parse::<u64>().unwrap() > 0, "{handover}");
-    assert!(taken_over(&c, "openai/zz/1/5/0").is_none());
-    assert!(taken_over(&c, "openai/a/1/5").is_none(), "malformed");
+    assert!(taken_over(&c, "openai/zz/1/5/0", &store).is_none());
+    assert!(
+        taken_over(&c, "openai/a/1/5", &store).is_none(),
+        "malformed"
+    );
     let response = vec![(KEY_RESERVATION_HEADER.to_string(), handover)];
-    let OnResponse::Relay { remove_headers, .. } = x.on_response_headers(200, &response) else {
+    let OnResponse::Relay { remove_headers, .. } = x.on_response_headers(200, &response, &store)
+    else {
         panic!()
     };
     assert!(remove_headers.contains(&KEY_RESERVATION_HEADER));
@@ -842,7 +848,7 @@ fn a_key_role_reply_gets_its_real_status_back() {
         status,
         remove_headers,
         ..
-    } = x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &reply)
+    } = x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &reply, &store)
     else {
         panic!()
     };
@@ -870,7 +876,11 @@ fn a_provider_answer_made_final_is_handled_as_the_provider_answered() {
         status,
         remove_headers,
         ..
-    } = x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &marked(500))
+    } = x.on_response_headers(
+        crate::http::LOCAL_REPLY_CARRIER_STATUS,
+        &marked(500),
+        &store,
+    )
     else {
         panic!()
     };
@@ -879,9 +889,11 @@ fn a_provider_answer_made_final_is_handled_as_the_provider_answered() {
     assert_eq!(x.finish(0, &store).status, Some(500));
     // A refused key stays the gateway's problem, whatever carried the answer.
     let (mut x, _) = forwarded_small(&c, &store);
-    let OnResponse::Replace(r) =
-        x.on_response_headers(crate::http::LOCAL_REPLY_CARRIER_STATUS, &marked(401))
-    else {
+    let OnResponse::Replace(r) = x.on_response_headers(
+        crate::http::LOCAL_REPLY_CARRIER_STATUS,
+        &marked(401),
+        &store,
+    ) else {
         panic!()
     };
     assert_eq!(r.status, 502);
@@ -900,7 +912,7 @@ fn a_provider_error_that_is_not_json_becomes_an_openai_error_with_its_status() {
     ] {
         let (mut x, _) = forwarded_small(&c, &store);
         let headers = crate::http::test_headers(&[("content-type", content_type)]);
-        match x.on_response_headers(status, &headers) {
+        match x.on_response_headers(status, &headers, &store) {
             OnResponse::Replace(r) => {
                 assert!(replaced, "{status} {content_type}");
                 assert_eq!(r.status, status);
@@ -962,7 +974,7 @@ fn a_never_ending_event_is_never_held_whole() {
         let OnBody::Forward(_) = x.on_request_body(0, body.as_bytes(), &store) else {
             panic!("not forwarded")
         };
-        let _ = x.on_response_headers(200, &crate::http::test_headers(&[]));
+        let _ = x.on_response_headers(200, &crate::http::test_headers(&[]), &store);
         let _ = x.on_response_chunk(b"data: ", false);
         for _ in 0..256 {
             let _ = x.on_response_chunk(piece.as_bytes(), false);

@@ -23,8 +23,38 @@ mod tests;
 pub use report::KeyCounter;
 
 /// Response header by which Envoy's key role hands a key's reservation to the gateway role,
-/// which settles it with the rest when the exchange ends: `provider/key/requests/tokens/at_ms/slot_ends` (the rates' slot ends, comma-separated).
+/// which settles it with the rest when the exchange ends:
+/// `provider/key/requests/tokens/at_ms/slot_ends/lease_epochs` (the rates' slot ends and the
+/// epochs the concurrency slots are held in, each comma-separated).
 pub const KEY_RESERVATION_HEADER: &str = "x-tollgate-key-reservation";
+
+/// A key attempt's reservation, to be handed to the gateway role once the attempt succeeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    provider: String,
+    key: String,
+    demand: Amounts,
+}
+
+impl Handover {
+    /// The value of `KEY_RESERVATION_HEADER` for `reservation` as it stands now: its leases
+    /// may have been renewed since it was made.
+    pub fn header(&self, reservation: &Reservation) -> String {
+        let join = |values: &mut dyn Iterator<Item = u64>| {
+            values.map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+        };
+        format!(
+            "{}/{}/{}/{}/{}/{}/{}",
+            self.provider,
+            self.key,
+            self.demand.requests,
+            self.demand.tokens,
+            reservation.at_ms(),
+            join(&mut reservation.slot_ends()),
+            join(&mut reservation.lease_epochs()),
+        )
+    }
+}
 
 /// The key chosen for one attempt, and the header edits that present it.
 #[derive(Debug)]
@@ -48,25 +78,13 @@ impl KeyAttempt<'_> {
         CONSUMER_CREDENTIAL_HEADERS[2],
     ];
 
-    /// The value of `KEY_RESERVATION_HEADER` that hands this attempt's reservation over, if
-    /// it took any.
-    pub fn handover(&self) -> Option<String> {
+    /// What hands this attempt's reservation over, if it took any.
+    pub fn handover(&self) -> Option<Handover> {
         let key = self.key?;
-        (!self.reservation.is_empty()).then(|| {
-            let slot_ends: Vec<String> = self
-                .reservation
-                .slot_ends()
-                .map(|e| e.to_string())
-                .collect();
-            format!(
-                "{}/{}/{}/{}/{}/{}",
-                self.provider.name,
-                key.id,
-                self.demand.requests,
-                self.demand.tokens,
-                self.reservation.at_ms(),
-                slot_ends.join(",")
-            )
+        (!self.reservation.is_empty()).then(|| Handover {
+            provider: self.provider.name.clone(),
+            key: key.id.clone(),
+            demand: self.demand,
         })
     }
 
@@ -81,20 +99,30 @@ impl KeyAttempt<'_> {
     }
 }
 
-/// The reservation a handover header describes, to be settled by the gateway role.
-pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
+/// The reservation a handover header describes, to be settled by the gateway role; its
+/// leases are held in `store`'s book from now on.
+pub fn taken_over(
+    config: &Config,
+    handover: &str,
+    store: &impl CounterStore,
+) -> Option<Reservation> {
     let mut parts = handover.split('/');
     let (provider, key) = (parts.next()?, parts.next()?);
     let requests = parts.next()?.parse().ok()?;
     let tokens = parts.next()?.parse().ok()?;
     let at_ms = parts.next()?.parse().ok()?;
-    // Where the key's rate buckets stood right after the reservation (see `Reservation::of`).
-    let slot_ends: Vec<u64> = parts
-        .next()
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|e| e.parse().ok())
-        .collect();
+    let mut numbers = || -> Vec<u64> {
+        parts
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|e| e.parse().ok())
+            .collect()
+    };
+    // Where the key's rate buckets stood right after the reservation, and the epochs its
+    // slots are held in (see `Reservation::of`).
+    let slot_ends = numbers();
+    let lease_epochs = numbers();
     let key = config
         .provider_by_name(provider)?
         .keys
@@ -105,7 +133,14 @@ pub fn taken_over(config: &Config, handover: &str) -> Option<Reservation> {
         tokens,
         micro_usd: 0,
     };
-    Some(Reservation::of(&key.limits, demand, at_ms, &slot_ends))
+    Some(Reservation::of(
+        &key.limits,
+        demand,
+        at_ms,
+        &slot_ends,
+        &lease_epochs,
+        store,
+    ))
 }
 
 /// How a pool orders its keys for an attempt. Every strategy skips keys that are cooling,

@@ -1,12 +1,15 @@
 //! Token-aware limits: what each configured limit counts, how a request reserves against all
 //! that apply before it goes upstream, and how the reservation is settled on real usage.
 //! State lives in the host's `CounterStore`, one integer per limit; the math is in `gcra`
-//! (rates), `quota` (calendar allowances) and here (concurrency).
+//! (rates), `quota` (calendar allowances) and `concurrency` (slots as expiring leases).
 
+pub mod concurrency;
 pub mod gcra;
 pub mod quota;
 
 use std::sync::Arc;
+
+pub use concurrency::{Concurrency, Lease, LeaseBook};
 
 use crate::store::{CounterStore, StoreError};
 
@@ -24,8 +27,8 @@ pub enum Unit {
 pub enum Meter {
     Rate(gcra::Rate),
     Quota(quota::Quota),
-    /// Requests in flight.
-    Concurrency(u64),
+    /// Requests in flight, each holding an expiring lease.
+    Concurrency(Concurrency),
 }
 
 /// One configured limit.
@@ -132,6 +135,8 @@ struct Taken {
     /// For a rate: the bucket's state right after this reservation, the end of its slot
     /// (a refund gives back only the part of the slot still ahead); `u64::MAX` when unknown.
     slot_end: u64,
+    /// For a concurrency limit: the slot's lease, renewed by the host while it is held.
+    lease: Option<Arc<Lease>>,
 }
 
 /// What a request took from each limit, to be settled when it ends.
@@ -240,20 +245,13 @@ impl Limit {
                     retry_after_ms: reset_ms.saturating_sub(now_ms),
                 },
             }),
-            Meter::Concurrency(max) => {
-                let in_flight = state.unwrap_or(0);
-                if in_flight < max {
-                    Ok(in_flight + 1)
-                } else {
-                    // A slot frees when some request in flight ends, which no state predicts;
-                    // one second is the shortest honest answer.
-                    Err(Refusal::NotNow {
-                        limit: self.name,
-                        scope: self.scope.to_string(),
-                        retry_after_ms: 1_000,
-                    })
-                }
-            }
+            // A slot frees when some request in flight ends, which no state predicts; one
+            // second is the shortest honest answer.
+            Meter::Concurrency(c) => c.reserve(state, now_ms).ok_or_else(|| Refusal::NotNow {
+                limit: self.name,
+                scope: self.scope.to_string(),
+                retry_after_ms: 1_000,
+            }),
         }
     }
 
@@ -268,8 +266,8 @@ impl Limit {
                 taken.slot_end,
             ),
             Meter::Quota(q) => q.settle(state, now_ms, at_ms, reserved, used),
-            // The slot is given back, whatever was used.
-            Meter::Concurrency(_) => state.unwrap_or(0).saturating_sub(1),
+            // Slots are given back by their lease (`release_slot`).
+            Meter::Concurrency(_) => state.unwrap_or(0),
         }
     }
 
@@ -325,14 +323,21 @@ pub fn admit<'a>(
                         *slot = Some(h);
                     }
                 }
-                let slot_end = match limit.meter {
-                    Meter::Rate(_) => new_state,
-                    Meter::Quota(_) | Meter::Concurrency(_) => u64::MAX,
+                let (slot_end, lease) = match limit.meter {
+                    Meter::Rate(_) => (new_state, None),
+                    Meter::Quota(_) => (u64::MAX, None),
+                    Meter::Concurrency(c) => {
+                        let lease =
+                            Arc::new(Lease::new(Arc::clone(&limit.store_key), c, c.epoch(now_ms)));
+                        store.leases().hold(&lease);
+                        (u64::MAX, Some(lease))
+                    }
                 };
                 reservation.taken.push(Taken {
                     limit: limit.clone(),
                     units,
                     slot_end,
+                    lease,
                 });
                 continue;
             }
@@ -369,34 +374,84 @@ fn give_back(
     let mut result = Ok(());
     let at_ms = reservation.at_ms;
     for taken in reservation.taken {
+        if let Some(lease) = &taken.lease {
+            if let Err(e) = release_slot(lease, store, now_ms) {
+                result = Err(e);
+            }
+            continue;
+        }
         let limit = &taken.limit;
         let used = match limit.unit {
-            // A request that was made counts, answered or not; concurrency frees its slot
-            // regardless.
+            // A request that was made counts, answered or not.
             Unit::Requests if request_was_made => taken.units,
             unit => used.of(unit),
         };
-        // A settlement that is lost can leave a concurrency slot taken for good: insist on
-        // contention (each try is itself a bounded compare-and-swap loop).
-        let mut tries = 0;
-        let outcome = loop {
-            let outcome = store.measure_and_replace(&limit.store_key, |state| {
-                Ok::<_, std::convert::Infallible>((
-                    (),
-                    limit.settle(state, now_ms, at_ms, &taken, used),
-                ))
-            });
-            tries += 1;
-            match outcome {
-                Err(StoreError::Contended { .. }) if tries < SETTLE_TRIES => continue,
-                other => break other,
-            }
-        };
+        let outcome = insist(store, &limit.store_key, |state| {
+            limit.settle(state, now_ms, at_ms, &taken, used)
+        });
         if let Err(e) = outcome {
             result = Err(e);
         }
     }
     result
+}
+
+/// Runs `f` on a store counter until it is written or fails for another reason than
+/// contention: a settlement that is lost can leave a counter wrong for good (each try is
+/// itself a bounded compare-and-swap loop).
+fn insist(
+    store: &impl CounterStore,
+    key: &str,
+    mut f: impl FnMut(Option<u64>) -> u64,
+) -> Result<(), StoreError> {
+    let mut tries = 0;
+    loop {
+        let outcome = store.measure_and_replace(key, |state| {
+            Ok::<_, std::convert::Infallible>(((), f(state)))
+        });
+        tries += 1;
+        match outcome {
+            Err(StoreError::Contended { .. }) if tries < SETTLE_TRIES => continue,
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Gives a concurrency slot back, once.
+fn release_slot(lease: &Lease, store: &impl CounterStore, now_ms: u64) -> Result<(), StoreError> {
+    let mut held = lease.lock();
+    let Some(epoch) = held.take() else {
+        return Ok(());
+    };
+    insist(store, &lease.store_key, |state| {
+        lease.meter.release(state, now_ms, epoch)
+    })
+}
+
+/// Renews the slots of every request the host still holds (see `concurrency`): hosts call
+/// it at least every half lease. Returns how many leases are held.
+pub fn renew_leases(store: &impl CounterStore, now_ms: u64) -> usize {
+    let live = store.leases().live();
+    for lease in &live {
+        let mut held = lease.lock();
+        let Some(epoch) = *held else { continue };
+        let meter = lease.meter;
+        if meter.epoch(now_ms) <= epoch {
+            continue;
+        }
+        let renewed = store.measure_and_replace(&lease.store_key, |state| {
+            meter
+                .renew(state, now_ms, epoch)
+                .map(|new| ((), new))
+                .ok_or(())
+        });
+        // A failed renewal leaves the slot to expire: the next tick tries again.
+        if let Ok(Ok(())) = renewed {
+            *held = Some(meter.epoch(now_ms));
+        }
+    }
+    live.len()
 }
 
 impl Reservation {
@@ -409,20 +464,40 @@ impl Reservation {
     }
 
     /// The reservation `admit` made of `amounts` against `limits` (which all admitted it),
-    /// with the rates' slot ends (`slot_ends`, in the order of `limits`' rates) where known:
-    /// lets one host role settle what another reserved.
-    pub fn of(limits: &[Limit], amounts: Amounts, at_ms: u64, slot_ends: &[u64]) -> Self {
+    /// with the rates' slot ends (`slot_ends`, in the order of `limits`' rates) and the
+    /// epochs the concurrency slots are held in (`lease_epochs`, likewise) where known: lets
+    /// one host role settle what another reserved. The leases are held in `store`'s book
+    /// from now on.
+    pub fn of(
+        limits: &[Limit],
+        amounts: Amounts,
+        at_ms: u64,
+        slot_ends: &[u64],
+        lease_epochs: &[u64],
+        store: &impl CounterStore,
+    ) -> Self {
         let mut slot_ends = slot_ends.iter().copied();
+        let mut lease_epochs = lease_epochs.iter().copied();
         Self {
             taken: limits
                 .iter()
-                .map(|l| Taken {
-                    limit: l.clone(),
-                    units: amounts.of(l.unit),
-                    slot_end: match l.meter {
-                        Meter::Rate(_) => slot_ends.next().unwrap_or(u64::MAX),
-                        Meter::Quota(_) | Meter::Concurrency(_) => u64::MAX,
-                    },
+                .map(|l| {
+                    let (slot_end, lease) = match l.meter {
+                        Meter::Rate(_) => (slot_ends.next().unwrap_or(u64::MAX), None),
+                        Meter::Quota(_) => (u64::MAX, None),
+                        Meter::Concurrency(c) => {
+                            let held = lease_epochs.next().unwrap_or_else(|| c.epoch(at_ms));
+                            let lease = Arc::new(Lease::new(Arc::clone(&l.store_key), c, held));
+                            store.leases().hold(&lease);
+                            (u64::MAX, Some(lease))
+                        }
+                    };
+                    Taken {
+                        limit: l.clone(),
+                        units: amounts.of(l.unit),
+                        slot_end,
+                        lease,
+                    }
                 })
                 .collect(),
             at_ms,
@@ -435,6 +510,15 @@ impl Reservation {
             .iter()
             .filter(|t| matches!(t.limit.meter, Meter::Rate(_)))
             .map(|t| t.slot_end)
+    }
+
+    /// The epochs its concurrency slots are held in now, in order (see `Reservation::of`);
+    /// a released slot (none is, before settlement) reads as epoch 0, long expired.
+    pub fn lease_epochs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.taken
+            .iter()
+            .filter_map(|t| t.lease.as_ref())
+            .map(|l| l.held_epoch().unwrap_or(0))
     }
 
     /// Adds another reservation's takings, to be settled together.

@@ -21,7 +21,10 @@ fn concurrency(max: u64) -> Limit {
         name: "concurrency",
         scope: "consumer `app`".into(),
         unit: Unit::Requests,
-        meter: Meter::Concurrency(max),
+        meter: Meter::Concurrency(Concurrency {
+            max,
+            lease_ms: 10_000,
+        }),
         store_key: "concurrency".into(),
     }
 }
@@ -119,6 +122,110 @@ fn settling_refunds_tokens_and_frees_concurrency() {
         800,
         "700 refunded, 100 more taken"
     );
+}
+
+const LEASE_MS: u64 = 10_000;
+
+/// Whether a request would be refused for concurrency now (one admitted is settled at once).
+fn refused_for_concurrency(limits: &[Limit], store: &CellStore, now: u64) -> bool {
+    match admit(limits, store, now, req(1)) {
+        Ok((r, _)) => {
+            settle(r, store, now, req(1)).unwrap();
+            false
+        }
+        Err(Refusal::NotNow {
+            limit: "concurrency",
+            ..
+        }) => true,
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_slot_renewed_by_its_host_is_held_as_long_as_its_request_runs() {
+    let store = CellStore::default();
+    let limits = [concurrency(1)];
+    let (r, _) = admit(&limits, &store, NOW, req(1)).unwrap();
+    assert_eq!(store.leases().len(), 1);
+    // A stream of ten leases, renewed every half lease as the hosts do.
+    let mut now = NOW;
+    while now < NOW + 10 * LEASE_MS {
+        now += LEASE_MS / 2;
+        assert_eq!(renew_leases(&store, now), 1);
+        assert!(
+            refused_for_concurrency(&limits, &store, now),
+            "at +{}",
+            now - NOW
+        );
+    }
+    settle(r, &store, now, req(1)).unwrap();
+    assert!(store.leases().is_empty());
+    let (again, _) = admit(&limits, &store, now, req(1)).unwrap();
+    // Settling twice (a host that settles a dropped copy) frees nothing more.
+    settle(again, &store, now, req(1)).unwrap();
+    let (_, _) = admit(&limits, &store, now, req(1)).unwrap();
+    assert!(refused_for_concurrency(&limits, &store, now));
+}
+
+#[test]
+fn the_slot_of_a_request_that_vanished_comes_back_within_two_leases() {
+    let store = CellStore::default();
+    let limits = [concurrency(2)];
+    let (kept, _) = admit(&limits, &store, NOW, req(1)).unwrap();
+    let (lost, _) = admit(&limits, &store, NOW, req(1)).unwrap();
+    // Its holder died (an Envoy VM that trapped) or dropped it unsettled (a lost `on_log`).
+    drop(lost);
+    assert_eq!(store.leases().len(), 1);
+    let mut now = NOW;
+    let mut refused_until = NOW;
+    while now < NOW + 3 * LEASE_MS {
+        now += LEASE_MS / 4;
+        renew_leases(&store, now);
+        if refused_for_concurrency(&limits, &store, now) {
+            refused_until = now;
+        }
+    }
+    let held_for = refused_until - NOW;
+    assert!(
+        (LEASE_MS..2 * LEASE_MS).contains(&held_for),
+        "held for {held_for} ms"
+    );
+    // The kept request, renewed all along, still holds its slot: one free, not two.
+    let (extra, _) = admit(&limits, &store, now, req(1)).unwrap();
+    assert!(refused_for_concurrency(&limits, &store, now));
+    settle(kept, &store, now, req(1)).unwrap();
+    settle(extra, &store, now, req(1)).unwrap();
+    let (_, _) = admit(&limits, &store, now, req(1)).unwrap();
+    let (_, _) = admit(&limits, &store, now, req(1)).unwrap();
+}
+
+#[test]
+fn a_reservation_handed_over_keeps_its_slot_where_it_was_renewed_to() {
+    let store = CellStore::default();
+    let limits = [
+        rate("tokens_per_minute", Unit::Tokens, 1_000, 60_000),
+        concurrency(1),
+    ];
+    let (r, _) = admit(&limits, &store, NOW, req(10)).unwrap();
+    // Renewed once before the handover (a slow first byte).
+    let now = NOW + 3 * LEASE_MS / 2;
+    renew_leases(&store, now);
+    let slot_ends: Vec<u64> = r.slot_ends().collect();
+    let epochs: Vec<u64> = r.lease_epochs().collect();
+    assert_eq!(epochs, [now / LEASE_MS]);
+    let taken = Reservation::of(&limits, req(10), r.at_ms(), &slot_ends, &epochs, &store);
+    drop(r);
+    assert_eq!(store.leases().len(), 1, "the new holder's lease");
+    // Renewed on by its new holder, released from the epoch it was renewed to.
+    let later = now + 5 * LEASE_MS;
+    let mut t = now;
+    while t < later {
+        t += LEASE_MS / 2;
+        renew_leases(&store, t);
+    }
+    assert!(refused_for_concurrency(&limits, &store, later));
+    settle(taken, &store, later, req(10)).unwrap();
+    assert!(!refused_for_concurrency(&limits, &store, later));
 }
 
 #[test]

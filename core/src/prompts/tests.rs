@@ -457,7 +457,7 @@ fn json_mode_parses_the_answer_or_says_502_and_still_charges() {
     let (mut call, on) = Call::post(&c, "/v1/prompts/sentiment", json!({ "text": "nice" }));
     let _ = forwarded(on);
     assert_eq!(
-        call.x.on_response_headers(200, &Vec::new()),
+        call.x.on_response_headers(200, &Vec::new(), &call.store),
         OnResponse::Collect { limit: 1024 * 1024 }
     );
     let completion = |content: &str| {
@@ -484,7 +484,7 @@ fn json_mode_parses_the_answer_or_says_502_and_still_charges() {
 
     let (mut call, on) = Call::post(&c, "/v1/prompts/sentiment", json!({ "text": "nice" }));
     let _ = forwarded(on);
-    let _ = call.x.on_response_headers(200, &Vec::new());
+    let _ = call.x.on_response_headers(200, &Vec::new(), &call.store);
     let r = call
         .x
         .on_collected(completion("It is positive!").as_bytes());
@@ -509,7 +509,7 @@ fn text_mode_shapes_answers_and_streams() {
     let c = config();
     let (mut call, on) = Call::post(&c, "/api/summarize", json!({ "text": "long" }));
     let _ = forwarded(on);
-    let _ = call.x.on_response_headers(200, &Vec::new());
+    let _ = call.x.on_response_headers(200, &Vec::new(), &call.store);
     let r = call
         .x
         .on_collected(br#"{"choices":[{"message":{"content":"short"}}]}"#);
@@ -525,7 +525,7 @@ fn text_mode_shapes_answers_and_streams() {
     let OnResponse::Relay {
         body_rewritten: true,
         ..
-    } = call.x.on_response_headers(200, &Vec::new())
+    } = call.x.on_response_headers(200, &Vec::new(), &call.store)
     else {
         panic!()
     };
@@ -672,7 +672,7 @@ fn a_reshaped_stream_never_leaks_raw_provider_bytes() {
     let c = config();
     let (mut call, on) = Call::post(&c, "/api/summarize?stream=true", json!({ "text": "t" }));
     let _ = forwarded(on);
-    let _ = call.x.on_response_headers(200, &Vec::new());
+    let _ = call.x.on_response_headers(200, &Vec::new(), &call.store);
     let mut out = Vec::new();
     let mut push = |chunk: crate::exchange::Chunk| match chunk {
         crate::exchange::Chunk::Replace(b) => out.extend(b),
