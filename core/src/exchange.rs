@@ -23,7 +23,7 @@ use crate::http::{
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
-use crate::limits::{self, Amounts, RateHeaders, Reservation};
+use crate::limits::{self, Amounts, Limit, RateHeaders, Reservation};
 use crate::prompts::{self, shape, ResponseMode};
 use crate::providers::dialect::{self, ClientDialect, StreamTranslator, UsageReader};
 use crate::providers::openai::usage::{self, Usage};
@@ -138,7 +138,10 @@ pub enum Chunk {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub consumer: Option<String>,
+    /// The public model that served the request (or was to).
     pub model: Option<String>,
+    /// The public model the client asked for: another than `model` after a failover.
+    pub requested_model: Option<String>,
     pub provider: Option<String>,
     pub status: Option<u16>,
     pub stream: bool,
@@ -223,7 +226,20 @@ pub struct Exchange {
     /// The answer being read whole is the key role's own refusal (Envoy), already in the
     /// hub shape: only the client's dialect is applied.
     key_role_reply: bool,
+    /// The model the client asked for; `model` is the one serving it (another after a
+    /// failover).
+    requested_model: Option<ModelId>,
+    /// The models of the requested one's chain not tried yet, in order.
+    fallbacks: std::collections::VecDeque<ModelId>,
+    /// The client's body, kept to route it again to a fallback (only when there is one).
+    client_body: Option<Vec<u8>>,
+    /// Routing to this fallback: the consumer's own limits are reserved already.
+    failing_over: Option<ModelId>,
 }
+
+/// Response header naming the public model that served the request (another than the one
+/// asked for after a failover).
+pub const MODEL_HEADER: &str = "x-tollgate-model";
 
 /// What a request asks of the model, for its reservation: the prompt estimate (decorations
 /// included), the most output it allows per choice, and how many choices.
@@ -275,6 +291,10 @@ impl Exchange {
             passthrough: None,
             stream_to_client: None,
             retry_hints: Vec::new(),
+            requested_model: None,
+            fallbacks: std::collections::VecDeque::new(),
+            client_body: None,
+            failing_over: None,
             key_role_reply: false,
         }
     }
@@ -485,6 +505,7 @@ impl Exchange {
             return Err(GatewayError::BodyTooLarge { limit });
         }
         let config = Arc::clone(&self.config);
+        let client_body = body;
         let rendered;
         let body = match self.prompt {
             Some(call) => {
@@ -500,7 +521,7 @@ impl Exchange {
             None => body,
         };
         if self.client != ClientDialect::Chat {
-            if let Some(decision) = self.route_native(now_ms, body, store)? {
+            if let Some(decision) = self.route_native(now_ms, body, client_body, store)? {
                 return Ok(decision);
             }
         }
@@ -515,6 +536,7 @@ impl Exchange {
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         self.stream = req.is_stream();
         let model_id = self.allowed_model(&req.model)?;
+        let model_id = self.serving(model_id, client_body);
         let consumer = self.consumer.and_then(|c| config.consumer(c));
         let (Some(model), Some(provider)) = (
             config.model(model_id),
@@ -592,7 +614,7 @@ impl Exchange {
             provider.has_key_limits(),
             store,
         )?;
-        let rate_headers = self.rate_headers();
+        let rate_headers = self.answer_headers();
         if is_mock {
             // Answered here, from the request as a provider would have received it.
             let sent = upstream_body.as_deref().unwrap_or(body);
@@ -636,6 +658,7 @@ impl Exchange {
                 tokens: demand.tokens,
                 started_ms: now_ms,
                 tried: Vec::new(),
+                attempts_before: 0,
             },
         }))
     }
@@ -647,6 +670,7 @@ impl Exchange {
         &mut self,
         now_ms: u64,
         body: &[u8],
+        client_body: &[u8],
         store: &impl CounterStore,
     ) -> Result<Option<OnBody>, GatewayError> {
         let config = Arc::clone(&self.config);
@@ -658,6 +682,7 @@ impl Exchange {
             .read_request(body)
             .map_err(|detail| GatewayError::MalformedBody { detail })?;
         let model_id = self.allowed_model(req.model())?;
+        let model_id = self.serving(model_id, client_body);
         let (Some(model), Some(provider)) = (
             config.model(model_id),
             config
@@ -723,6 +748,7 @@ impl Exchange {
                 tokens: demand.tokens,
                 started_ms: now_ms,
                 tried: Vec::new(),
+                attempts_before: 0,
             },
         })))
     }
@@ -753,6 +779,113 @@ impl Exchange {
             200,
             answer.into_bytes(),
         )))
+    }
+
+    /// The model that serves a request for `requested`: itself, or the fallback being
+    /// routed to. On the first routing, the chain is set up (fallbacks the consumer may not
+    /// use are left out) and the client's body kept if there is a fallback to send it to.
+    fn serving(&mut self, requested: ModelId, client_body: &[u8]) -> ModelId {
+        if let Some(target) = self.failing_over {
+            self.model = Some(target);
+            return target;
+        }
+        let config = Arc::clone(&self.config);
+        self.requested_model = Some(requested);
+        let consumer = self.consumer.and_then(|c| config.consumer(c));
+        self.fallbacks = config
+            .model(requested)
+            .map(|m| m.fallbacks.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(|&f| consumer.is_some_and(|c| c.may_use(f)))
+            .collect();
+        if !self.fallbacks.is_empty() {
+            self.client_body = Some(client_body.to_vec());
+        }
+        requested
+    }
+
+    /// The model the request went to cannot serve it (no usable key, or its attempts failed
+    /// in a way another provider may not): routes it to the next model of its chain that
+    /// takes it — translated to that provider's dialect, under that model's own limits, the
+    /// consumer's reserved once — and says how. `previous` is the last attempt's ticket: the
+    /// retry budget and attempt count run on over the whole chain. `None` when the chain is
+    /// spent; the host then answers with the last failure.
+    pub fn fail_over(
+        &mut self,
+        now_ms: u64,
+        store: &impl CounterStore,
+        previous: &Ticket,
+    ) -> Option<OnBody> {
+        let body = self.client_body.clone()?;
+        if self.fallbacks.is_empty() {
+            return None;
+        }
+        if let Some(from) = self.model {
+            self.release_model_limits(from, now_ms, store);
+        }
+        while let Some(next) = self.fallbacks.pop_front() {
+            self.reset_for_forward();
+            self.failing_over = Some(next);
+            match self.route(now_ms, &body, store) {
+                Ok(OnBody::Forward(mut forward)) => {
+                    forward.ticket.started_ms = previous.started_ms;
+                    forward.ticket.attempts_before = previous.attempts_made();
+                    return Some(OnBody::Forward(forward));
+                }
+                Ok(answered) => return Some(answered),
+                // This one cannot take it either (its limits, its dialect): the next.
+                Err(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Whether the request has a chain of models to fail over along (its model has
+    /// fallbacks the consumer may use): once a model of it is spent, the next one is tried
+    /// rather than the same keys again.
+    pub fn has_chain(&self) -> bool {
+        self.client_body.is_some()
+    }
+
+    /// Gives back what the request reserved against limits of `model` (the model's own, and
+    /// the consumer's on that model): that model did not serve it. The request counts as
+    /// made; no tokens.
+    fn release_model_limits(&mut self, model: ModelId, now_ms: u64, store: &impl CounterStore) {
+        let (Some(consumer), Some(metering)) = (self.consumer, self.metering.as_mut()) else {
+            return;
+        };
+        let keys: Vec<Arc<str>> = self
+            .config
+            .model_limits_for(consumer, model)
+            .map(|l| Arc::clone(&l.store_key))
+            .collect();
+        let released = metering
+            .reservation
+            .split_off(|l| keys.contains(&l.store_key));
+        let _ = limits::settle(released, store, now_ms, Amounts::default());
+    }
+
+    /// Forgets what routing to the last model decided, before routing to the next.
+    fn reset_for_forward(&mut self) {
+        self.stage = Stage::Body;
+        self.status = None;
+        self.strip_usage_chunk = false;
+        self.shape_stream = false;
+        self.sse = None;
+        self.body.clear();
+        self.usage = None;
+        self.streamed_tokens = 0;
+        self.body_overflowed = false;
+        self.forwarded = false;
+        self.provider_succeeded = false;
+        self.translate_answer = None;
+        self.stream_to_hub = None;
+        self.passthrough = None;
+        self.stream_to_client = None;
+        self.retry_hints.clear();
+        self.key_role_reply = false;
     }
 
     /// The model called `name`, if it exists and the consumer may use it.
@@ -808,7 +941,14 @@ impl Exchange {
         let (Some(consumer), Some(model)) = (self.consumer, config.model(model_id)) else {
             return Ok(Amounts::default());
         };
-        let mut limits = config.limits_for(consumer, model_id).peekable();
+        // A fallback: the consumer's own limits hold the request already.
+        let failing_over = self.failing_over.is_some();
+        let mut limits: Box<dyn Iterator<Item = &Limit>> = if failing_over {
+            Box::new(config.model_limits_for(consumer, model_id))
+        } else {
+            Box::new(config.limits_for(consumer, model_id))
+        };
+        let mut limits = limits.by_ref().peekable();
         if limits.peek().is_none() && !key_limits {
             return Ok(Amounts {
                 requests: 1,
@@ -829,12 +969,21 @@ impl Exchange {
                 .map_or(0, |p| p.micro_usd(prompt, 0, 0, completion)),
         };
         let (reservation, headers) = limits::admit(limits, store, now_ms, amounts)?;
-        self.metering = Some(Metering {
-            reservation,
-            headers,
-            prompt_estimate: prompt,
-            reserved: amounts,
-        });
+        match self.metering.as_mut() {
+            Some(m) if failing_over => {
+                m.reservation.merge(reservation);
+                m.prompt_estimate = prompt;
+                m.reserved = amounts;
+            }
+            _ => {
+                self.metering = Some(Metering {
+                    reservation,
+                    headers,
+                    prompt_estimate: prompt,
+                    reserved: amounts,
+                })
+            }
+        }
         Ok(amounts)
     }
 
@@ -860,6 +1009,15 @@ impl Exchange {
             .as_ref()
             .map(|m| m.headers.to_headers())
             .unwrap_or_default()
+    }
+
+    /// The headers of an answer a model gave: the rate headers, and which model it was.
+    fn answer_headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = self.rate_headers();
+        if let Some(model) = self.model.and_then(|m| self.config.model(m)) {
+            headers.push((MODEL_HEADER, model.name.clone()));
+        }
+        headers
     }
 
     /// `store` takes over the leases of a reservation the key role handed over.
@@ -898,7 +1056,7 @@ impl Exchange {
                 return OnResponse::Relay {
                     status: real,
                     remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
-                    add_headers: self.rate_headers(),
+                    add_headers: self.answer_headers(),
                     body_rewritten: false,
                 };
             }
@@ -909,7 +1067,9 @@ impl Exchange {
             // The gateway's key was refused: the client's own key is fine, and the
             // provider's message may quote the key, so answer with our own error.
             let provider = self.provider_name().unwrap_or_default();
-            return OnResponse::Replace(self.refuse(GatewayError::UpstreamAuthFailed { provider }));
+            let mut response = self.refuse(GatewayError::UpstreamAuthFailed { provider });
+            response.headers.extend(self.answer_headers());
+            return OnResponse::Replace(response);
         }
         let declared_not_json = headers
             .header("content-type")
@@ -919,7 +1079,9 @@ impl Exchange {
             // the shape it parses, under the provider's status.
             let provider = self.provider_name().unwrap_or_default();
             let error = GatewayError::UpstreamErrorNotJson { provider, status };
-            return OnResponse::Replace(self.refuse(error));
+            let mut response = self.refuse(error);
+            response.headers.extend(self.answer_headers());
+            return OnResponse::Replace(response);
         }
         let success = (200..300).contains(&status);
         self.provider_succeeded = success;
@@ -932,7 +1094,7 @@ impl Exchange {
             return OnResponse::Relay {
                 status: restored,
                 remove_headers: &RELAY_REMOVE_HEADERS,
-                add_headers: self.rate_headers(),
+                add_headers: self.answer_headers(),
                 body_rewritten: false,
             };
         }
@@ -962,7 +1124,7 @@ impl Exchange {
         OnResponse::Relay {
             status: restored,
             remove_headers: &RELAY_REMOVE_HEADERS,
-            add_headers: self.rate_headers(),
+            add_headers: self.answer_headers(),
             body_rewritten: success && (self.strip_usage_chunk || translated),
         }
     }
@@ -993,7 +1155,7 @@ impl Exchange {
             self.collected_answer(body)
         };
         response.headers.append(&mut self.retry_hints);
-        response.headers.extend(self.rate_headers());
+        response.headers.extend(self.answer_headers());
         response
     }
 
@@ -1045,7 +1207,7 @@ impl Exchange {
             },
         };
         let mut response = self.refuse(error);
-        response.headers.extend(self.rate_headers());
+        response.headers.extend(self.answer_headers());
         response
     }
 
@@ -1265,6 +1427,11 @@ impl Exchange {
                 .map(|c| c.name.clone()),
             model: self
                 .model
+                .and_then(|m| config.model(m))
+                .map(|m| m.name.clone()),
+            requested_model: self
+                .requested_model
+                .or(self.model)
                 .and_then(|m| config.model(m))
                 .map(|m| m.name.clone()),
             provider: self.provider_name(),

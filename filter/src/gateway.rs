@@ -343,9 +343,10 @@ impl HttpContext for GatewayFlow {
         host::log(
             LogLevel::Debug,
             &format!(
-                "tollgate: consumer={} model={} provider={} status={} stream={} tokens={} cost_micro_usd={} usage={}",
+                "tollgate: consumer={} model={} requested_model={} provider={} status={} stream={} tokens={} cost_micro_usd={} usage={}",
                 summary.consumer.as_deref().unwrap_or("-"),
                 summary.model.as_deref().unwrap_or("-"),
+                summary.requested_model.as_deref().unwrap_or("-"),
                 summary.provider.as_deref().unwrap_or("-"),
                 summary.status.map_or("-".to_string(), |s| s.to_string()),
                 summary.stream,

@@ -19,6 +19,7 @@ pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending:
         target: "tollgate::access",
         consumer = summary.consumer.as_deref().unwrap_or("-"),
         model = summary.model.as_deref().unwrap_or("-"),
+        requested_model = summary.requested_model.as_deref().unwrap_or("-"),
         provider = summary.provider.as_deref().unwrap_or("-"),
         key = key_id.unwrap_or("-"),
         status = summary.status.unwrap_or(0),

@@ -201,6 +201,25 @@ fn overload_manager(server: &ServerSettings) -> Value {
     })
 }
 
+/// What a config asks that the Envoy filter does not do yet: rendering it would give a
+/// gateway that silently behaves otherwise than the native host.
+pub fn not_built(config: &Config) -> Option<String> {
+    let chains: Vec<String> = config
+        .models()
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !m.fallbacks.is_empty())
+        .map(|(i, _)| {
+            format!(
+                "models[{i}].fallbacks: failover across models is built for the native host \
+                 only; Envoy's router cannot move a request to another cluster yet (see \
+                 docs/envoy.md, \"Failover\")"
+            )
+        })
+        .collect();
+    (!chains.is_empty()).then(|| chains.join("\n"))
+}
+
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config

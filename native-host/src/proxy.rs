@@ -207,12 +207,16 @@ async fn forward_upstream(
     exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
-    forward: Forward,
+    mut forward: Forward,
     started: Instant,
 ) -> Response<GatewayBody> {
     let config = Arc::clone(exchange.config());
-    let body = forward.body.clone().map_or(client_body, Bytes::from);
+    let mut body = forward
+        .body
+        .clone()
+        .map_or(client_body.clone(), Bytes::from);
     let mut ticket = forward.ticket.clone();
+    // The requested model's provider's policy bounds the whole chain (failover included).
     let retry = config
         .provider_by_name(&ticket.provider)
         .map(|p| p.retry)
@@ -227,10 +231,45 @@ async fn forward_upstream(
         started,
     };
     let mut key_id: Option<String> = None;
+    // While every model of the chain so far had all its keys cooling: the soonest retry.
+    let mut all_cooling: Option<u64> = Some(u64::MAX);
     let mut next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
     loop {
         let mut attempt = match next {
             Ok(a) => a,
+            Err(e) if cannot_serve(&e) => {
+                // No usable key for this model: on to the next of its chain, if any.
+                all_cooling = match (&e, all_cooling) {
+                    (GatewayError::KeysCooling { retry_after_ms, .. }, Some(soonest)) => {
+                        Some(soonest.min(*retry_after_ms))
+                    }
+                    _ => None,
+                };
+                match fail_over(gw, &mut guard, &ticket) {
+                    Some(OnBody::Forward(f)) => {
+                        forward = f;
+                        body = forward
+                            .body
+                            .clone()
+                            .map_or(client_body.clone(), Bytes::from);
+                        ticket = forward.ticket.clone();
+                        next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+                        continue;
+                    }
+                    Some(OnBody::Respond(r)) => return guard.answer(r),
+                    None => {}
+                }
+                let e = match (e, all_cooling) {
+                    (GatewayError::KeysCooling { provider, .. }, Some(soonest)) => {
+                        GatewayError::KeysCooling {
+                            provider,
+                            retry_after_ms: soonest,
+                        }
+                    }
+                    (e, _) => e,
+                };
+                return guard.fail(e, key_id.as_deref());
+            }
             Err(e) => return guard.fail(e, key_id.as_deref()),
         };
         guard.key_reservation = std::mem::take(&mut attempt.reservation);
@@ -313,30 +352,78 @@ async fn forward_upstream(
                 })
             }
             Err(_) => {
-                // Waiting as long again on another key is rarely what the client wants.
                 unanswered();
-                return guard.fail(
-                    GatewayError::UpstreamTimeout { provider },
-                    key_id.as_deref(),
-                );
+                Failed::Silent(GatewayError::UpstreamTimeout {
+                    provider: provider.clone(),
+                })
             }
         };
-        // Nothing has reached the client yet: a failure another key may fix is retried,
-        // streams included, while attempts and the time budget last.
+        all_cooling = None;
+        // Nothing has reached the client yet: a failure another key or model may fix is
+        // retried, streams included, while attempts and the time budget last.
         let Some(wait) = next_backoff(&retry, &ticket) else {
-            return match failed {
-                Failed::Answered(parts, error_body) => {
-                    relay_read(gw, guard, parts, error_body, key_id)
-                }
-                Failed::Unreachable(error) => guard.fail(error, key_id.as_deref()),
-            };
+            return failed.answer(gw, guard, key_id);
         };
+        // Another key of this model, unless each was tried (or the provider was silent:
+        // waiting as long again on another of its keys is rarely what the client wants);
+        // then the next model of the chain.
+        let model_spent = ticket.pool_tried(&config) || matches!(failed, Failed::Silent(_));
+        if model_spent {
+            guard.give_back_key();
+            match fail_over(gw, &mut guard, &ticket) {
+                Some(OnBody::Forward(f)) => {
+                    tracing::warn!(provider = %provider, from = %ticket.model, to = %f.ticket.model, "model failed; failing over");
+                    forward = f;
+                    body = forward
+                        .body
+                        .clone()
+                        .map_or(client_body.clone(), Bytes::from);
+                    ticket = forward.ticket.clone();
+                    next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+                    continue;
+                }
+                Some(OnBody::Respond(r)) => return guard.answer(r),
+                // The chain is spent: its last failure is the answer (without a chain,
+                // the model's keys are tried again while attempts last).
+                None if matches!(failed, Failed::Silent(_)) || has_chain(&guard) => {
+                    return failed.answer(gw, guard, key_id)
+                }
+                None => {}
+            }
+        }
         drop(failed);
         guard.give_back_key();
         tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), retry_in_ms = wait, "attempt failed; retrying on another key");
         tokio::time::sleep(Duration::from_millis(wait)).await;
         next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
     }
+}
+
+/// Whether an error choosing a key means this model cannot serve the request now (every key
+/// cooling, revoked, out of quota or at its own limits), so that another model may.
+fn cannot_serve(e: &GatewayError) -> bool {
+    matches!(
+        e,
+        GatewayError::KeysCooling { .. }
+            | GatewayError::KeysRevoked { .. }
+            | GatewayError::KeysExhausted { .. }
+            | GatewayError::RateLimited { .. }
+            | GatewayError::QuotaExhausted { .. }
+            | GatewayError::ExceedsLimit { .. }
+    )
+}
+
+fn has_chain(guard: &InFlight) -> bool {
+    guard.exchange.as_ref().is_some_and(Exchange::has_chain)
+}
+
+/// The next model of the request's chain, routed (`Exchange::fail_over`); `None` when the
+/// chain is spent.
+fn fail_over(gw: &Gateway, guard: &mut InFlight, ticket: &Ticket) -> Option<OnBody> {
+    guard
+        .exchange
+        .as_mut()?
+        .fail_over(crate::now_ms(), &gw.store, ticket)
 }
 
 /// Whether a failed upstream request did get an answer, one hyper could not parse (a head
@@ -352,13 +439,30 @@ fn answered_unreadably(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// An attempt another key may fix.
+/// An attempt another key or model may fix.
 enum Failed {
     /// The provider refused it (rate limited, quota exhausted, key refused, overloaded,
     /// server error), with the body it read (`read_error_body`).
     Answered(hyper::http::response::Parts, Bytes),
     /// It never answered.
     Unreachable(GatewayError),
+    /// It did not answer within the upstream timeout.
+    Silent(GatewayError),
+}
+
+impl Failed {
+    /// The last failure, as the client's answer.
+    fn answer(
+        self,
+        gw: &Arc<Gateway>,
+        guard: InFlight,
+        key_id: Option<String>,
+    ) -> Response<GatewayBody> {
+        match self {
+            Self::Answered(parts, error_body) => relay_read(gw, guard, parts, error_body, key_id),
+            Self::Unreachable(error) | Self::Silent(error) => guard.fail(error, key_id.as_deref()),
+        }
+    }
 }
 
 /// The wait before the ticket's next attempt, if it may have one.
@@ -632,6 +736,22 @@ impl InFlight {
             };
             let _ = limits::settle(reservation, &self.gateway.store, crate::now_ms(), sent);
         }
+    }
+
+    /// Ends the exchange with an answer of the gateway's own (a fallback's local answer).
+    fn answer(mut self, r: LocalResponse) -> Response<GatewayBody> {
+        self.give_back_key();
+        let Some(exchange) = self.exchange.take() else {
+            return local(r);
+        };
+        conclude(
+            &self.gateway,
+            exchange,
+            r,
+            None,
+            self.started,
+            Ending::Answered,
+        )
     }
 
     /// Ends the exchange with the gateway's own error.

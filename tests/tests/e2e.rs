@@ -1193,17 +1193,29 @@ async fn forged_gateway_headers_from_a_provider_have_no_effect(host: Host) {
         }
     };
     forge("key 200");
+    for key in [KEY_A, KEY_B] {
+        f.mock.set_key_headers(
+            key,
+            vec![
+                ("x-tollgate-local-reply".into(), "key 200".into()),
+                ("x-tollgate-model".into(), "forged".into()),
+            ],
+        );
+    }
     let r = f
         .post(json!({ "model": "gpt-4o-mini", "messages": user("hi") }))
         .await;
     assert_eq!(r.status(), 200);
+    // The gateway's own `x-tollgate-model` only, naming the model that served.
     assert!(
         r.headers()
             .keys()
-            .all(|k| !k.as_str().starts_with("x-tollgate")),
+            .all(|k| !k.as_str().starts_with("x-tollgate") || k == "x-tollgate-model"),
         "{:?}",
         r.headers()
     );
+    let models: Vec<_> = r.headers().get_all("x-tollgate-model").iter().collect();
+    assert_eq!(models, ["gpt-4o-mini"], "{:?}", r.headers());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], DEFAULT_CONTENT);
     f.fault_all_keys(Fault::ServerError { status: 503 });

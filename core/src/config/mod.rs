@@ -126,6 +126,9 @@ pub struct Model {
     pub pricing: Option<Pricing>,
     /// Indexes of the provider's keys that serve this model (its pool), in listed order.
     pub pool: Vec<usize>,
+    /// The models that serve a request for this one when it cannot, in order (its chain
+    /// after itself). Not followed further: a fallback's own fallbacks are its own.
+    pub fallbacks: Vec<ModelId>,
     /// Store key of the pool's turn cursor, shared by every worker. One per model: models
     /// with different pools sharing one cursor would each see only some turns.
     pub cursor_key: String,
@@ -287,9 +290,22 @@ impl Config {
 
     /// Every limit a request of `consumer` to `model` counts against.
     pub fn limits_for(&self, consumer: ConsumerId, model: ModelId) -> impl Iterator<Item = &Limit> {
-        let c = self.consumer(consumer);
-        let own = c.map(|c| c.limits.as_slice()).unwrap_or_default();
-        let on_model = c
+        let own = self
+            .consumer(consumer)
+            .map(|c| c.limits.as_slice())
+            .unwrap_or_default();
+        own.iter().chain(self.model_limits_for(consumer, model))
+    }
+
+    /// The limits of `limits_for` that belong to the model: the model's own, and the
+    /// consumer's on that model. A request that fails over moves these to its fallback.
+    pub fn model_limits_for(
+        &self,
+        consumer: ConsumerId,
+        model: ModelId,
+    ) -> impl Iterator<Item = &Limit> {
+        let on_model = self
+            .consumer(consumer)
             .and_then(|c| c.model_limits.get(&model))
             .map(Vec::as_slice)
             .unwrap_or_default();
@@ -297,7 +313,7 @@ impl Config {
             .model(model)
             .map(|m| m.limits.as_slice())
             .unwrap_or_default();
-        own.iter().chain(on_model).chain(model)
+        on_model.iter().chain(model)
     }
 
     /// The consumer a presented key belongs to. The index is searched by the first eight
@@ -839,6 +855,9 @@ fn compile_models(
 ) -> Vec<Model> {
     let mut names = BTreeSet::new();
     let mut out = Vec::new();
+    // Each compiled model's config path and the names of its fallbacks, linked once every
+    // model is known.
+    let mut fallback_names = Vec::new();
     for (i, raw) in raws.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
         let path = format!("models[{i}]");
@@ -930,8 +949,11 @@ fn compile_models(
             pool,
             decorators,
             guard,
+            fallbacks: Vec::new(),
         });
+        fallback_names.push((path, raw.fallbacks));
     }
+    link_fallbacks(&mut out, fallback_names, providers, errors);
     for (p, provider) in providers.iter().enumerate() {
         for key in &provider.keys {
             for (m, pattern) in key.models.iter().enumerate() {
@@ -951,6 +973,54 @@ fn compile_models(
         }
     }
     out
+}
+
+/// Resolves each model's `fallbacks` to model ids: every name must be another model, named
+/// once; and the chain (the model and its fallbacks) must fit in the attempts its provider's
+/// `retry` allows, since each model in it takes at least one.
+fn link_fallbacks(
+    models: &mut [Model],
+    names: Vec<(String, Vec<String>)>,
+    providers: &[Provider],
+    errors: &mut Errors,
+) {
+    let ids: BTreeMap<String, ModelId> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.clone(), i))
+        .collect();
+    for (i, (path, fallbacks)) in names.into_iter().enumerate() {
+        let Some(model) = models.get(i) else { continue };
+        let mut chain = vec![i];
+        for (j, name) in fallbacks.iter().enumerate() {
+            let at = format!("{path}.fallbacks[{j}]");
+            match ids.get(name) {
+                None => errors.at(at, format!("no model is named `{name}`")),
+                Some(&id) if chain.contains(&id) => errors.at(
+                    at,
+                    format!("`{name}` is in the chain already: a chain cannot loop"),
+                ),
+                Some(&id) => chain.push(id),
+            }
+        }
+        let attempts = providers
+            .get(model.provider)
+            .map_or(0, |p| p.retry.attempts);
+        if !fallbacks.is_empty() && chain.len() > attempts as usize {
+            errors.at(
+                format!("{path}.fallbacks"),
+                format!(
+                    "a chain of {} models needs at least as many attempts; the provider's \
+                     retry.attempts is {attempts}",
+                    chain.len()
+                ),
+            );
+        }
+        chain.remove(0);
+        if let Some(m) = models.get_mut(i) {
+            m.fallbacks = chain;
+        }
+    }
 }
 
 /// The keys of `provider` that serve the model: those whose `models` allow it, narrowed to

@@ -238,6 +238,10 @@ pub struct RawModel {
     /// Deny rules over the messages of every request for this model.
     #[serde(default)]
     pub guard: Vec<RawGuardRule>,
+    /// Other public models that serve a request for this one, in order, when it cannot:
+    /// no usable key, or its attempts fail in a way another provider may not.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
 }
 
 /// Limits of one scope (a consumer, a consumer on one model, or a model across consumers).

@@ -263,3 +263,47 @@ models:
     let gpt = config.model(config.model_id("gpt").unwrap()).unwrap();
     assert_eq!(gpt.pricing.unwrap().cache_write, 2.0);
 }
+
+#[test]
+fn fallback_chains_are_linked_and_checked() {
+    let chains = |fallbacks: &str, attempts: u32| {
+        format!(
+            r#"
+providers:
+  - {{ name: openai, kind: openai, base_url: "http://127.0.0.1:9", retry: {{ attempts: {attempts} }}, keys: [{{ id: k1, secret_env: OPENAI_KEY_1 }}] }}
+models:
+  - {{ name: smart, provider: openai, fallbacks: {fallbacks} }}
+  - {{ name: cheap, provider: openai }}
+  - {{ name: other, provider: openai }}
+"#
+        )
+    };
+    let c = Config::load(&chains("[cheap, other]", 3), &env).unwrap();
+    let smart = c.model(c.model_id("smart").unwrap()).unwrap();
+    let names: Vec<_> = smart
+        .fallbacks
+        .iter()
+        .map(|&m| c.model(m).unwrap().name.as_str())
+        .collect();
+    assert_eq!(names, ["cheap", "other"]);
+    for (fallbacks, attempts, path, says) in [
+        (
+            "[nope]",
+            3,
+            "models[0].fallbacks[0]",
+            "no model is named `nope`",
+        ),
+        ("[smart]", 3, "models[0].fallbacks[0]", "cannot loop"),
+        ("[cheap, cheap]", 3, "models[0].fallbacks[1]", "cannot loop"),
+        (
+            "[cheap, other]",
+            2,
+            "models[0].fallbacks",
+            "retry.attempts is 2",
+        ),
+    ] {
+        let errs = Config::load(&chains(fallbacks, attempts), &env).unwrap_err();
+        assert_eq!(errs.0[0].path, path, "{errs}");
+        assert!(errs.0[0].message.contains(says), "{errs}");
+    }
+}

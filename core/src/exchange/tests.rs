@@ -138,10 +138,13 @@ fn forwarded_completion() {
         [
             "read body up to 200",
             "forward to provider 0 at /v1/chat/completions?trace=1 with the client's body, x-tollgate-provider=openai",
-            &format!("relay without {:?}", crate::exchange::RELAY_REMOVE_HEADERS),
+            &format!(
+                "relay without {:?}, x-tollgate-model: gpt-4o-mini",
+                crate::exchange::RELAY_REMOVE_HEADERS
+            ),
             "Unchanged",
             "Unchanged",
-            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
+            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), requested_model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
         ]
     );
 }
@@ -296,7 +299,7 @@ fn a_refusal_is_summarized_with_its_status() {
     ]);
     assert_eq!(
         t[1],
-        "Summary { consumer: None, model: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
+        "Summary { consumer: None, model: None, requested_model: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
     );
 }
 
@@ -831,6 +834,7 @@ fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
         tokens,
         started_ms: 0,
         tried: Vec::new(),
+        attempts_before: 0,
     }
 }
 

@@ -196,9 +196,12 @@ pub struct Ticket {
     pub tokens: u64,
     /// When the request was forwarded: attempts start within the retry budget from here.
     pub started_ms: u64,
-    /// Ids of the keys tried so far, in order.
+    /// Ids of the keys tried so far, in order, for this model.
     #[serde(default)]
     pub tried: Vec<String>,
+    /// Attempts made for the models of the request's chain before this one (failover).
+    #[serde(default)]
+    pub attempts_before: u32,
 }
 
 impl Ticket {
@@ -210,11 +213,32 @@ impl Ticket {
         }
     }
 
-    /// The number of the next attempt (1 for the first).
-    pub fn next_attempt(&self) -> u32 {
+    /// Attempts made so far over the whole chain.
+    pub fn attempts_made(&self) -> u32 {
         u32::try_from(self.tried.len())
             .unwrap_or(u32::MAX)
-            .saturating_add(1)
+            .saturating_add(self.attempts_before)
+    }
+
+    /// The number of the next attempt (1 for the first), over the whole chain.
+    pub fn next_attempt(&self) -> u32 {
+        self.attempts_made().saturating_add(1)
+    }
+
+    /// Whether every key of the model's pool was tried for this request already (a pool
+    /// without keys: whether it was tried at all): another attempt on it would repeat one.
+    pub fn pool_tried(&self, config: &Config) -> bool {
+        let Some(model) = config.model_id(&self.model).and_then(|id| config.model(id)) else {
+            return true;
+        };
+        let Some(provider) = config.provider(model.provider) else {
+            return true;
+        };
+        let mut pool = model.pool.iter().filter_map(|&i| provider.keys.get(i));
+        if model.pool.is_empty() {
+            return !self.tried.is_empty();
+        }
+        pool.all(|k| self.tried.contains(&k.id))
     }
 
     pub fn encode(&self) -> String {

@@ -28,6 +28,7 @@ fn ticket(model: &str) -> Ticket {
         tokens: 10,
         started_ms: NOW,
         tried: Vec::new(),
+        attempts_before: 0,
     }
 }
 

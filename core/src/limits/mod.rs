@@ -521,6 +521,18 @@ impl Reservation {
             .map(|l| l.held_epoch().unwrap_or(0))
     }
 
+    /// Takes out what it took from the limits `which` picks, as a reservation of its own.
+    pub fn split_off(&mut self, which: impl Fn(&Limit) -> bool) -> Reservation {
+        let (out, kept) = std::mem::take(&mut self.taken)
+            .into_iter()
+            .partition(|t| which(&t.limit));
+        self.taken = kept;
+        Reservation {
+            taken: out,
+            at_ms: self.at_ms,
+        }
+    }
+
     /// Adds another reservation's takings, to be settled together.
     pub fn merge(&mut self, other: Reservation) {
         if self.taken.is_empty() {

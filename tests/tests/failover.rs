@@ -1,0 +1,344 @@
+//! Failover across providers and models (`models[].fallbacks`): a request for `smart`
+//! (OpenAI) that its own pool cannot serve is served by `claude-sonnet` (Anthropic),
+//! translated both ways, transparently to the client, before any byte reached it.
+//!
+//! Native host. Envoy does not fail over yet (docs/envoy.md, "Failover"): `tollgate
+//! envoy-bootstrap` refuses a config with fallbacks, which `an_envoy_bootstrap_refuses_…`
+//! checks.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+use tollgate_e2e::gateway::{tollgate_bin, Host, TempDir};
+use tollgate_e2e::mock_provider::{Fault, MockProvider};
+use tollgate_e2e::scenario::{sha256_hex, sse_data, stream_text, user, Stack};
+
+const APP_KEY: &str = "tg-failover-app-key";
+const NARROW_KEY: &str = "tg-failover-narrow-key";
+const OPENAI_KEY: &str = "sk-failover-openai";
+const CLAUDE_KEY: &str = "sk-ant-failover-claude";
+/// `smart`'s own daily token allowance: its reservations show in `x-ratelimit-*`.
+const SMART_DAILY: u64 = 1_000_000;
+
+fn config(mock: &MockProvider) -> String {
+    format!(
+        r#"
+consumers:
+  - name: app
+    keys: [{{ sha256: {app} }}]
+    models: ["*"]
+  - name: narrow
+    keys: [{{ sha256: {narrow} }}]
+    models: [smart]
+providers:
+  - name: openai
+    kind: openai
+    base_url: {base}
+    retry: {{ attempts: 3, backoff_ms: 10, max_backoff_ms: 20 }}
+    keys: [{{ id: primary, secret_env: TG_FO_OPENAI }}]
+  - name: anthropic
+    kind: anthropic
+    base_url: {base}
+    keys: [{{ id: claude, secret_env: TG_FO_CLAUDE }}]
+models:
+  - name: smart
+    provider: openai
+    upstream_model: gpt-4o
+    fallbacks: [claude-sonnet]
+    limits: {{ daily_tokens: {SMART_DAILY} }}
+  - name: claude-sonnet
+    provider: anthropic
+    upstream_model: claude-sonnet-4-5
+    limits: {{ requests_per_day: 1000 }}
+    pricing: {{ input_per_million: 3.0, output_per_million: 15.0 }}
+"#,
+        app = sha256_hex(APP_KEY),
+        narrow = sha256_hex(NARROW_KEY),
+        base = mock.base_url(),
+    )
+}
+
+async fn start(host: Host) -> Stack {
+    Stack::start(
+        host,
+        config,
+        vec![("TG_FO_OPENAI", OPENAI_KEY), ("TG_FO_CLAUDE", CLAUDE_KEY)],
+    )
+    .await
+}
+
+async fn post_as(f: &Stack, key: &str, body: Value) -> reqwest::Response {
+    f.http
+        .post(f.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("an answer")
+}
+
+fn chat() -> Value {
+    json!({ "model": "smart", "max_tokens": 50, "messages": user("hello") })
+}
+
+fn served_by(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-tollgate-model")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// (path, key) of each request the mock received, in order.
+fn calls(mock: &MockProvider) -> Vec<(String, String)> {
+    mock.requests()
+        .into_iter()
+        .map(|r| (r.path, r.key.unwrap_or_default()))
+        .collect()
+}
+
+fn to_openai() -> (String, String) {
+    ("/v1/chat/completions".into(), OPENAI_KEY.into())
+}
+
+fn to_claude() -> (String, String) {
+    ("/v1/messages".into(), CLAUDE_KEY.into())
+}
+
+/// The primary's only key answers 429: the request is served by the Anthropic fallback, in
+/// OpenAI's shape, saying who answered. The key now cools: the next request goes straight
+/// to the fallback, without calling the primary.
+async fn a_rate_limited_primary_is_served_by_its_fallback(host: Host) {
+    let f = start(host).await;
+    f.mock.set_fault(
+        OPENAI_KEY,
+        Fault::TooManyRequests {
+            retry_after_secs: Some(60),
+        },
+    );
+    let r = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "claude-sonnet");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    assert!(
+        answer["choices"][0]["message"]["content"].is_string(),
+        "{answer}"
+    );
+    assert_eq!(calls(&f.mock), [to_openai(), to_claude()]);
+    // The Anthropic request is Anthropic's: its model, its headers.
+    let sent = f.mock.requests().pop().unwrap().json();
+    assert_eq!(sent["model"], "claude-sonnet-4-5");
+
+    f.mock.clear_requests();
+    let r = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "claude-sonnet");
+    assert_eq!(
+        calls(&f.mock),
+        [to_claude()],
+        "the cooling primary was called"
+    );
+}
+
+/// A primary that is overloaded (503) or failing (500) fails over; a request the provider
+/// refuses as invalid (400) does not: another provider would refuse it too.
+async fn server_errors_fail_over_and_invalid_requests_do_not(host: Host) {
+    let f = start(host).await;
+    for fault in [Fault::Overloaded, Fault::ServerError { status: 500 }] {
+        f.mock.clear_requests();
+        f.mock.set_fault(OPENAI_KEY, fault);
+        let r = post_as(&f, APP_KEY, chat()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(served_by(&r), "claude-sonnet");
+        assert_eq!(calls(&f.mock), [to_openai(), to_claude()]);
+    }
+    f.mock.clear_requests();
+    f.mock
+        .set_fault(OPENAI_KEY, Fault::HtmlError { status: 400 });
+    let r = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(served_by(&r), "smart");
+    assert_eq!(calls(&f.mock), [to_openai()], "a 400 failed over");
+}
+
+/// A stream fails over before its first byte (the client gets Claude's answer as OpenAI
+/// chunks) and never after it: a primary that cuts its stream midway leaves the client with
+/// the cut stream, and the fallback is not called.
+async fn a_stream_fails_over_before_its_first_byte_and_never_after(host: Host) {
+    let f = start(host).await;
+    let mut stream = chat();
+    stream["stream"] = json!(true);
+    f.mock.set_fault(
+        OPENAI_KEY,
+        Fault::TooManyRequests {
+            retry_after_secs: Some(1),
+        },
+    );
+    let r = post_as(&f, APP_KEY, stream.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "claude-sonnet");
+    let text = r.text().await.unwrap();
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    assert!(!stream_text(&sse_data(&text)).is_empty(), "{text}");
+    assert_eq!(calls(&f.mock), [to_openai(), to_claude()]);
+
+    // Past the primary's cooldown, it streams two events and breaks.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    f.mock.clear_requests();
+    f.mock
+        .set_fault(OPENAI_KEY, Fault::CutStreamAfter { chunks: 2 });
+    let mut r = post_as(&f, APP_KEY, stream).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "smart");
+    while let Ok(Some(_)) = r.chunk().await {}
+    assert_eq!(
+        calls(&f.mock),
+        [to_openai()],
+        "failed over after the first byte"
+    );
+}
+
+/// Limits and cost go to the model that served: the primary's model limits get back what it
+/// reserved (a later request sees the same allowance left), the fallback's are charged, and
+/// the access log names both models and the fallback's price.
+async fn limits_and_cost_are_charged_to_the_serving_model(host: Host) {
+    let f = start(host).await;
+    f.mock
+        .set_fault(OPENAI_KEY, Fault::ServerError { status: 500 });
+    let remaining = |r: &reqwest::Response| -> u64 {
+        r.headers()
+            .get("x-ratelimit-remaining-tokens")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("x-ratelimit-remaining-tokens")
+    };
+    let failed_over = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(served_by(&failed_over), "claude-sonnet");
+    let reserved = SMART_DAILY - remaining(&failed_over);
+    assert!(reserved > 0);
+    let _ = failed_over.text().await;
+    f.mock.clear_fault(OPENAI_KEY);
+    let served = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(served_by(&served), "smart");
+    assert_eq!(
+        remaining(&served),
+        SMART_DAILY - reserved,
+        "the failed-over request kept tokens of smart's allowance"
+    );
+    let _ = served.text().await;
+    let logs = f.gateway.logs();
+    let line = logs
+        .lines()
+        .find(|l| {
+            l.contains(r#" model="claude-sonnet""#) && l.contains(r#"requested_model="smart""#)
+        })
+        .unwrap_or_else(|| panic!("no access log line of the failover: {logs}"));
+    let cost: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("cost_micro_usd="))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(cost > 0, "the fallback's price was not charged: {line}");
+}
+
+/// A consumer who may not use the fallback gets the primary's own error, and the fallback is
+/// never called.
+async fn a_fallback_the_consumer_may_not_use_is_skipped(host: Host) {
+    let f = start(host).await;
+    f.mock
+        .set_fault(OPENAI_KEY, Fault::ServerError { status: 500 });
+    let r = post_as(&f, NARROW_KEY, chat()).await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(served_by(&r), "smart");
+    // Its only key tried again while attempts last, as without a chain.
+    let calls = calls(&f.mock);
+    assert!(calls.iter().all(|c| *c == to_openai()), "{calls:?}");
+}
+
+/// The chain spent: the last model's error. When every model's keys are cooling, 429 with
+/// the soonest retry, and no call at all.
+async fn a_spent_chain_answers_its_last_error(host: Host) {
+    let f = start(host).await;
+    for key in [OPENAI_KEY, CLAUDE_KEY] {
+        f.mock.set_fault(
+            key,
+            Fault::TooManyRequests {
+                retry_after_secs: Some(60),
+            },
+        );
+    }
+    let r = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(served_by(&r), "claude-sonnet");
+    assert_eq!(calls(&f.mock), [to_openai(), to_claude()]);
+
+    f.mock.clear_requests();
+    let r = post_as(&f, APP_KEY, chat()).await;
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "provider_keys_cooling", "{error}");
+    assert!(calls(&f.mock).is_empty(), "a cooling key was called");
+}
+
+mod native {
+    use tollgate_e2e::gateway::Host;
+
+    macro_rules! native {
+        ($($scenario:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario(Host::Native).await;
+            }
+        )*};
+    }
+
+    native!(
+        a_rate_limited_primary_is_served_by_its_fallback,
+        server_errors_fail_over_and_invalid_requests_do_not,
+        a_stream_fails_over_before_its_first_byte_and_never_after,
+        limits_and_cost_are_charged_to_the_serving_model,
+        a_fallback_the_consumer_may_not_use_is_skipped,
+        a_spent_chain_answers_its_last_error,
+    );
+}
+
+/// Envoy cannot fail over yet: its bootstrap renderer says so rather than render a gateway
+/// that would silently not.
+#[test]
+fn an_envoy_bootstrap_refuses_a_config_with_fallbacks() {
+    let dir = TempDir::new("failover-bootstrap");
+    let path = dir.path().join("tollgate.yaml");
+    let text = config_for_bootstrap();
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(tollgate_bin())
+        .args(["envoy-bootstrap", "--config"])
+        .arg(&path)
+        .args(["--wasm", "/tmp/x.wasm"])
+        .env("TG_FO_OPENAI", "x")
+        .env("TG_FO_CLAUDE", "y")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("models[0].fallbacks"), "{err}");
+}
+
+fn config_for_bootstrap() -> String {
+    r#"
+providers:
+  - { name: openai, kind: openai, base_url: "http://127.0.0.1:9", keys: [{ id: a, secret_env: TG_FO_OPENAI }] }
+  - { name: anthropic, kind: anthropic, base_url: "http://127.0.0.1:9", keys: [{ id: b, secret_env: TG_FO_CLAUDE }] }
+models:
+  - { name: smart, provider: openai, fallbacks: [claude] }
+  - { name: claude, provider: anthropic }
+"#
+    .to_string()
+}
