@@ -207,15 +207,11 @@ async fn forward_upstream(
     exchange: Exchange,
     client_headers: &HeaderMap,
     client_body: Bytes,
-    mut forward: Forward,
+    forward: Forward,
     started: Instant,
 ) -> Response<GatewayBody> {
     let config = Arc::clone(exchange.config());
-    let mut body = forward
-        .body
-        .clone()
-        .map_or(client_body.clone(), Bytes::from);
-    let mut ticket = forward.ticket.clone();
+    let (mut forward, mut body, mut ticket) = routed(forward, &client_body);
     // The requested model's provider's policy bounds the whole chain (failover included).
     let retry = config
         .provider_by_name(&ticket.provider)
@@ -247,12 +243,7 @@ async fn forward_upstream(
                 };
                 match fail_over(gw, &mut guard, &ticket) {
                     Some(OnBody::Forward(f)) => {
-                        forward = f;
-                        body = forward
-                            .body
-                            .clone()
-                            .map_or(client_body.clone(), Bytes::from);
-                        ticket = forward.ticket.clone();
+                        (forward, body, ticket) = routed(f, &client_body);
                         next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
                         continue;
                     }
@@ -373,12 +364,7 @@ async fn forward_upstream(
             match fail_over(gw, &mut guard, &ticket) {
                 Some(OnBody::Forward(f)) => {
                     tracing::warn!(provider = %provider, from = %ticket.model, to = %f.ticket.model, "model failed; failing over");
-                    forward = f;
-                    body = forward
-                        .body
-                        .clone()
-                        .map_or(client_body.clone(), Bytes::from);
-                    ticket = forward.ticket.clone();
+                    (forward, body, ticket) = routed(f, &client_body);
                     next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
                     continue;
                 }
@@ -397,6 +383,17 @@ async fn forward_upstream(
         tokio::time::sleep(Duration::from_millis(wait)).await;
         next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
     }
+}
+
+/// A routing, with the body it sends (the client's when it needs no other) and the ticket
+/// its attempts carry.
+fn routed(forward: Forward, client_body: &Bytes) -> (Forward, Bytes, Ticket) {
+    let body = forward
+        .body
+        .clone()
+        .map_or_else(|| client_body.clone(), Bytes::from);
+    let ticket = forward.ticket.clone();
+    (forward, body, ticket)
 }
 
 /// Whether an error choosing a key means this model cannot serve the request now (every key
