@@ -226,13 +226,22 @@ def sha256(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def tollgate_config(mock_port):
+def tollgate_config(mock_port, chain=False):
+    # With `chain`, the model has a fallback on another provider (never used here: the
+    # primary answers): what a failover chain costs a request that does not fail over.
+    fallback = f"""
+  - name: claude
+    kind: anthropic
+    base_url: http://127.0.0.1:{mock_port}/v1
+    keys: [{{ id: c1, secret_env: BENCH_KEY_1 }}]""" if chain else ""
+    fallbacks = ", fallbacks: [claude-fallback]" if chain else ""
+    fallback_model = "\n  - { name: claude-fallback, provider: claude }" if chain else ""
     return f"""
 server: {{ listen: "127.0.0.1:0", max_body_bytes: 1048576, upstream_timeout_ms: 60000 }}
 consumers:
   - name: bench
     keys: [{{ sha256: {sha256(CLIENT_KEY)} }}]
-    models: [gpt-4o-mini]
+    models: ["*"]
     limits: {{ requests_per_minute: 1000000000, tokens_per_minute: 1000000000000 }}
 providers:
   - name: upstream
@@ -240,9 +249,9 @@ providers:
     base_url: http://127.0.0.1:{mock_port}/v1
     keys:
       - {{ id: k1, secret_env: BENCH_KEY_1 }}
-      - {{ id: k2, secret_env: BENCH_KEY_2 }}
+      - {{ id: k2, secret_env: BENCH_KEY_2 }}{fallback}
 models:
-  - {{ name: gpt-4o-mini, provider: upstream }}
+  - {{ name: gpt-4o-mini, provider: upstream{fallbacks} }}{fallback_model}
 """
 
 
@@ -266,17 +275,17 @@ def envoy_stat(admin, name):
     return None
 
 
-def target_native(mock_port):
+def target_native(mock_port, chain=False):
     cfg = WORKDIR / "tollgate.yaml"
-    cfg.write_text(tollgate_config(mock_port))
+    cfg.write_text(tollgate_config(mock_port, chain))
     proc = Proc("native", [TOLLGATE, "run", "--config", cfg, "--listen", "127.0.0.1:0"], env=TOLLGATE_ENV, announces=True)
     addr = proc.first_line().removeprefix("listening on ")
     return proc, f"http://{addr}/v1/chat/completions", {"Authorization": f"Bearer {CLIENT_KEY}"}, None
 
 
-def target_envoy_tollgate(mock_port):
+def target_envoy_tollgate(mock_port, chain=False):
     cfg = WORKDIR / "tollgate.yaml"
-    cfg.write_text(tollgate_config(mock_port))
+    cfg.write_text(tollgate_config(mock_port, chain))
     port, admin = free_port(), f"127.0.0.1:{free_port()}"
     bootstrap = WORKDIR / "envoy-tollgate.yaml"
     with open(bootstrap, "w") as f:
@@ -425,6 +434,9 @@ TARGETS = {
     "envoy-bare": (f"bare Envoy ({WORKERS} workers)", target_envoy_bare),
     "envoy-tollgate": (f"Envoy + tollgate ({WORKERS} workers)", target_envoy_tollgate),
     "native": ("tollgate native host", target_native),
+    "envoy-tollgate-chain": (f"Envoy + tollgate, model with a fallback ({WORKERS} workers)",
+                             lambda port: target_envoy_tollgate(port, chain=True)),
+    "native-chain": ("tollgate native host, model with a fallback", lambda port: target_native(port, chain=True)),
     "crabllm": (f"crabllm {CRABLLM_VERSION}", target_crabllm),
     "portkey": (f"Portkey gateway {PORTKEY_VERSION}", target_portkey),
     "litellm": ("LiteLLM proxy", target_litellm),

@@ -97,7 +97,7 @@ pub enum OnResponse {
 /// Response headers the client does not see: those that identify the provider account behind
 /// a key or its limits (the gateway's own `x-ratelimit-*` replace them), that try to set
 /// state on the client, and the key role's internal handover.
-pub const RELAY_REMOVE_HEADERS: [&str; 24] = [
+pub const RELAY_REMOVE_HEADERS: [&str; 25] = [
     "openai-organization",
     "openai-project",
     "anthropic-organization-id",
@@ -122,6 +122,7 @@ pub const RELAY_REMOVE_HEADERS: [&str; 24] = [
     "x-ratelimit-reset-tokens",
     KEY_RESERVATION_HEADER,
     LOCAL_REPLY_HEADER,
+    SERVED_BY_HEADER,
 ];
 
 /// What to emit for one chunk of the provider's response body.
@@ -240,6 +241,10 @@ pub struct Exchange {
 /// Response header naming the public model that served the request (another than the one
 /// asked for after a failover).
 pub const MODEL_HEADER: &str = "x-tollgate-model";
+
+/// Envoy: the internal response header by which the key role tells the gateway role which
+/// fallback answered (see `Exchange::serve_as`).
+pub const SERVED_BY_HEADER: &str = "x-tollgate-served-by";
 
 /// What a request asks of the model, for its reservation: the prompt estimate (decorations
 /// included), the most output it allows per choice, and how many choices.
@@ -659,6 +664,7 @@ impl Exchange {
                 started_ms: now_ms,
                 tried: Vec::new(),
                 attempts_before: 0,
+                chain: Vec::new(),
             },
         }))
     }
@@ -749,6 +755,7 @@ impl Exchange {
                 started_ms: now_ms,
                 tried: Vec::new(),
                 attempts_before: 0,
+                chain: Vec::new(),
             },
         })))
     }
@@ -840,6 +847,107 @@ impl Exchange {
             }
         }
         None
+    }
+
+    /// Envoy: every fallback of the request's chain routed as it would be sent (in its
+    /// provider's dialect, with its path and headers), for the key role to send when the
+    /// router's retry reaches that provider. Nothing is reserved here: the key role
+    /// reserves the fallback's keys, and `serve_as` moves the model limits.
+    pub fn chain_steps(&self, now_ms: u64) -> Vec<crate::keys::ChainStep> {
+        let Some(body) = &self.client_body else {
+            return Vec::new();
+        };
+        self.fallbacks
+            .iter()
+            .filter_map(|&f| {
+                let mut x = self.routed_apart(f);
+                match x.route(now_ms, body, &crate::store::LocalStore::default()) {
+                    Ok(OnBody::Forward(forward)) => Some(crate::keys::ChainStep {
+                        authority: self
+                            .config
+                            .provider(forward.provider)
+                            .and_then(|p| p.base_url.as_ref())
+                            .map(|u| u.host_header())?,
+                        provider: forward.ticket.provider,
+                        model: forward.ticket.model,
+                        path: forward.path,
+                        body: String::from_utf8(forward.body.unwrap_or_else(|| body.clone()))
+                            .ok()?,
+                        default_headers: forward
+                            .default_headers
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                        tokens: forward.ticket.tokens,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// A copy of this exchange as it was before routing, set to route to `model` (a
+    /// fallback), for `chain_steps` and `serve_as`.
+    fn routed_apart(&self, model: ModelId) -> Exchange {
+        let mut x = Exchange::new(Arc::clone(&self.config));
+        x.stage = Stage::Body;
+        x.consumer = self.consumer;
+        x.query = self.query.clone();
+        x.prompt = self.prompt;
+        x.client = self.client;
+        x.requested_model = self.requested_model;
+        x.failing_over = Some(model);
+        x
+    }
+
+    /// Envoy: the response came from `model`, a fallback the key role failed over to (its
+    /// `SERVED_BY_HEADER`): the answer is read as that model's (its dialect, its name), and
+    /// its limits take the request's model limits over — charged now, since the key role
+    /// could not reserve them (they cannot refuse an answer that came).
+    pub fn serve_as(&mut self, model: &str, now_ms: u64, store: &impl CounterStore) {
+        let config = Arc::clone(&self.config);
+        let Some(target) = config.model_id(model) else {
+            return;
+        };
+        if self.model == Some(target) || !self.fallbacks.contains(&target) {
+            return;
+        }
+        let Some(body) = self.client_body.clone() else {
+            return;
+        };
+        let mut x = self.routed_apart(target);
+        if !matches!(
+            x.route(now_ms, &body, &crate::store::LocalStore::default()),
+            Ok(OnBody::Forward(_))
+        ) {
+            return;
+        }
+        if let Some(from) = self.model {
+            self.release_model_limits(from, now_ms, store);
+        }
+        self.model = Some(target);
+        self.translate_answer = x.translate_answer;
+        self.passthrough = x.passthrough.take();
+        self.strip_usage_chunk = x.strip_usage_chunk;
+        self.shape_stream = x.shape_stream;
+        // The fallback's model limits, over what the request reserved.
+        if let (Some(consumer), Some(reserved)) =
+            (self.consumer, x.metering.as_ref().map(|m| m.reserved))
+        {
+            let limits = config.model_limits_for(consumer, target);
+            if let Ok((reservation, _)) = limits::admit(limits, store, now_ms, reserved) {
+                match self.metering.as_mut() {
+                    Some(m) => m.reservation.merge(reservation),
+                    None => {
+                        self.metering = Some(Metering {
+                            reservation,
+                            reserved,
+                            ..Metering::default()
+                        })
+                    }
+                }
+            }
+        }
     }
 
     /// Whether the request has a chain of models to fail over along (its model has

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
-use tollgate_core::exchange::{Chunk, OnBody, OnHeaders, OnResponse};
+use tollgate_core::exchange::{Chunk, OnBody, OnHeaders, OnResponse, SERVED_BY_HEADER};
 use tollgate_core::http::{is_gateway_header, LocalResponse, RequestHead};
+use tollgate_core::keys;
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::host::{self, SharedStore};
@@ -108,12 +109,26 @@ impl GatewayFlow {
 
     fn on_body(&mut self, size: usize) -> Result<Action, GatewayError> {
         let body = host::body(BufferType::HttpRequestBody, size)?;
-        match self
-            .exchange
-            .on_request_body(host::now_ms(), &body, &SharedStore)
-        {
+        let now = host::now_ms();
+        let mut decision = self.exchange.on_request_body(now, &body, &SharedStore);
+        // A model none of whose keys is usable now: straight to the next of its chain, as
+        // the native host does when it finds no key (the key role could only refuse).
+        while let OnBody::Forward(forward) = &decision {
+            if !self.exchange.has_chain()
+                || keys::pool_usable(self.exchange.config(), &forward.ticket, &SharedStore, now)
+            {
+                break;
+            }
+            match self.exchange.fail_over(now, &SharedStore, &forward.ticket) {
+                Some(next) => decision = next,
+                None => break,
+            }
+        }
+        match decision {
             OnBody::Respond(r) => Ok(self.respond(&r)),
-            OnBody::Forward(forward) => {
+            OnBody::Forward(mut forward) => {
+                // The rest of the chain, routed for the key roles of the fallbacks' clusters.
+                forward.ticket.chain = self.exchange.chain_steps(now);
                 self.body_limit = None;
                 let map = MapType::HttpRequestHeaders;
                 host::remove_present(map, &self.request_headers, forward.remove_headers)?;
@@ -238,6 +253,11 @@ impl HttpContext for GatewayFlow {
         let map = MapType::HttpResponseHeaders;
         let result = host::headers(map).and_then(|headers| {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
+            let served_by = header_value(&headers, SERVED_BY_HEADER);
+            if !served_by.is_empty() {
+                self.exchange
+                    .serve_as(served_by, host::now_ms(), &SharedStore);
+            }
             match self
                 .exchange
                 .on_response_headers(status, &headers, &SharedStore)

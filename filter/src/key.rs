@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use tollgate_core::exchange::SERVED_BY_HEADER;
 use tollgate_core::http::{
-    FinalAnswer, HeaderLookup, LOCAL_REPLY_CARRIER_STATUS, LOCAL_REPLY_HEADER, PROVIDER_HEADER,
+    FinalAnswer, HeaderLookup, CONSUMER_CREDENTIAL_HEADERS, LOCAL_REPLY_CARRIER_STATUS,
+    LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use tollgate_core::keys::{self, attempt_key, Attempted, Handover, KEY_RESERVATION_HEADER};
 use tollgate_core::limits::{self, Amounts, Reservation};
@@ -61,6 +63,13 @@ pub struct KeyFlow {
     /// The provider's retry policy and when the request was forwarded: an answer after the
     /// budget is final, as in the native host.
     retry: Option<(RetryPolicy, u64)>,
+    /// A failover attempt: the fallback's request body, sent instead of the one buffered.
+    replacement: Option<Vec<u8>>,
+    /// A failover attempt: the fallback model, named to the gateway role with the answer.
+    served_by: Option<String>,
+    /// The last model of the chain, every key of its pool tried: its answer is final (as in
+    /// the native host), not retried on the same keys.
+    chain_spent: bool,
 }
 
 impl KeyFlow {
@@ -75,6 +84,9 @@ impl KeyFlow {
             answered: false,
             held: None,
             retry: None,
+            replacement: None,
+            served_by: None,
+            chain_spent: false,
         }
     }
 
@@ -86,12 +98,17 @@ impl KeyFlow {
         let pool = cluster.as_deref().and_then(provider_of_cluster);
         let mut ticket = host::ticket().ok_or(GatewayError::NotRoutedByGateway)?;
         if Some(ticket.provider.as_str()) != pool {
-            return Err(GatewayError::NotRoutedByGateway);
+            // A retry the router sent to another cluster: the next model of the chain,
+            // routed by the gateway role for this provider (docs/envoy.md, "Failover").
+            let step = pool
+                .and_then(|p| ticket.fail_over_to(p))
+                .ok_or(GatewayError::NotRoutedByGateway)?;
+            self.fail_over(map, step)?;
         }
         let now = host::now_ms();
         let provider = self.config.provider_by_name(&ticket.provider);
         self.retry = provider.map(|p| (p.retry, ticket.started_ms));
-        if !ticket.tried.is_empty() {
+        if ticket.attempts_made() > 0 {
             // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours. Only a
             // budget that ran out during Envoy's backoff gets here: an answer that came after
             // it was made final (see `on_answer`).
@@ -115,13 +132,57 @@ impl KeyFlow {
             .tried
             .push(attempt.key_id().unwrap_or("-").to_string());
         host::set_ticket(&ticket)?;
-        // The routing header goes (on a retry it is gone already: the first attempt removed
-        // it from the one header map all attempts share). The consumer's credential went with
-        // the gateway role, whose ticket this request carries.
-        host::remove_header(map, PROVIDER_HEADER)?;
+        self.chain_spent =
+            self.served_by.is_some() && ticket.chain.is_empty() && ticket.pool_tried(&self.config);
+        match next_provider(&self.config, &ticket) {
+            // The cluster of the router's retry, should there be one (`refresh_cluster_on_
+            // retry` reads it again): this pool while it has untried keys, then the chain's
+            // next model. It goes upstream too: one header map serves every attempt.
+            Some(next) => host::set_header(map, PROVIDER_HEADER, next)?,
+            // The routing header goes (on a retry it is gone already: the first attempt
+            // removed it from the one header map all attempts share).
+            None => host::remove_header(map, PROVIDER_HEADER)?,
+        }
+        // The consumer's credential went with the gateway role, whose ticket this request
+        // carries.
         if let Some((name, value)) = attempt.header() {
             host::set_header(map, name, value)?;
         }
+        Ok(())
+    }
+}
+
+/// For a request with a chain (Envoy failover), the provider the router's next attempt
+/// must go to; `None` without a chain.
+fn next_provider<'t>(config: &Config, ticket: &'t keys::Ticket) -> Option<&'t str> {
+    let next = ticket.chain.first()?;
+    Some(if ticket.pool_tried(config) {
+        next.provider.as_str()
+    } else {
+        ticket.provider.as_str()
+    })
+}
+
+impl KeyFlow {
+    /// Turns this attempt into one on `step`, the fallback the router's retry reached: its
+    /// path, headers and body (the body is swapped as it passes, `on_http_request_body`).
+    fn fail_over(&mut self, map: MapType, step: keys::ChainStep) -> Result<(), GatewayError> {
+        // The last attempt's key is in the one header map every attempt shares, under its
+        // provider's header: never sent to another provider.
+        for name in CONSUMER_CREDENTIAL_HEADERS {
+            host::remove_header(map, name)?;
+        }
+        host::set_header(map, ":path", &step.path)?;
+        host::set_header(map, ":authority", &step.authority)?;
+        let present = host::headers(map)?;
+        for (name, value) in &step.default_headers {
+            if !present.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+                host::set_header(map, name, value)?;
+            }
+        }
+        host::set_header(map, "content-length", &step.body.len().to_string())?;
+        self.served_by = Some(step.model);
+        self.replacement = Some(step.body.into_bytes());
         Ok(())
     }
 }
@@ -158,6 +219,22 @@ impl HttpContext for KeyFlow {
         }
     }
 
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.replacement.is_none() || self.replied {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            // Held whole, then replaced by the fallback's body.
+            return Action::Pause;
+        }
+        if let Some(body) = self.replacement.take() {
+            if let Err(e) = host::replace_body(BufferType::HttpRequestBody, body_size, &body) {
+                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+            }
+        }
+        Action::Continue
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let map = MapType::HttpResponseHeaders;
         if self.replied {
@@ -165,9 +242,13 @@ impl HttpContext for KeyFlow {
         }
         let mut headers = host::headers(map).unwrap_or_default();
         // A provider's response must not carry the gateway's internal markers.
-        let forged = [KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER];
+        let forged = [KEY_RESERVATION_HEADER, LOCAL_REPLY_HEADER, SERVED_BY_HEADER];
         let _ = host::remove_present(map, &headers, &forged);
         headers.retain(|(k, _)| !forged.iter().any(|f| k.eq_ignore_ascii_case(f)));
+        // A fallback answered: the gateway role reads the answer as that model's.
+        if let Some(model) = &self.served_by {
+            let _ = host::set_header(map, SERVED_BY_HEADER, model);
+        }
         let Some(status) = headers
             .header(":status")
             .and_then(|v| v.parse::<u16>().ok())
@@ -338,7 +419,7 @@ impl KeyFlow {
         };
         if policy.attempts < 2
             || !is_retryable(status)
-            || policy.within_budget(started_ms, host::now_ms())
+            || (policy.within_budget(started_ms, host::now_ms()) && !self.chain_spent)
         {
             return;
         }

@@ -201,23 +201,42 @@ fn overload_manager(server: &ServerSettings) -> Value {
     })
 }
 
-/// What a config asks that the Envoy filter does not do yet: rendering it would give a
-/// gateway that silently behaves otherwise than the native host.
-pub fn not_built(config: &Config) -> Option<String> {
-    let chains: Vec<String> = config
-        .models()
+/// The cluster specifier that maps the routing header to each provider's cluster.
+fn cluster_by_provider(
+    upstreams: &[(
+        &tollgate_core::providers::Provider,
+        &tollgate_core::providers::BaseUrl,
+    )],
+) -> Value {
+    let map: serde_json::Map<String, Value> = upstreams
         .iter()
-        .enumerate()
-        .filter(|(_, m)| !m.fallbacks.is_empty())
-        .map(|(i, _)| {
-            format!(
-                "models[{i}].fallbacks: failover across models is built for the native host \
-                 only; Envoy's router cannot move a request to another cluster yet (see \
-                 docs/envoy.md, \"Failover\")"
-            )
+        .map(|(p, _)| {
+            let action = json!({ "action": {
+                "name": cluster_name(&p.name),
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.ClusterAction",
+                    "cluster": cluster_name(&p.name),
+                },
+            }});
+            (p.name.clone(), action)
         })
         .collect();
-    (!chains.is_empty()).then(|| chains.join("\n"))
+    json!({ "extension": {
+        "name": "envoy.router.cluster_specifier_plugin.matcher",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.MatcherClusterSpecifier",
+            "cluster_matcher": { "matcher_tree": {
+                "input": {
+                    "name": PROVIDER_HEADER,
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": PROVIDER_HEADER,
+                    },
+                },
+                "exact_match_map": { "map": map },
+            }},
+        },
+    }})
 }
 
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
@@ -238,6 +257,12 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
         .filter_map(|p| p.base_url.as_ref().map(|u| (p, u)))
         .collect();
 
+    // With failover chains, a route's cluster is picked from the routing header per attempt.
+    let chain_clusters = config
+        .models()
+        .iter()
+        .any(|m| !m.fallbacks.is_empty())
+        .then(|| cluster_by_provider(&upstreams));
     let mut routes: Vec<Value> = upstreams
         .iter()
         .map(|(p, u)| {
@@ -258,6 +283,17 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
             });
             if let Some(policy) = retry_policy(&p.retry) {
                 route["route"]["retry_policy"] = policy;
+                if let Some(clusters) = &chain_clusters {
+                    // Failover (docs/envoy.md, "Failover"): each retry picks its cluster
+                    // again from the routing header, which the key role points at the
+                    // chain's next provider.
+                    route["route"]["retry_policy"]["refresh_cluster_on_retry"] = json!(true);
+                    let map = route["route"].as_object_mut();
+                    if let Some(map) = map {
+                        map.remove("cluster");
+                        map.insert("inline_cluster_specifier_plugin".into(), clusters.clone());
+                    }
+                }
             }
             route
         })

@@ -122,9 +122,6 @@ fn main() -> ExitCode {
                     let placeholder = |_: &str| Some("unused".to_string());
                     let c = Config::load(&text, &placeholder)
                         .map_err(|e| format!("{}:\n{e}", config.display()))?;
-                    if let Some(why) = envoy::not_built(&c) {
-                        return Err(format!("{}:\n{why}", config.display()));
-                    }
                     let rendered = envoy::render(&envoy::BootstrapOptions {
                         config_text: &text,
                         config: &c,

@@ -835,6 +835,7 @@ fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
         started_ms: 0,
         tried: Vec::new(),
         attempts_before: 0,
+        chain: Vec::new(),
     }
 }
 

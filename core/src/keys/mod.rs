@@ -143,6 +143,45 @@ pub fn taken_over(
     ))
 }
 
+/// Whether the ticket's pool has a key that may be tried now (healthy, or revoked with its
+/// re-probe due), by their health alone: a peek that claims nothing. Envoy's gateway role
+/// skips a model none of whose keys is usable before the router sends anything.
+pub fn pool_usable(
+    config: &Config,
+    ticket: &Ticket,
+    store: &impl CounterStore,
+    now_ms: u64,
+) -> bool {
+    let Some(model) = config
+        .model_id(&ticket.model)
+        .and_then(|id| config.model(id))
+    else {
+        return false;
+    };
+    let Some(provider) = config.provider(model.provider) else {
+        return false;
+    };
+    if model.pool.is_empty() {
+        return true;
+    }
+    model
+        .pool
+        .iter()
+        .filter_map(|&i| provider.keys.get(i))
+        .any(|key| {
+            let usable = |record: &str| match read(store, record) {
+                Ok(state) => match health::state(state, now_ms) {
+                    None => true,
+                    Some(Unusable::Revoked { probe_at_ms }) => probe_at_ms <= now_ms,
+                    Some(_) => false,
+                },
+                // Unknown: let the attempt find out.
+                Err(_) => true,
+            };
+            model_record(model, provider, key).is_none_or(usable) && usable(&key.health_key)
+        })
+}
+
 /// How a pool orders its keys for an attempt. Every strategy skips keys that are cooling,
 /// revoked or at their own limit, and tries keys this request already tried last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -202,6 +241,28 @@ pub struct Ticket {
     /// Attempts made for the models of the request's chain before this one (failover).
     #[serde(default)]
     pub attempts_before: u32,
+    /// Envoy: the models of the chain still to try, each routed already by the gateway role
+    /// (the key role of the fallback's cluster sends it as it says).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<ChainStep>,
+}
+
+/// A fallback of the request's chain, as the gateway role routed it for Envoy's key role:
+/// what an attempt on it sends instead of the first model's request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainStep {
+    pub provider: String,
+    pub model: String,
+    /// The `:authority` of the provider (Envoy rewrites the host once per route, for the
+    /// first cluster only).
+    pub authority: String,
+    pub path: String,
+    /// The request body in the fallback's dialect.
+    pub body: String,
+    /// Headers set when absent (a provider's API version).
+    pub default_headers: Vec<(String, String)>,
+    /// Tokens the request reserves under this model (its default output cap may differ).
+    pub tokens: u64,
 }
 
 impl Ticket {
@@ -223,6 +284,19 @@ impl Ticket {
     /// The number of the next attempt (1 for the first), over the whole chain.
     pub fn next_attempt(&self) -> u32 {
         self.attempts_made().saturating_add(1)
+    }
+
+    /// Moves the ticket to its chain's next step on `provider` (the cluster the router sent
+    /// this attempt to), dropping steps before it: the step, if there is one.
+    pub fn fail_over_to(&mut self, provider: &str) -> Option<ChainStep> {
+        let at = self.chain.iter().position(|s| s.provider == provider)?;
+        let step = self.chain.drain(..=at).next_back()?;
+        self.attempts_before = self.attempts_made();
+        self.tried.clear();
+        self.provider = step.provider.clone();
+        self.model = step.model.clone();
+        self.tokens = step.tokens;
+        Some(step)
     }
 
     /// Whether every key of the model's pool was tried for this request already (a pool

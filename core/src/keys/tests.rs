@@ -29,6 +29,7 @@ fn ticket(model: &str) -> Ticket {
         started_ms: NOW,
         tried: Vec::new(),
         attempts_before: 0,
+        chain: Vec::new(),
     }
 }
 
@@ -351,4 +352,35 @@ fn an_exhausted_key_is_out_for_long_and_too_large_requests_leave_keys_alone() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_ticket_fails_over_to_the_chain_step_of_the_cluster_it_reached() {
+    let step = |provider: &str, model: &str| ChainStep {
+        provider: provider.into(),
+        model: model.into(),
+        authority: format!("{provider}.example"),
+        path: "/v1/messages".into(),
+        body: "{}".into(),
+        default_headers: Vec::new(),
+        tokens: 7,
+    };
+    let mut t = ticket("gpt-4o-mini");
+    t.tried = vec!["a".into(), "b".into()];
+    t.chain = vec![step("anthropic", "claude"), step("mistral", "small")];
+    // A retry that reached mistral's cluster skips the anthropic step.
+    let s = t.fail_over_to("mistral").unwrap();
+    assert_eq!(s.model, "small");
+    assert_eq!(
+        (t.provider.as_str(), t.model.as_str()),
+        ("mistral", "small")
+    );
+    assert!(t.chain.is_empty() && t.tried.is_empty());
+    assert_eq!((t.tokens, t.attempts_made(), t.next_attempt()), (7, 2, 3));
+    assert_eq!(t.fail_over_to("anthropic"), None, "spent");
+    // The chain survives the trip through Envoy's filter state.
+    let mut t = ticket("gpt-4o-mini");
+    t.chain = vec![step("anthropic", "claude")];
+    assert_eq!(Ticket::decode(t.encode().as_bytes()), Some(t.clone()));
+    assert!(!ticket("x").encode().contains("chain"), "absent when empty");
 }
