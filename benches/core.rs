@@ -72,7 +72,7 @@ fn request_path(c: &mut Criterion) {
                     path: "/v1/chat/completions",
                     headers: &headers,
                 };
-                match x.on_request_headers(1, &head) {
+                match x.on_request_headers(1, &head, &store) {
                     OnHeaders::ReadBody { .. } => {}
                     OnHeaders::Respond(r) => panic!("refused: {}", r.status),
                 }

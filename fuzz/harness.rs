@@ -828,7 +828,7 @@ pub fn exchange(data: &[u8]) {
         path: &path,
         headers: &headers,
     };
-    let go_on = match x.on_request_headers(now, &head) {
+    let go_on = match x.on_request_headers(now, &head, &store) {
         OnHeaders::Respond(r) => {
             assert!((100..600).contains(&r.status));
             false

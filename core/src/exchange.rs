@@ -4,7 +4,7 @@
 //! `now_ms` is passed in.
 //!
 //! ```text
-//! on_request_headers(now, head)       -> OnHeaders  (Respond | ReadBody)
+//! on_request_headers(now, head, store) -> OnHeaders (Respond | ReadBody)
 //! on_request_body(now, body, store)   -> OnBody     (Respond | Forward); limits reserved
 //! on_response_headers(status, h)      -> OnResponse (Relay | Replace)
 //! on_response_chunk(bytes, end)       -> Chunk      (bytes to emit); usage read
@@ -143,6 +143,8 @@ pub struct Summary {
     pub model: Option<String>,
     /// The public model the client asked for: another than `model` after a failover.
     pub requested_model: Option<String>,
+    /// The request's `x-request-id` (the hosts set one when the client sent none).
+    pub request_id: Option<String>,
     pub provider: Option<String>,
     pub status: Option<u16>,
     pub stream: bool,
@@ -236,6 +238,8 @@ pub struct Exchange {
     client_body: Option<Vec<u8>>,
     /// Routing to this fallback: the consumer's own limits are reserved already.
     failing_over: Option<ModelId>,
+    /// The request's `x-request-id`, for the access log.
+    request_id: Option<String>,
 }
 
 /// Response header naming the public model that served the request (another than the one
@@ -246,6 +250,53 @@ pub const MODEL_HEADER: &str = "x-tollgate-model";
 /// fallback answered (see `Exchange::serve_as`).
 pub const SERVED_BY_HEADER: &str = "x-tollgate-served-by";
 
+/// One limit in `GET /v1/usage`: amounts in its unit (dollars for cost), times in seconds.
+fn usage_entry(
+    limit: &Limit,
+    model: Option<&str>,
+    standing: limits::Standing,
+    now_ms: u64,
+) -> serde_json::Value {
+    let (unit, amount): (&str, &dyn Fn(u64) -> serde_json::Value) = match limit.unit {
+        limits::Unit::Requests => ("requests", &|n| n.into()),
+        limits::Unit::Tokens => ("tokens", &|n| n.into()),
+        limits::Unit::MicroUsd => ("usd", &|n| (n as f64 / 1_000_000.0).into()),
+    };
+    let mut entry = serde_json::json!({
+        "name": limit.name,
+        "model": model,
+        "unit": unit,
+        "limit": amount(standing.limit),
+        "remaining": amount(standing.remaining),
+    });
+    if let (Some(map), Some(in_flight)) = (entry.as_object_mut(), standing.in_flight) {
+        map.insert("in_flight".into(), in_flight.into());
+        return entry;
+    }
+    if let Some(map) = entry.as_object_mut() {
+        map.insert(
+            "reset_seconds".into(),
+            (standing.reset_ms as f64 / 1_000.0).into(),
+        );
+        map.insert(
+            "resets_at".into(),
+            now_ms
+                .saturating_add(standing.reset_ms)
+                .div_ceil(1_000)
+                .into(),
+        );
+        if let Some((used, period)) = standing.used {
+            map.insert("used".into(), amount(used));
+            let period = match period {
+                crate::limits::quota::Period::Day => "day",
+                crate::limits::quota::Period::Month => "month",
+            };
+            map.insert("period".into(), period.into());
+        }
+    }
+    entry
+}
+
 /// What a request asks of the model, for its reservation: the prompt estimate (decorations
 /// included), the most output it allows per choice, and how many choices.
 struct Demand {
@@ -253,6 +304,19 @@ struct Demand {
     max_output: Option<u64>,
     choices: u64,
 }
+
+/// The request's id: kept from the client when it is one (`is_request_id`), else set by the
+/// host, and returned with the response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Whether a client's `x-request-id` is kept as it is: 1 to 128 visible ASCII characters, so
+/// that a log line cannot be forged through it.
+pub fn is_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The calling consumer's limits and allowances, and where each stands.
+pub const USAGE_PATH: &str = "/v1/usage";
 
 /// Anthropic's Messages endpoint and its token counter, on the gateway's front door.
 const MESSAGES_PATH: &str = "/v1/messages";
@@ -301,6 +365,7 @@ impl Exchange {
             client_body: None,
             failing_over: None,
             key_role_reply: false,
+            request_id: None,
         }
     }
 
@@ -308,15 +373,22 @@ impl Exchange {
         &self.config
     }
 
+    /// `store`: the counters `GET /v1/usage` reports.
     pub fn on_request_headers<H: HeaderLookup + ?Sized>(
         &mut self,
-        _now_ms: u64,
+        now_ms: u64,
         head: &RequestHead<'_, H>,
+        store: &impl CounterStore,
     ) -> OnHeaders {
         let (path, query) = match head.path.split_once('?') {
             Some((p, q)) => (p, q),
             None => (head.path, ""),
         };
+        self.request_id = head
+            .headers
+            .header(REQUEST_ID_HEADER)
+            .filter(|id| is_request_id(id))
+            .map(str::to_string);
         let decision = match (path, head.method) {
             ("/healthz", "GET") => {
                 self.status = Some(200);
@@ -336,6 +408,10 @@ impl Exchange {
                     }
                 }
             }),
+            (USAGE_PATH, "GET") => self
+                .authenticate(head.headers)
+                .and_then(|()| self.usage(now_ms, store))
+                .map(OnHeaders::Respond),
             ("/v1/models", "GET") => self.authenticate(head.headers).map(|()| {
                 let list = self
                     .consumer
@@ -376,6 +452,7 @@ impl Exchange {
                 known @ ("/healthz"
                 | "/v1/chat/completions"
                 | "/v1/models"
+                | USAGE_PATH
                 | prompts::PROMPTS_PATH
                 | MESSAGES_PATH
                 | COUNT_TOKENS_PATH),
@@ -996,6 +1073,46 @@ impl Exchange {
         self.key_role_reply = false;
     }
 
+    /// `GET /v1/usage`: the authenticated consumer's own limits (and its limits on single
+    /// models), each with where it stands now. Never another consumer's; model-wide limits,
+    /// shared by every consumer, are not its own.
+    fn usage(
+        &mut self,
+        now_ms: u64,
+        store: &impl CounterStore,
+    ) -> Result<LocalResponse, GatewayError> {
+        let config = Arc::clone(&self.config);
+        let consumer = self
+            .consumer
+            .and_then(|c| config.consumer(c))
+            .ok_or(GatewayError::UnknownConsumerKey)?;
+        let on_model = consumer.model_limits.iter().flat_map(|(&m, limits)| {
+            let model = config.model(m).map(|m| m.name.as_str());
+            limits.iter().map(move |l| (model, l))
+        });
+        let mut entries = Vec::new();
+        for (model, limit) in consumer.limits.iter().map(|l| (None, l)).chain(on_model) {
+            let state = limits::read(store, &limit.store_key).map_err(|e| {
+                GatewayError::SharedStateUnavailable {
+                    detail: e.to_string(),
+                }
+            })?;
+            entries.push(usage_entry(
+                limit,
+                model,
+                limit.standing(state, now_ms),
+                now_ms,
+            ));
+        }
+        self.status = Some(200);
+        let body = serde_json::json!({
+            "object": "usage",
+            "consumer": consumer.name,
+            "limits": entries,
+        });
+        Ok(LocalResponse::json(200, body.to_string().into_bytes()))
+    }
+
     /// The model called `name`, if it exists and the consumer may use it.
     fn allowed_model(&mut self, name: &str) -> Result<ModelId, GatewayError> {
         let config = Arc::clone(&self.config);
@@ -1537,6 +1654,7 @@ impl Exchange {
                 .model
                 .and_then(|m| config.model(m))
                 .map(|m| m.name.clone()),
+            request_id: self.request_id.clone(),
             requested_model: self
                 .requested_model
                 .or(self.model)

@@ -35,6 +35,9 @@ pub struct GatewayFlow {
     collecting: Option<usize>,
     /// Bytes of response body buffered so far while collecting.
     collected: usize,
+    /// When the request came, and when the first bytes of the answer went out (ms).
+    started_ms: u64,
+    first_byte_ms: Option<u64>,
     /// Crash the VM at the response (`TEST_TRAP_HEADER`).
     #[cfg(feature = "test-trap")]
     trap: bool,
@@ -52,6 +55,8 @@ impl GatewayFlow {
             request_headers: Vec::new(),
             collecting: None,
             collected: 0,
+            started_ms: 0,
+            first_byte_ms: None,
             #[cfg(feature = "test-trap")]
             trap: false,
         }
@@ -91,7 +96,9 @@ impl GatewayFlow {
             path,
             headers: &headers,
         };
-        let decision = self.exchange.on_request_headers(host::now_ms(), &head);
+        let decision = self
+            .exchange
+            .on_request_headers(host::now_ms(), &head, &SharedStore);
         self.request_headers = headers;
         match decision {
             OnHeaders::Respond(r) => Ok(self.respond(&r)),
@@ -208,6 +215,7 @@ impl Context for GatewayFlow {}
 
 impl HttpContext for GatewayFlow {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.started_ms = host::now_ms();
         self.on_headers(end_of_stream)
             .unwrap_or_else(|e| self.fail(e))
     }
@@ -311,6 +319,9 @@ impl HttpContext for GatewayFlow {
         if !self.forwarded {
             return Action::Continue;
         }
+        if self.first_byte_ms.is_none() && body_size > 0 {
+            self.first_byte_ms = Some(host::now_ms());
+        }
         if let Some(limit) = self.collecting {
             self.collected = body_size;
             if !end_of_stream && body_size <= limit {
@@ -363,7 +374,8 @@ impl HttpContext for GatewayFlow {
         host::log(
             LogLevel::Debug,
             &format!(
-                "tollgate: consumer={} model={} requested_model={} provider={} status={} stream={} tokens={} cost_micro_usd={} usage={}",
+                "tollgate: request_id={} consumer={} model={} requested_model={} provider={} status={} stream={} tokens={} cost_micro_usd={} usage={} first_byte_ms={}",
+                summary.request_id.as_deref().unwrap_or("-"),
                 summary.consumer.as_deref().unwrap_or("-"),
                 summary.model.as_deref().unwrap_or("-"),
                 summary.requested_model.as_deref().unwrap_or("-"),
@@ -373,6 +385,8 @@ impl HttpContext for GatewayFlow {
                 summary.charged.map_or(0, |c| c.tokens),
                 summary.charged.map_or(0, |c| c.micro_usd),
                 if summary.usage_reported { "reported" } else { "estimated" },
+                self.first_byte_ms
+                    .map_or("-".to_string(), |t| t.saturating_sub(self.started_ms).to_string()),
             ),
         );
     }

@@ -15,8 +15,21 @@ pub enum Ending {
 }
 
 pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending: Ending) {
+    record_stream(summary, key_id, started, ending, None);
+}
+
+/// `first_byte`: for a relayed body, when its first bytes reached the client (a stream's
+/// time to first token).
+pub fn record_stream(
+    summary: &Summary,
+    key_id: Option<&str>,
+    started: Instant,
+    ending: Ending,
+    first_byte: Option<Instant>,
+) {
     tracing::info!(
         target: "tollgate::access",
+        request_id = summary.request_id.as_deref().unwrap_or("-"),
         consumer = summary.consumer.as_deref().unwrap_or("-"),
         model = summary.model.as_deref().unwrap_or("-"),
         requested_model = summary.requested_model.as_deref().unwrap_or("-"),
@@ -34,5 +47,8 @@ pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending:
             (Some(_), false) => "estimated",
         },
         duration_ms = started.elapsed().as_millis() as u64,
+        first_byte_ms = %first_byte.map_or("-".to_string(), |t| {
+            t.saturating_duration_since(started).as_millis().to_string()
+        }),
     );
 }

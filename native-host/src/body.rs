@@ -73,6 +73,8 @@ pub struct UpstreamBody {
     ended: bool,
     /// The provider's body failed: the error, given to hyper on the next poll.
     failed: Option<BoxError>,
+    /// When the first bytes of the body went to the client.
+    first_byte: Option<Instant>,
 }
 
 impl UpstreamBody {
@@ -94,6 +96,7 @@ impl UpstreamBody {
             key_id,
             ended: false,
             failed: None,
+            first_byte: None,
         }
     }
 
@@ -101,7 +104,13 @@ impl UpstreamBody {
         if !self.ended {
             self.ended = true;
             let summary = self.exchange.finish(crate::now_ms(), &self.gateway.store);
-            access_log::record(&summary, self.key_id.as_deref(), self.started, ending);
+            access_log::record_stream(
+                &summary,
+                self.key_id.as_deref(),
+                self.started,
+                ending,
+                self.first_byte,
+            );
         }
     }
 }
@@ -124,6 +133,9 @@ impl Body for UpstreamBody {
         // `ended` is only set with the last frame or an error, both returned already.
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if this.first_byte.is_none() {
+                    this.first_byte = Some(Instant::now());
+                }
                 let deadline = tokio::time::Instant::now() + this.idle;
                 this.timer.as_mut().reset(deadline);
                 // A body of known length is over with its last frame: hyper may never poll

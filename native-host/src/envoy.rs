@@ -383,6 +383,10 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                 // Trust the peer address, not `x-forwarded-for`, to tell internal
                 // from external clients (external `x-envoy-*` headers are dropped).
                 "use_remote_address": true,
+                // Every answer carries the request's id, the client's own when it sent one
+                // (as the native host does); the access log names it.
+                "preserve_external_request_id": true,
+                "always_set_request_id_in_response": true,
                 "codec_type": "AUTO",
                 // A client that opens a request head and never finishes it (slowloris) is
                 // cut off, and so is a connection left idle: Envoy bounds neither by default.

@@ -13,7 +13,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate_core::exchange::{Chunk, Forward, OnBody, OnHeaders, OnResponse};
+use tollgate_core::exchange::{
+    is_request_id, Chunk, Forward, OnBody, OnHeaders, OnResponse, REQUEST_ID_HEADER,
+};
 use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
 use tollgate_core::keys::{self, attempt_key, Attempted, KeyAttempt, Ticket};
 use tollgate_core::limits::{self, Amounts, Reservation};
@@ -123,7 +125,35 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// How long a client may take to send its request body.
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
+/// Serves one request. Every answer carries the request's `x-request-id`: the client's when
+/// it sent a usable one, else one made here (also sent to the provider).
+pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_request_id(id))
+        .and_then(|id| HeaderValue::from_str(id).ok())
+        .unwrap_or_else(new_request_id);
+    req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+    let mut response = serve(gw, req).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    response
+}
+
+/// A new request id: 128 random bits, hex.
+fn new_request_id() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    let random = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    let id = format!("{:016x}{:016x}", random(), random());
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
     let mut exchange = Exchange::new(gw.config());
     let (parts, body) = req.into_parts();
@@ -138,7 +168,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Gatewa
         path,
         headers: &Headers(&parts.headers),
     };
-    let limit = match exchange.on_request_headers(crate::now_ms(), &head) {
+    let limit = match exchange.on_request_headers(crate::now_ms(), &head, &gw.store) {
         OnHeaders::Respond(r) => {
             return conclude(&gw, exchange, r, None, started, Ending::Answered)
         }

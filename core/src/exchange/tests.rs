@@ -57,7 +57,7 @@ fn run_with(config: Arc<Config>, store: &CellStore, events: &[Event]) -> Vec<Str
                     path,
                     headers: &headers,
                 };
-                match x.on_request_headers(1_000, &head) {
+                match x.on_request_headers(1_000, &head, store) {
                     OnHeaders::Respond(r) => respond(&r),
                     OnHeaders::ReadBody { limit } => format!("read body up to {limit}"),
                 }
@@ -144,7 +144,7 @@ fn forwarded_completion() {
             ),
             "Unchanged",
             "Unchanged",
-            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), requested_model: Some("gpt-4o-mini"), provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
+            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), requested_model: Some("gpt-4o-mini"), request_id: None, provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
         ]
     );
 }
@@ -284,7 +284,7 @@ fn method_not_allowed_says_which_is() {
         path: "/v1/models",
         headers: &headers,
     };
-    let OnHeaders::Respond(r) = x.on_request_headers(0, &head) else {
+    let OnHeaders::Respond(r) = x.on_request_headers(0, &head, &CellStore::default()) else {
         panic!()
     };
     assert_eq!(r.status, 405);
@@ -299,7 +299,7 @@ fn a_refusal_is_summarized_with_its_status() {
     ]);
     assert_eq!(
         t[1],
-        "Summary { consumer: None, model: None, requested_model: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
+        "Summary { consumer: None, model: None, requested_model: None, request_id: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
     );
 }
 
@@ -506,10 +506,10 @@ fn the_429_says_when_to_retry_from_the_bucket() {
         path: CHAT,
         headers: &headers,
     };
-    let _ = x.on_request_headers(0, &head);
+    let _ = x.on_request_headers(0, &head, &store);
     let _ = x.on_request_body(0, SMALL.as_bytes(), &store);
     let mut y = Exchange::new(config);
-    let _ = y.on_request_headers(0, &head);
+    let _ = y.on_request_headers(0, &head, &store);
     let OnBody::Respond(resp) = y.on_request_body(0, SMALL.as_bytes(), &store) else {
         panic!()
     };
@@ -942,6 +942,7 @@ fn forwarded_small(c: &Arc<Config>, store: &CellStore) -> (Exchange, crate::exch
             path: CHAT,
             headers: &headers,
         },
+        store,
     );
     let OnBody::Forward(f) = x.on_request_body(0, SMALL.as_bytes(), store) else {
         panic!("not forwarded")
@@ -975,6 +976,7 @@ fn a_never_ending_event_is_never_held_whole() {
                 path: CHAT,
                 headers: &headers,
             },
+            &store,
         );
         let OnBody::Forward(_) = x.on_request_body(0, body.as_bytes(), &store) else {
             panic!("not forwarded")

@@ -10,7 +10,7 @@ use crate::error::GatewayError;
 use crate::health::{self, Unusable};
 use crate::http::HeaderLookup;
 use crate::http::{CONSUMER_CREDENTIAL_HEADERS, PROVIDER_HEADER};
-use crate::limits::{self, Amounts, Refusal, Reservation};
+use crate::limits::{self, read, Amounts, Refusal, Reservation};
 use crate::providers::refusal::{self, RefusalClass};
 use crate::providers::signals::KeySignals;
 use crate::providers::{Provider, ProviderKey};
@@ -346,12 +346,6 @@ fn model_record<'m>(
 }
 
 /// Reads a value of the store without writing.
-fn read(store: &impl CounterStore, key: &str) -> Result<Option<u64>, crate::store::StoreError> {
-    store
-        .measure_and_replace(key, Err::<((), u64), Option<u64>>)
-        .map(|r| r.err().flatten())
-}
-
 /// Picks the key for the ticket's next attempt: the pool's keys that serve its model, in the
 /// provider's strategy's order (keys this request already tried last), the first that is
 /// healthy (and not cooling for the ticket's upstream model) and has room for the demand

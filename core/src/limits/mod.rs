@@ -213,6 +213,61 @@ pub fn format_duration(ms: u64) -> String {
     }
 }
 
+/// Where one limit stands now, for `GET /v1/usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the limit is whole again (a rate), or its period renews (an allowance).
+    pub reset_ms: u64,
+    /// Allowances: what the current period has used, and the period.
+    pub used: Option<(u64, quota::Period)>,
+    /// Concurrency: requests in flight.
+    pub in_flight: Option<u64>,
+}
+
+impl Limit {
+    /// Where the limit stands at `now_ms`, from its counter's `state`.
+    pub fn standing(&self, state: Option<u64>, now_ms: u64) -> Standing {
+        match self.meter {
+            Meter::Rate(rate) => {
+                let now_ns = now_ms.saturating_mul(NS_PER_MS);
+                Standing {
+                    limit: rate.limit,
+                    remaining: rate.remaining(state, now_ns),
+                    reset_ms: rate.reset_ns(state, now_ns).div_ceil(NS_PER_MS),
+                    used: None,
+                    in_flight: None,
+                }
+            }
+            Meter::Quota(q) => Standing {
+                limit: q.limit,
+                remaining: q.remaining(state, now_ms),
+                reset_ms: q.reset_ms(now_ms),
+                used: Some((q.used_now(state, now_ms), q.period)),
+                in_flight: None,
+            },
+            Meter::Concurrency(c) => {
+                let in_flight = c.in_flight(state, now_ms);
+                Standing {
+                    limit: c.max,
+                    remaining: c.max.saturating_sub(in_flight),
+                    reset_ms: 0,
+                    used: None,
+                    in_flight: Some(in_flight),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a counter without writing it.
+pub fn read(store: &impl CounterStore, key: &str) -> Result<Option<u64>, StoreError> {
+    store
+        .measure_and_replace(key, Err::<((), u64), Option<u64>>)
+        .map(|r| r.err().flatten())
+}
+
 const NS_PER_MS: u64 = 1_000_000;
 
 /// Times a settlement is retried when the store reports contention.

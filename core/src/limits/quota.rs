@@ -34,7 +34,8 @@ impl Quota {
     /// Largest limit the state can count to.
     pub const MAX_LIMIT: u64 = USED_MASK;
 
-    fn used_now(&self, state: Option<u64>, now_ms: u64) -> u64 {
+    /// What the current period has used.
+    pub fn used_now(&self, state: Option<u64>, now_ms: u64) -> u64 {
         match state {
             Some(s) if s >> USED_BITS == period_index(self.period, now_ms) => s & USED_MASK,
             _ => 0,

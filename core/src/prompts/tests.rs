@@ -307,6 +307,7 @@ impl Call {
         let mut headers = vec![("authorization".to_string(), format!("Bearer {key}"))];
         headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut x = Exchange::new(Arc::clone(c));
+        let store = CellStore::default();
         let on = x.on_request_headers(
             0,
             &RequestHead {
@@ -314,14 +315,9 @@ impl Call {
                 path,
                 headers: &headers,
             },
+            &store,
         );
-        (
-            Self {
-                x,
-                store: CellStore::default(),
-            },
-            on,
-        )
+        (Self { x, store }, on)
     }
 
     fn post(c: &Arc<Config>, path: &str, body: Value) -> (Self, OnBody) {
