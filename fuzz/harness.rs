@@ -686,6 +686,8 @@ pub fn refusal(data: &[u8]) {
 //   [path, method, auth, flags, status lo, status hi, now step] 0xFF
 //   request header lines ("name: value") 0xFF  path suffix 0xFF  request body 0xFF
 //   response header lines 0xFF  response chunk 0xFF  response chunk ...
+// flags: 1 content-length, 2 key handover, 4 collect overflow, 8 fail over (chain steps
+// too), 16 answer read as a fallback's (32: which one)
 // ---------------------------------------------------------------------------------------------
 
 const EXCHANGE_CONFIG: &str = r#"
@@ -722,6 +724,7 @@ models:
     provider: openai
     upstream_model: gpt-4o-mini-2024
     default_max_tokens: 100
+    fallbacks: [claude, mock-gpt]
     pricing: { input_per_million: 1.0, output_per_million: 2.0, cached_input_per_million: 0.5 }
     guard: [{ name: no-shouting, deny: ["^[A-Z !]+$"] }]
   - { name: gpt-b, provider: openai, keys: [b], pricing: { input_per_million: 0.1, output_per_million: 0.2 } }
@@ -729,6 +732,7 @@ models:
     provider: claude
     upstream_model: claude-sonnet-up
     default_max_tokens: 200
+    fallbacks: [gpt-b]
     pricing: { input_per_million: 3.0, output_per_million: 15.0, cached_input_per_million: 0.3 }
     decorators: { prepend: [{ role: system, content: "model first" }] }
   - { name: mock-gpt, provider: mock, limits: { tokens_per_minute: 100000 }, pricing: { input_per_million: 1.0, output_per_million: 1.0 } }
@@ -846,6 +850,32 @@ pub fn exchange(data: &[u8]) {
         }
     } else {
         None
+    };
+    // Failover: the chain routed for Envoy's key roles (every step a request its provider
+    // reads), then on to the next model as the native host does, or the answer read as a
+    // fallback's as Envoy's gateway role does.
+    let forward = match forward {
+        Some(f) if flags & 8 != 0 => {
+            for step in x.chain_steps(now) {
+                json_of(step.body.as_bytes(), "a chain step's body");
+            }
+            match x.fail_over(now, &store, &f.ticket) {
+                Some(OnBody::Forward(next)) => {
+                    assert!(next.ticket.attempts_before >= f.ticket.attempts_made());
+                    Some(next)
+                }
+                Some(OnBody::Respond(r)) => {
+                    assert!((100..600).contains(&r.status));
+                    None
+                }
+                None => Some(f),
+            }
+        }
+        Some(f) if flags & 16 != 0 => {
+            x.serve_as(if flags & 32 != 0 { "claude" } else { "gpt-b" }, now, &store);
+            Some(f)
+        }
+        other => other,
     };
     if let Some(f) = forward {
         // The key role's attempt, handed over as Envoy's would be.

@@ -47,6 +47,9 @@ pub enum OnHeaders {
 /// What to do after the request body.
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
+// One per request, moved once to the host: boxing the forward would cost an allocation on
+// the hot path to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum OnBody {
     /// Send this response and stop; nothing goes upstream.
     Respond(LocalResponse),
@@ -742,6 +745,7 @@ impl Exchange {
                 tried: Vec::new(),
                 attempts_before: 0,
                 chain: Vec::new(),
+                current: None,
             },
         }))
     }
@@ -833,6 +837,7 @@ impl Exchange {
                 tried: Vec::new(),
                 attempts_before: 0,
                 chain: Vec::new(),
+                current: None,
             },
         })))
     }
@@ -903,27 +908,62 @@ impl Exchange {
         previous: &Ticket,
     ) -> Option<OnBody> {
         let body = self.client_body.clone()?;
-        if self.fallbacks.is_empty() {
-            return None;
-        }
-        if let Some(from) = self.model {
-            self.release_model_limits(from, now_ms, store);
-        }
         while let Some(next) = self.fallbacks.pop_front() {
-            self.reset_for_forward();
-            self.failing_over = Some(next);
-            match self.route(now_ms, &body, store) {
-                Ok(OnBody::Forward(mut forward)) => {
-                    forward.ticket.started_ms = previous.started_ms;
-                    forward.ticket.attempts_before = previous.attempts_made();
-                    return Some(OnBody::Forward(forward));
+            // Routed apart, and taken on only if it takes the request: a fallback that
+            // cannot leaves the exchange as it was.
+            let mut x = self.routed_apart(next);
+            match x.route(now_ms, &body, store) {
+                Ok(decision) => {
+                    if let Some(from) = self.model {
+                        self.release_model_limits(from, now_ms, store);
+                    }
+                    self.adopt(x);
+                    return Some(match decision {
+                        OnBody::Forward(mut forward) => {
+                            forward.ticket.started_ms = previous.started_ms;
+                            forward.ticket.attempts_before = previous.attempts_made();
+                            OnBody::Forward(forward)
+                        }
+                        answered => answered,
+                    });
                 }
-                Ok(answered) => return Some(answered),
-                // This one cannot take it either (its limits, its dialect): the next.
-                Err(_) => {}
+                // This one cannot take it (its limits, its dialect): what it reserved goes
+                // back, and the next is tried.
+                Err(_) => {
+                    if let Some(m) = x.metering.take() {
+                        let _ = limits::settle(m.reservation, store, now_ms, Amounts::default());
+                    }
+                }
             }
         }
         None
+    }
+
+    /// Takes on the routing of `x`, an exchange routed apart to a fallback: how the answer
+    /// is read, and what it reserved (its model limits) with the rest.
+    fn adopt(&mut self, mut x: Exchange) {
+        self.reset_for_forward();
+        self.model = x.model;
+        self.stage = x.stage;
+        self.stream = x.stream;
+        self.status = x.status;
+        self.usage = x.usage.take();
+        self.forwarded = x.forwarded;
+        self.provider_succeeded = x.provider_succeeded;
+        self.created_s = x.created_s;
+        self.translate_answer = x.translate_answer;
+        self.passthrough = x.passthrough.take();
+        self.strip_usage_chunk = x.strip_usage_chunk;
+        self.shape_stream = x.shape_stream;
+        match (self.metering.as_mut(), x.metering.take()) {
+            (Some(m), Some(theirs)) => {
+                m.reservation.merge(theirs.reservation);
+                m.prompt_estimate = theirs.prompt_estimate;
+                m.reserved = theirs.reserved;
+            }
+            (None, theirs) => self.metering = theirs,
+            (Some(_), None) => {}
+        }
     }
 
     /// Envoy: every fallback of the request's chain routed as it would be sent (in its
@@ -999,29 +1039,29 @@ impl Exchange {
         ) {
             return;
         }
+        let reserved = x.metering.take().map(|m| m.reserved);
         if let Some(from) = self.model {
             self.release_model_limits(from, now_ms, store);
         }
-        self.model = Some(target);
-        self.translate_answer = x.translate_answer;
-        self.passthrough = x.passthrough.take();
-        self.strip_usage_chunk = x.strip_usage_chunk;
-        self.shape_stream = x.shape_stream;
-        // The fallback's model limits, over what the request reserved.
-        if let (Some(consumer), Some(reserved)) =
-            (self.consumer, x.metering.as_ref().map(|m| m.reserved))
-        {
-            let limits = config.model_limits_for(consumer, target);
-            if let Ok((reservation, _)) = limits::admit(limits, store, now_ms, reserved) {
-                match self.metering.as_mut() {
-                    Some(m) => m.reservation.merge(reservation),
-                    None => {
-                        self.metering = Some(Metering {
-                            reservation,
-                            reserved,
-                            ..Metering::default()
-                        })
-                    }
+        self.adopt(x);
+        // The fallback's model limits, over what the request reserved; when they have no
+        // room (the answer came all the same), over nothing, so that settling charges what
+        // was used.
+        let (Some(consumer), Some(reserved)) = (self.consumer, reserved) else {
+            return;
+        };
+        let limits = || config.model_limits_for(consumer, target);
+        let taken = limits::admit(limits(), store, now_ms, reserved)
+            .or_else(|_| limits::admit(limits(), store, now_ms, Amounts::default()));
+        if let Ok((reservation, _)) = taken {
+            match self.metering.as_mut() {
+                Some(m) => m.reservation.merge(reservation),
+                None => {
+                    self.metering = Some(Metering {
+                        reservation,
+                        reserved,
+                        ..Metering::default()
+                    })
                 }
             }
         }

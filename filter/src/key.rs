@@ -100,10 +100,13 @@ impl KeyFlow {
         if Some(ticket.provider.as_str()) != pool {
             // A retry the router sent to another cluster: the next model of the chain,
             // routed by the gateway role for this provider (docs/envoy.md, "Failover").
-            let step = pool
-                .and_then(|p| ticket.fail_over_to(p))
+            pool.and_then(|p| ticket.fail_over_to(p))
                 .ok_or(GatewayError::NotRoutedByGateway)?;
-            self.fail_over(map, step)?;
+        }
+        // Every attempt on a fallback's pool sends the fallback's request: the router
+        // replays the first model's.
+        if let Some(step) = ticket.current.clone() {
+            self.fail_over(map, *step)?;
         }
         let now = host::now_ms();
         let provider = self.config.provider_by_name(&ticket.provider);
@@ -137,7 +140,8 @@ impl KeyFlow {
         match next_provider(&self.config, &ticket) {
             // The cluster of the router's retry, should there be one (`refresh_cluster_on_
             // retry` reads it again): this pool while it has untried keys, then the chain's
-            // next model. It goes upstream too: one header map serves every attempt.
+            // next model, else this pool again. It goes upstream too: one header map serves
+            // every attempt.
             Some(next) => host::set_header(map, PROVIDER_HEADER, next)?,
             // The routing header goes (on a retry it is gone already: the first attempt
             // removed it from the one header map all attempts share).
@@ -152,14 +156,16 @@ impl KeyFlow {
     }
 }
 
-/// For a request with a chain (Envoy failover), the provider the router's next attempt
-/// must go to; `None` without a chain.
+/// Where the router's next attempt must go when routes pick their cluster per attempt (a
+/// config with chains): the chain's next provider once this pool was tried through, else
+/// this one. `None` when routes name their cluster.
 fn next_provider<'t>(config: &Config, ticket: &'t keys::Ticket) -> Option<&'t str> {
-    let next = ticket.chain.first()?;
-    Some(if ticket.pool_tried(config) {
-        next.provider.as_str()
-    } else {
-        ticket.provider.as_str()
+    if !config.has_chains() {
+        return None;
+    }
+    Some(match ticket.chain.first() {
+        Some(next) if ticket.pool_tried(config) => next.provider.as_str(),
+        _ => ticket.provider.as_str(),
     })
 }
 

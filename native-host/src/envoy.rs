@@ -258,11 +258,7 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
         .collect();
 
     // With failover chains, a route's cluster is picked from the routing header per attempt.
-    let chain_clusters = config
-        .models()
-        .iter()
-        .any(|m| !m.fallbacks.is_empty())
-        .then(|| cluster_by_provider(&upstreams));
+    let chain_clusters = config.has_chains().then(|| cluster_by_provider(&upstreams));
     let mut routes: Vec<Value> = upstreams
         .iter()
         .map(|(p, u)| {
@@ -288,10 +284,20 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
                     // again from the routing header, which the key role points at the
                     // chain's next provider.
                     route["route"]["retry_policy"]["refresh_cluster_on_retry"] = json!(true);
-                    let map = route["route"].as_object_mut();
-                    if let Some(map) = map {
+                    let mut specifier = clusters.clone();
+                    // A request the header names no provider for stays on this one.
+                    specifier["extension"]["typed_config"]["cluster_matcher"]["on_no_match"] = json!({
+                        "action": {
+                            "name": cluster_name(&p.name),
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.ClusterAction",
+                                "cluster": cluster_name(&p.name),
+                            },
+                        },
+                    });
+                    if let Some(map) = route["route"].as_object_mut() {
                         map.remove("cluster");
-                        map.insert("inline_cluster_specifier_plugin".into(), clusters.clone());
+                        map.insert("inline_cluster_specifier_plugin".into(), specifier);
                     }
                 }
             }

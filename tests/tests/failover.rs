@@ -15,6 +15,8 @@ const APP_KEY: &str = "tg-failover-app-key";
 const NARROW_KEY: &str = "tg-failover-narrow-key";
 const OPENAI_KEY: &str = "sk-failover-openai";
 const CLAUDE_KEY: &str = "sk-ant-failover-claude";
+const POOL_KEYS: [&str; 2] = ["sk-failover-pool-1", "sk-failover-pool-2"];
+const CLAUDE_POOL_KEYS: [&str; 2] = ["sk-ant-failover-pool-1", "sk-ant-failover-pool-2"];
 /// `smart`'s own daily token allowance: its reservations show in `x-ratelimit-*`.
 const SMART_DAILY: u64 = 1_000_000;
 
@@ -38,7 +40,20 @@ providers:
     kind: anthropic
     base_url: {base}
     keys: [{{ id: claude, secret_env: TG_FO_CLAUDE }}]
+  - name: pooled
+    kind: openai
+    base_url: {base}
+    strategy: priority
+    keys: [{{ id: p1, secret_env: TG_FO_P1 }}, {{ id: p2, secret_env: TG_FO_P2 }}]
+  - name: anthropic-pool
+    kind: anthropic
+    base_url: {base}
+    strategy: priority
+    keys: [{{ id: cp1, secret_env: TG_FO_CP1 }}, {{ id: cp2, secret_env: TG_FO_CP2 }}]
 models:
+  - {{ name: solo, provider: pooled }}
+  - {{ name: smart2, provider: openai, fallbacks: [claude-pool] }}
+  - {{ name: claude-pool, provider: anthropic-pool, upstream_model: claude-pool-up }}
   - name: smart
     provider: openai
     upstream_model: gpt-4o
@@ -60,7 +75,14 @@ async fn start(host: Host) -> Stack {
     Stack::start(
         host,
         config,
-        vec![("TG_FO_OPENAI", OPENAI_KEY), ("TG_FO_CLAUDE", CLAUDE_KEY)],
+        vec![
+            ("TG_FO_OPENAI", OPENAI_KEY),
+            ("TG_FO_CLAUDE", CLAUDE_KEY),
+            ("TG_FO_P1", POOL_KEYS[0]),
+            ("TG_FO_P2", POOL_KEYS[1]),
+            ("TG_FO_CP1", CLAUDE_POOL_KEYS[0]),
+            ("TG_FO_CP2", CLAUDE_POOL_KEYS[1]),
+        ],
     )
     .await
 }
@@ -344,7 +366,63 @@ async fn a_spent_chain_answers_its_last_error(host: Host) {
     assert!(calls(&f.mock).is_empty(), "a cooling key was called");
 }
 
+/// With chains in the config, a model without one still retries on its pool's other key
+/// (in Envoy its route picks the cluster per attempt: the retry must stay on this one).
+async fn a_model_without_a_chain_still_retries_on_its_other_key(host: Host) {
+    let f = start(host).await;
+    f.mock
+        .set_fault(POOL_KEYS[0], Fault::ServerError { status: 500 });
+    let r = post_as(
+        &f,
+        APP_KEY,
+        json!({ "model": "solo", "max_tokens": 50, "messages": user("hello") }),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "solo");
+    let chat = |k: &str| ("/v1/chat/completions".to_string(), k.to_string());
+    assert_eq!(calls(&f.mock), [chat(POOL_KEYS[0]), chat(POOL_KEYS[1])]);
+}
+
+/// A fallback with two keys: its first refuses, its second serves — with the fallback's own
+/// request (the router replays the first model's body on every retry), read as its answer.
+async fn a_fallback_retries_on_its_own_pool(host: Host) {
+    let f = start(host).await;
+    for key in [OPENAI_KEY, CLAUDE_POOL_KEYS[0]] {
+        f.mock.set_fault(
+            key,
+            Fault::TooManyRequests {
+                retry_after_secs: Some(60),
+            },
+        );
+    }
+    let r = post_as(
+        &f,
+        APP_KEY,
+        json!({ "model": "smart2", "max_tokens": 50, "messages": user("hello") }),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), "claude-pool");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    let messages = |k: &str| ("/v1/messages".to_string(), k.to_string());
+    assert_eq!(
+        calls(&f.mock),
+        [
+            to_openai(),
+            messages(CLAUDE_POOL_KEYS[0]),
+            messages(CLAUDE_POOL_KEYS[1])
+        ]
+    );
+    let last = f.mock.requests().pop().unwrap();
+    assert_eq!(last.json()["model"], "claude-pool-up");
+    assert_eq!(last.header("authorization"), None);
+}
+
 both_hosts!(
+    a_model_without_a_chain_still_retries_on_its_other_key,
+    a_fallback_retries_on_its_own_pool,
     a_rate_limited_primary_is_served_by_its_fallback,
     server_errors_fail_over_and_invalid_requests_do_not,
     a_stream_fails_over_before_its_first_byte_and_never_after,

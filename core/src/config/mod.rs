@@ -229,6 +229,11 @@ impl Config {
         &self.models
     }
 
+    /// Whether some model has fallbacks (Envoy's routes then pick their cluster per attempt).
+    pub fn has_chains(&self) -> bool {
+        self.models.iter().any(|m| !m.fallbacks.is_empty())
+    }
+
     pub fn model(&self, id: ModelId) -> Option<&Model> {
         self.models.get(id)
     }

@@ -836,6 +836,7 @@ fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
         tried: Vec::new(),
         attempts_before: 0,
         chain: Vec::new(),
+        current: None,
     }
 }
 
@@ -993,4 +994,113 @@ fn a_never_ending_event_is_never_held_whole() {
         let summary = x.finish(0, &store);
         assert_eq!(summary.status, Some(200));
     }
+}
+
+/// A chain of OpenAI `smart`, then Anthropic `claude` (whose own limit allows one request a
+/// day), then the in-gateway `mock-gpt`.
+fn chain_config(fallbacks: &str) -> Arc<Config> {
+    let text = format!(
+        r#"
+consumers:
+  - {{ name: app, keys: [{{ sha256: {} }}], models: ["*"] }}
+providers:
+  - {{ name: openai, kind: openai, base_url: "http://127.0.0.1:9/v1", keys: [{{ id: a, secret_env: A }}] }}
+  - {{ name: claude, kind: anthropic, keys: [{{ id: c, secret_env: C }}] }}
+  - {{ name: mock, kind: mock }}
+models:
+  - {{ name: smart, provider: openai, fallbacks: {fallbacks}, limits: {{ daily_tokens: 100000 }} }}
+  - {{ name: claude, provider: claude, limits: {{ requests_per_day: 1 }} }}
+  - {{ name: mock-gpt, provider: mock }}
+"#,
+        KeyHash::of("tg-app").to_hex()
+    );
+    Arc::new(Config::load(&text, &|_| Some("sk".into())).unwrap())
+}
+
+fn routed_smart(c: &Arc<Config>, store: &CellStore) -> (Exchange, crate::exchange::Forward) {
+    let mut x = Exchange::new(Arc::clone(c));
+    let headers = crate::http::test_headers(&[AUTH]);
+    let head = RequestHead {
+        method: "POST",
+        path: CHAT,
+        headers: &headers,
+    };
+    let _ = x.on_request_headers(0, &head, store);
+    let body = r#"{"model":"smart","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let OnBody::Forward(f) = x.on_request_body(0, body.as_bytes(), store) else {
+        panic!()
+    };
+    (x, f)
+}
+
+#[test]
+fn a_failover_moves_the_model_limits_and_reads_the_answer_as_the_fallbacks() {
+    let c = chain_config("[claude]");
+    let store = CellStore::default();
+    let (mut x, f) = routed_smart(&c, &store);
+    assert!(x.has_chain());
+    let Some(OnBody::Forward(next)) = x.fail_over(0, &store, &f.ticket) else {
+        panic!()
+    };
+    assert_eq!(
+        (next.ticket.provider.as_str(), next.ticket.model.as_str()),
+        ("claude", "claude")
+    );
+    assert_eq!(next.path, "/v1/messages");
+    // Read as Anthropic's answer, named as the fallback.
+    let OnResponse::Collect { .. } = x.on_response_headers(200, &Vec::new(), &store) else {
+        panic!("an Anthropic answer is read whole to be translated")
+    };
+    let answer = x.on_collected(
+        br#"{"id":"m","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":2}}"#,
+    );
+    assert!(answer
+        .headers
+        .contains(&(MODEL_HEADER, "claude".to_string())));
+    let s = x.finish(0, &store);
+    assert_eq!(
+        (s.model.as_deref(), s.requested_model.as_deref()),
+        (Some("claude"), Some("smart"))
+    );
+    // smart's allowance got its reservation back; claude's one request a day is spent.
+    let (mut y, f) = routed_smart(&c, &store);
+    assert_eq!(
+        y.fail_over(0, &store, &f.ticket),
+        None,
+        "claude's limit refuses"
+    );
+    let _ = y.finish(0, &store);
+}
+
+#[test]
+fn a_fallback_that_cannot_take_the_request_leaves_the_exchange_as_it_was() {
+    let c = chain_config("[claude]");
+    let store = CellStore::default();
+    // Spend claude's one request of the day.
+    let (mut used, f) = routed_smart(&c, &store);
+    let _ = used.fail_over(0, &store, &f.ticket);
+    let _ = used.finish(0, &store);
+    let (mut x, f) = routed_smart(&c, &store);
+    assert_eq!(x.fail_over(0, &store, &f.ticket), None);
+    // The primary's failure is still answered as the primary's: an OpenAI body relayed.
+    let OnResponse::Relay { add_headers, .. } = x.on_response_headers(500, &Vec::new(), &store)
+    else {
+        panic!("relayed as OpenAI's")
+    };
+    assert!(add_headers.contains(&(MODEL_HEADER, "smart".to_string())));
+    let s = x.finish(0, &store);
+    assert_eq!(s.model.as_deref(), Some("smart"));
+}
+
+#[test]
+fn a_mock_fallback_answers_at_once() {
+    let c = chain_config("[mock-gpt]");
+    let store = CellStore::default();
+    let (mut x, f) = routed_smart(&c, &store);
+    let Some(OnBody::Respond(r)) = x.fail_over(0, &store, &f.ticket) else {
+        panic!()
+    };
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains(&(MODEL_HEADER, "mock-gpt".to_string())));
+    assert!(x.finish(0, &store).usage_reported);
 }

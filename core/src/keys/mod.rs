@@ -245,6 +245,10 @@ pub struct Ticket {
     /// (the key role of the fallback's cluster sends it as it says).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<ChainStep>,
+    /// Envoy: the chain step the request failed over to, which every further attempt on its
+    /// pool sends again (the router replays the first model's body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Box<ChainStep>>,
 }
 
 /// A fallback of the request's chain, as the gateway role routed it for Envoy's key role:
@@ -296,6 +300,7 @@ impl Ticket {
         self.provider = step.provider.clone();
         self.model = step.model.clone();
         self.tokens = step.tokens;
+        self.current = Some(Box::new(step.clone()));
         Some(step)
     }
 

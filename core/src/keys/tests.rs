@@ -30,6 +30,7 @@ fn ticket(model: &str) -> Ticket {
         tried: Vec::new(),
         attempts_before: 0,
         chain: Vec::new(),
+        current: None,
     }
 }
 
