@@ -1320,7 +1320,7 @@ impl Exchange {
                 }
                 return OnResponse::Relay {
                     status: real,
-                    remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER],
+                    remove_headers: &[LOCAL_REPLY_HEADER, KEY_RESERVATION_HEADER, SERVED_BY_HEADER],
                     add_headers: self.answer_headers(),
                     body_rewritten: false,
                 };
