@@ -746,6 +746,7 @@ impl Exchange {
                 attempts_before: 0,
                 chain: Vec::new(),
                 current: None,
+                first_provider: None,
             },
         }))
     }
@@ -838,6 +839,7 @@ impl Exchange {
                 attempts_before: 0,
                 chain: Vec::new(),
                 current: None,
+                first_provider: None,
             },
         })))
     }
@@ -922,6 +924,8 @@ impl Exchange {
                         OnBody::Forward(mut forward) => {
                             forward.ticket.started_ms = previous.started_ms;
                             forward.ticket.attempts_before = previous.attempts_made();
+                            forward.ticket.first_provider =
+                                Some(previous.retry_provider().to_string());
                             OnBody::Forward(forward)
                         }
                         answered => answered,

@@ -109,7 +109,9 @@ impl KeyFlow {
             self.fail_over(map, *step)?;
         }
         let now = host::now_ms();
-        let provider = self.config.provider_by_name(&ticket.provider);
+        // The requested model's provider's policy bounds the whole chain, as in the native
+        // host.
+        let provider = self.config.provider_by_name(ticket.retry_provider());
         self.retry = provider.map(|p| (p.retry, ticket.started_ms));
         if ticket.attempts_made() > 0 {
             // A retry Envoy scheduled: Envoy bounds attempts, the time budget is ours. Only a

@@ -837,6 +837,7 @@ fn ticket(provider: &str, model: &str, tokens: u64) -> Ticket {
         attempts_before: 0,
         chain: Vec::new(),
         current: None,
+        first_provider: None,
     }
 }
 

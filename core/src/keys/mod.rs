@@ -249,6 +249,10 @@ pub struct Ticket {
     /// pool sends again (the router replays the first model's body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<Box<ChainStep>>,
+    /// After a failover: the provider of the model the client asked for, whose `retry`
+    /// bounds the whole chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_provider: Option<String>,
 }
 
 /// A fallback of the request's chain, as the gateway role routed it for Envoy's key role:
@@ -278,6 +282,11 @@ impl Ticket {
         }
     }
 
+    /// The provider whose `retry` bounds the request: the requested model's.
+    pub fn retry_provider(&self) -> &str {
+        self.first_provider.as_deref().unwrap_or(&self.provider)
+    }
+
     /// Attempts made so far over the whole chain.
     pub fn attempts_made(&self) -> u32 {
         u32::try_from(self.tried.len())
@@ -297,6 +306,9 @@ impl Ticket {
         let step = self.chain.drain(..=at).next_back()?;
         self.attempts_before = self.attempts_made();
         self.tried.clear();
+        if self.first_provider.is_none() {
+            self.first_provider = Some(std::mem::take(&mut self.provider));
+        }
         self.provider = step.provider.clone();
         self.model = step.model.clone();
         self.tokens = step.tokens;

@@ -31,6 +31,7 @@ fn ticket(model: &str) -> Ticket {
         attempts_before: 0,
         chain: Vec::new(),
         current: None,
+        first_provider: None,
     }
 }
 
@@ -378,6 +379,11 @@ fn a_ticket_fails_over_to_the_chain_step_of_the_cluster_it_reached() {
     );
     assert!(t.chain.is_empty() && t.tried.is_empty());
     assert_eq!((t.tokens, t.attempts_made(), t.next_attempt()), (7, 2, 3));
+    assert_eq!(
+        t.retry_provider(),
+        "openai",
+        "the requested model's policy bounds the chain"
+    );
     assert_eq!(t.fail_over_to("anthropic"), None, "spent");
     // The chain survives the trip through Envoy's filter state.
     let mut t = ticket("gpt-4o-mini");
