@@ -186,6 +186,8 @@ models:
             .unwrap();
         let conn = tokio::spawn(conn);
         for _ in 0..2 {
+            // hyper's sender takes a second request only once the first has fully ended.
+            sender.ready().await.unwrap();
             let r = sender
                 .send_request(chat_request(gateway.addr))
                 .await
@@ -312,6 +314,7 @@ models:
         );
         // Those open are still served.
         let (sender, _) = &mut held[0];
+        sender.ready().await.unwrap();
         let r = sender
             .send_request(chat_request(gateway.addr))
             .await
