@@ -471,7 +471,7 @@ def measure(name, args, mock, mock_port):
             log(f"{name}/{case}: {best['errors']} errors in {best['requests']} requests:\n{best['raw']}")
         row = {"target": label, "case": case, **{k: v for k, v in best.items() if k != "raw"}}
         if admin:
-            row["vm_memory_mb"] = (envoy_stat(admin, "wasmcustom.tollgate.vm.memory_bytes") or 0) / 1048576
+            row["vm_memory_mb"] = (envoy_stat(admin, "wasmcustom.tollgate_vm_memory_bytes") or 0) / 1048576
         rows.append(row)
         log(f"{label:32} {case:6} {best['rps']:10.0f} req/s  p50 {best['p50']} ms  p99 {best['p99']} ms  "
             f"cpu {best['cpu_ms_per_request']:.3f} ms/req  rss {best['rss_mb']:.0f} MB")
@@ -553,7 +553,7 @@ def write_results(rows, args):
         )
     vm = [r["vm_memory_mb"] for r in rows if r.get("vm_memory_mb")]
     if vm:
-        out += ["", f"Wasm VM linear memory per Envoy worker (stat `wasmcustom.tollgate.vm.memory_bytes`): "
+        out += ["", f"Wasm VM linear memory per Envoy worker (stat `wasmcustom.tollgate_vm_memory_bytes`): "
                     f"{max(vm):.1f} MB; `.wasm` module: {WASM.stat().st_size / 1024:.0f} KB."]
     RESULTS.write_text("\n".join(out) + "\n")
     log(f"wrote {RESULTS}")

@@ -4,6 +4,9 @@
 
 use crate::http::LocalResponse;
 
+/// The limit that refused a request, for metrics: `(scope label, limit name)`.
+pub type RefusedBy = (std::sync::Arc<str>, &'static str);
+
 /// Why the gateway answers a request itself instead of (or after) calling a provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {
@@ -58,18 +61,24 @@ pub enum GatewayError {
     RateLimited {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label (`consumer:a`, `model:m`, `keys:p`).
+        label: std::sync::Arc<str>,
         retry_after_ms: u64,
     },
     /// A calendar token or cost allowance is spent; it renews after `retry_after_ms`.
     QuotaExhausted {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label (`consumer:a`, `model:m`, `keys:p`).
+        label: std::sync::Arc<str>,
         retry_after_ms: u64,
     },
     /// The request alone needs more than a limit will ever allow.
     ExceedsLimit {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label (`consumer:a`, `model:m`, `keys:p`).
+        label: std::sync::Arc<str>,
         requested: u64,
         capacity: u64,
     },
@@ -211,6 +220,35 @@ impl GatewayError {
         }
     }
 
+    /// The `code` label of `tollgate_requests_total` for this refusal: the error's code, but
+    /// for the families operators alert on as one (limits, key pools, upstream failures).
+    pub fn metric_code(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limited",
+            Self::ExceedsLimit { .. } => "exceeds_limit",
+            Self::KeysCooling { .. } => "keys_cooling",
+            Self::KeysRevoked { .. } => "keys_revoked",
+            Self::KeysExhausted { .. } => "keys_exhausted",
+            Self::UpstreamAuthFailed { .. }
+            | Self::UpstreamInvalidAnswer { .. }
+            | Self::UpstreamAnswerTooLarge { .. }
+            | Self::UpstreamErrorNotJson { .. }
+            | Self::RetryBudgetSpent { .. } => "upstream_error",
+            Self::MissingConsumerKey | Self::UnknownConsumerKey => "unauthenticated",
+            other => other.code(),
+        }
+    }
+
+    /// The limit that refused the request: `(scope label, limit name)`.
+    pub fn refused_by(&self) -> Option<RefusedBy> {
+        match self {
+            Self::RateLimited { label, limit, .. }
+            | Self::QuotaExhausted { label, limit, .. }
+            | Self::ExceedsLimit { label, limit, .. } => Some((label.clone(), *limit)),
+            _ => None,
+        }
+    }
+
     /// Whether sending the same request again may succeed.
     pub fn retryable(&self) -> bool {
         matches!(
@@ -237,7 +275,7 @@ impl GatewayError {
             Self::UnsupportedParameter { param, provider_kind, reason } => format!("`{param}` is not supported by this model's provider (kind `{provider_kind}`): {reason}"),
             Self::UpstreamInvalidAnswer { provider } => format!("The provider `{provider}` answered with a response the gateway cannot read."),
             Self::UpstreamAnswerTooLarge { provider, limit } => format!("The provider `{provider}` answered with more than {limit} bytes, which the gateway cannot translate."),
-            Self::RateLimited { limit, scope, retry_after_ms } => format!(
+            Self::RateLimited { limit, scope, retry_after_ms, .. } => format!(
                 "Rate limit reached: `{limit}` of {scope}. Retry after {}.",
                 crate::limits::format_duration(*retry_after_ms)
             ),
@@ -253,11 +291,11 @@ impl GatewayError {
             Self::RequestTooLargeForProvider { provider, reason } => format!(
                 "The provider `{provider}` refused this request as too large for its limits: {reason}"
             ),
-            Self::QuotaExhausted { limit, scope, retry_after_ms } => format!(
+            Self::QuotaExhausted { limit, scope, retry_after_ms, .. } => format!(
                 "Allowance spent: `{limit}` of {scope}. It renews in {}.",
                 crate::limits::format_duration(*retry_after_ms)
             ),
-            Self::ExceedsLimit { limit, scope, requested, capacity } => {
+            Self::ExceedsLimit { limit, scope, requested, capacity, .. } => {
                 let unit = if limit.contains("cost") { " millionths of a dollar" } else if limit.contains("token") { " tokens" } else { "" };
                 format!(
                     "This request needs {requested}{unit} (prompt estimate plus max_tokens) but `{limit}` of {scope} allows {capacity}{unit}; lower max_tokens or shorten the prompt."
@@ -330,29 +368,35 @@ impl From<crate::limits::Refusal> for GatewayError {
             Refusal::NotNow {
                 limit,
                 scope,
+                label,
                 retry_after_ms,
             } => Self::RateLimited {
                 limit,
                 scope,
+                label,
                 retry_after_ms,
             },
             Refusal::Exhausted {
                 limit,
                 scope,
+                label,
                 retry_after_ms,
             } => Self::QuotaExhausted {
                 limit,
                 scope,
+                label,
                 retry_after_ms,
             },
             Refusal::Never {
                 limit,
                 scope,
+                label,
                 requested,
                 capacity,
             } => Self::ExceedsLimit {
                 limit,
                 scope,
+                label,
                 requested,
                 capacity,
             },
@@ -394,11 +438,13 @@ mod tests {
             GatewayError::RateLimited {
                 limit: "x",
                 scope: "s".into(),
+                label: "consumer:s".into(),
                 retry_after_ms: 1_500,
             },
             GatewayError::QuotaExhausted {
                 limit: "x",
                 scope: "s".into(),
+                label: "consumer:s".into(),
                 retry_after_ms: 1_500,
             },
             GatewayError::KeysCooling {

@@ -23,6 +23,7 @@ use crate::http::{
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
+use crate::error::RefusedBy;
 use crate::limits::{self, Amounts, Limit, RateHeaders, Reservation};
 use crate::prompts::{self, shape, ResponseMode};
 use crate::providers::dialect::{self, ClientDialect, StreamTranslator, UsageReader};
@@ -139,7 +140,7 @@ pub enum Chunk {
 }
 
 /// What happened, for the access log. Holds names, never keys.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub consumer: Option<String>,
     /// The public model that served the request (or was to).
@@ -155,6 +156,18 @@ pub struct Summary {
     pub charged: Option<Amounts>,
     /// Whether `charged` comes from the provider's usage (else it is estimated).
     pub usage_reported: bool,
+    /// The `code` label of `tollgate_requests_total` (`metrics::CODES`).
+    pub code: &'static str,
+    /// The tokens the request used, when known (reported, or estimated for a cut stream),
+    /// whether or not a limit metered it.
+    pub tokens: Option<crate::metrics::Tokens>,
+    /// What it cost, in millionths of a dollar rounded up as limits charge (0 for a model
+    /// without prices).
+    pub micro_usd: u64,
+    /// What it cost in dollars, unrounded.
+    pub usd: f64,
+    /// The limit that refused it: `(scope label, limit name)`.
+    pub refused_by: Option<RefusedBy>,
 }
 
 /// Most bytes of one unfinished SSE event held back while the usage chunk is being stripped.
@@ -169,7 +182,6 @@ const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
 struct Metering {
     reservation: Reservation,
     headers: RateHeaders,
-    prompt_estimate: u64,
     /// What was reserved: charged whole when the usage cannot be known.
     reserved: Amounts,
 }
@@ -243,6 +255,12 @@ pub struct Exchange {
     failing_over: Option<ModelId>,
     /// The request's `x-request-id`, for the access log.
     request_id: Option<String>,
+    /// The gateway's own refusal, if it answered with one: its metric code and the limit
+    /// that refused.
+    refusal: Option<(&'static str, Option<RefusedBy>)>,
+    /// The prompt's estimated tokens, for a stream that ends without usage (also when no
+    /// limit meters the request).
+    prompt_estimate: u64,
 }
 
 /// Response header naming the public model that served the request (another than the one
@@ -369,11 +387,20 @@ impl Exchange {
             failing_over: None,
             key_role_reply: false,
             request_id: None,
+            refusal: None,
+            prompt_estimate: 0,
         }
     }
 
     pub fn config(&self) -> &Arc<Config> {
         &self.config
+    }
+
+    /// The consumer's name, once its key was read (with the request's head).
+    pub fn consumer_name(&self) -> Option<&str> {
+        self.consumer
+            .and_then(|c| self.config.consumer(c))
+            .map(|c| c.name.as_str())
     }
 
     /// `store`: the counters `GET /v1/usage` reports.
@@ -955,6 +982,7 @@ impl Exchange {
         self.forwarded = x.forwarded;
         self.provider_succeeded = x.provider_succeeded;
         self.created_s = x.created_s;
+        self.prompt_estimate = x.prompt_estimate;
         self.translate_answer = x.translate_answer;
         self.passthrough = x.passthrough.take();
         self.strip_usage_chunk = x.strip_usage_chunk;
@@ -962,7 +990,6 @@ impl Exchange {
         match (self.metering.as_mut(), x.metering.take()) {
             (Some(m), Some(theirs)) => {
                 m.reservation.merge(theirs.reservation);
-                m.prompt_estimate = theirs.prompt_estimate;
                 m.reserved = theirs.reserved;
             }
             (None, theirs) => self.metering = theirs,
@@ -1115,6 +1142,7 @@ impl Exchange {
         self.stream_to_client = None;
         self.retry_hints.clear();
         self.key_role_reply = false;
+        self.refusal = None;
     }
 
     /// `GET /v1/usage`: the authenticated consumer's own limits (and its limits on single
@@ -1219,6 +1247,10 @@ impl Exchange {
         };
         let mut limits = limits.by_ref().peekable();
         if limits.peek().is_none() && !key_limits {
+            if self.stream {
+                // Only a stream that ends without usage needs it, to be estimated.
+                self.prompt_estimate = demand().prompt;
+            }
             return Ok(Amounts {
                 requests: 1,
                 ..Amounts::default()
@@ -1226,6 +1258,7 @@ impl Exchange {
         }
         let demand = demand();
         let prompt = demand.prompt;
+        self.prompt_estimate = prompt;
         let completion = demand
             .max_output
             .unwrap_or(model.default_max_tokens)
@@ -1241,14 +1274,12 @@ impl Exchange {
         match self.metering.as_mut() {
             Some(m) if failing_over => {
                 m.reservation.merge(reservation);
-                m.prompt_estimate = prompt;
                 m.reserved = amounts;
             }
             _ => {
                 self.metering = Some(Metering {
                     reservation,
                     headers,
-                    prompt_estimate: prompt,
                     reserved: amounts,
                 })
             }
@@ -1310,9 +1341,13 @@ impl Exchange {
             Some(Some(FinalAnswer::Provider(real))) => restored = Some(real),
             // The key role's own refusal: already the error the client should see.
             Some(answer) => {
-                let real = answer.map(|(FinalAnswer::KeyRole(s) | FinalAnswer::Provider(s))| s);
+                let real = answer.map(|(FinalAnswer::KeyRole(s, _) | FinalAnswer::Provider(s))| s);
                 if real.is_some() {
                     self.status = real;
+                }
+                if let Some(FinalAnswer::KeyRole(_, Some(code))) = answer {
+                    // Its limit refusals are counted by the key role.
+                    self.refusal = Some((code, None));
                 }
                 if self.client != ClientDialect::Chat {
                     // In the hub shape; read whole to answer in the client's own.
@@ -1681,13 +1716,31 @@ impl Exchange {
     /// settles the limits on what was really used and frees concurrency slots.
     pub fn finish(&mut self, now_ms: u64, store: &impl CounterStore) -> Summary {
         self.stage = Stage::Done;
+        let tokens = self.tokens_used();
         let charged = self.metering.take().map(|m| {
-            let used = self.used(m.prompt_estimate, m.reserved);
+            let used = self.used(tokens, m.reserved);
             // A store that fails now leaves counters high until their windows pass: the safe
             // side. Nothing else can be done at the end of a request.
             let _ = limits::settle(m.reservation, store, now_ms, used);
             used
         });
+        let micro_usd = match charged {
+            Some(c) => c.micro_usd,
+            None => tokens.map_or(0, |t| self.price(&t.usage)),
+        };
+        // Unrounded where the usage is known; else what was charged.
+        let usd = match tokens {
+            Some(t) => self.exact_price(&t.usage) / 1_000_000.0,
+            None => micro_usd as f64 / 1_000_000.0,
+        };
+        let (code, refused_by) = match self.refusal.take() {
+            Some((code, by)) => (code, by),
+            None => (
+                self.status
+                    .map_or("cancelled", crate::metrics::status_class),
+                None,
+            ),
+        };
         let config = &self.config;
         Summary {
             consumer: self
@@ -1709,7 +1762,57 @@ impl Exchange {
             stream: self.stream,
             charged,
             usage_reported: self.usage.is_some(),
+            code,
+            tokens,
+            micro_usd,
+            usd,
+            refused_by,
         }
+    }
+
+    /// The tokens the request used, when they can be known: the provider's usage; an
+    /// estimate of a stream that ended without it; none when the provider answered with an
+    /// error (not billed), or a non-streamed answer had no readable usage.
+    fn tokens_used(&self) -> Option<crate::metrics::Tokens> {
+        let status = self.status?;
+        if !(200..300).contains(&status) && !self.provider_succeeded {
+            return None;
+        }
+        match self.usage {
+            Some(usage) => Some(crate::metrics::Tokens {
+                usage,
+                estimated: false,
+            }),
+            None if self.stream => Some(crate::metrics::Tokens {
+                usage: Usage {
+                    prompt_tokens: self.prompt_estimate,
+                    completion_tokens: self.streamed_tokens,
+                    ..Usage::default()
+                },
+                estimated: true,
+            }),
+            None => None,
+        }
+    }
+
+    /// What `usage` costs at the serving model's prices, in millionths of a dollar.
+    fn price(&self, usage: &Usage) -> u64 {
+        self.exact_price(usage).ceil().max(0.0) as u64
+    }
+
+    /// `price` unrounded.
+    fn exact_price(&self, usage: &Usage) -> f64 {
+        self.model
+            .and_then(|m| self.config.model(m))
+            .and_then(|m| m.pricing)
+            .map_or(0.0, |p| {
+                p.exact_micro_usd(
+                    usage.prompt_tokens,
+                    usage.cached_prompt_tokens,
+                    usage.cache_write_tokens,
+                    usage.completion_tokens,
+                )
+            })
     }
 
     /// What the request used, for settlement: the provider's usage when it reported it; an
@@ -1717,7 +1820,7 @@ impl Exchange {
     /// whole reservation when the usage cannot be known (the client left before the answer,
     /// which the provider still bills, or a body too large to read); nothing when the
     /// provider answered with an error (providers do not bill refused or failed requests).
-    fn used(&self, prompt_estimate: u64, reserved: Amounts) -> Amounts {
+    fn used(&self, tokens: Option<crate::metrics::Tokens>, reserved: Amounts) -> Amounts {
         let Some(status) = self.status else {
             return if self.forwarded {
                 reserved
@@ -1728,30 +1831,13 @@ impl Exchange {
         if !(200..300).contains(&status) && !self.provider_succeeded {
             return Amounts::default();
         }
-        let usage = match self.usage {
-            Some(u) => u,
-            None if !self.stream => return reserved,
-            None => Usage {
-                prompt_tokens: prompt_estimate,
-                completion_tokens: self.streamed_tokens,
-                ..Usage::default()
-            },
+        let Some(tokens) = tokens else {
+            return reserved;
         };
-        let pricing = self
-            .model
-            .and_then(|m| self.config.model(m))
-            .and_then(|m| m.pricing);
         Amounts {
             requests: 1,
-            tokens: usage.total(),
-            micro_usd: pricing.map_or(0, |p| {
-                p.micro_usd(
-                    usage.prompt_tokens,
-                    usage.cached_prompt_tokens,
-                    usage.cache_write_tokens,
-                    usage.completion_tokens,
-                )
-            }),
+            tokens: tokens.usage.total(),
+            micro_usd: self.price(&tokens.usage),
         }
     }
 
@@ -1770,6 +1856,7 @@ impl Exchange {
     pub fn refuse(&mut self, e: GatewayError) -> LocalResponse {
         self.stage = Stage::Done;
         self.status = Some(e.status());
+        self.refusal = Some((e.metric_code(), e.refused_by()));
         let mut response = e.respond();
         // In the client's own error shape; the headers (retry-after) stay.
         response.body = self.client.error_from_hub(response.status, &response.body);

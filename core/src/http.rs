@@ -21,8 +21,9 @@ pub const LOCAL_REPLY_CARRIER_STATUS: u16 = 400;
 /// What a `LOCAL_REPLY_HEADER` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinalAnswer {
-    /// The key role's own reply, already the error the client should see.
-    KeyRole(u16),
+    /// The key role's own reply, already the error the client should see, with its
+    /// metric code (`metrics::CODES`).
+    KeyRole(u16, Option<&'static str>),
     /// The provider's answer, to be handled as any provider answer with this status.
     Provider(u16),
 }
@@ -31,17 +32,22 @@ impl FinalAnswer {
     /// The `LOCAL_REPLY_HEADER` value.
     pub fn marker(self) -> String {
         match self {
-            FinalAnswer::KeyRole(status) => format!("key {status}"),
+            FinalAnswer::KeyRole(status, Some(code)) => format!("key {status} {code}"),
+            FinalAnswer::KeyRole(status, None) => format!("key {status}"),
             FinalAnswer::Provider(status) => format!("final {status}"),
         }
     }
 
     /// Reads a `LOCAL_REPLY_HEADER` value.
     pub fn parse(marker: &str) -> Option<FinalAnswer> {
-        let (kind, status) = marker.trim().split_once(' ')?;
-        let status = status.trim().parse().ok()?;
+        let mut words = marker.split_whitespace();
+        let kind = words.next()?;
+        let status = words.next()?.parse().ok()?;
         match kind {
-            "key" => Some(FinalAnswer::KeyRole(status)),
+            "key" => Some(FinalAnswer::KeyRole(
+                status,
+                words.next().and_then(crate::metrics::known_code),
+            )),
             "final" => Some(FinalAnswer::Provider(status)),
             _ => None,
         }

@@ -14,6 +14,7 @@
 //! - `limits`: rate limits, concurrency and calendar quotas: reserve, then settle.
 //! - `providers`: one module per provider kind: wire types and pure translation; `signals`
 //!   reads what providers say about a key's limits (retry times, remaining capacity).
+//! - `metrics`: the Prometheus families both hosts export, and what a request adds to them.
 //! - `sse`: incremental Server-Sent Events parsing, keeping each event's exact bytes.
 //! - `store`: the shared-counter trait the hosts implement.
 //! - `roles`: the names of the gateway and key roles in Envoy.
@@ -41,6 +42,7 @@ pub mod health;
 pub mod http;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod prompts;
 pub mod providers;
 pub mod retry;

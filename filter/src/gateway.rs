@@ -11,6 +11,7 @@ use tollgate_core::keys;
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::host::{self, SharedStore};
+use crate::metrics;
 
 /// The request header that crashes a test build of the module (feature `test-trap`).
 #[cfg(feature = "test-trap")]
@@ -99,6 +100,9 @@ impl GatewayFlow {
         let decision = self
             .exchange
             .on_request_headers(host::now_ms(), &head, &SharedStore);
+        if let Some(consumer) = self.exchange.consumer_name() {
+            metrics::enter(consumer);
+        }
         self.request_headers = headers;
         match decision {
             OnHeaders::Respond(r) => Ok(self.respond(&r)),
@@ -367,7 +371,12 @@ impl HttpContext for GatewayFlow {
     fn on_log(&mut self) {
         // Called on every ending, client aborts and upstream resets included: settles the
         // limits and frees concurrency slots.
-        let summary = self.exchange.finish(host::now_ms(), &SharedStore);
+        let now = host::now_ms();
+        let summary = self.exchange.finish(now, &SharedStore);
+        let first_byte_ms = self
+            .first_byte_ms
+            .map(|t| t.saturating_sub(self.started_ms));
+        metrics::request_ended(&summary, now.saturating_sub(self.started_ms), first_byte_ms);
         if !host::logs_at(LogLevel::Debug) {
             return;
         }

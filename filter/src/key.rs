@@ -23,7 +23,7 @@ use tollgate_core::roles::provider_of_cluster;
 use tollgate_core::{Config, GatewayError};
 
 use crate::host::{self, SharedStore};
-use crate::metrics::KeyMetrics;
+use crate::metrics;
 
 /// Most bytes of a failed answer's body held to read what the refusal means. Error bodies
 /// are a few hundred bytes; past this the answer is judged on its status and what came.
@@ -46,7 +46,6 @@ struct Attempt {
 
 pub struct KeyFlow {
     config: Arc<Config>,
-    metrics: Arc<KeyMetrics>,
     /// What this attempt took from the key's own limits, until it is handed to the gateway
     /// role (with a successful response) or given back (on any other ending).
     reservation: Reservation,
@@ -73,10 +72,9 @@ pub struct KeyFlow {
 }
 
 impl KeyFlow {
-    pub fn new(config: Arc<Config>, metrics: Arc<KeyMetrics>) -> Self {
+    pub fn new(config: Arc<Config>) -> Self {
         Self {
             config,
-            metrics,
             reservation: Reservation::default(),
             handover: None,
             replied: false,
@@ -210,12 +208,15 @@ impl HttpContext for KeyFlow {
             Ok(()) => Action::Continue,
             Err(e) => {
                 host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+                if let Some((scope, limit)) = e.refused_by() {
+                    metrics::limit_refused(&scope, limit);
+                }
                 let mut response = e.respond();
                 // Marks the reply as ours and carries its status; it travels under a status
                 // Envoy's retry policy leaves alone, and the gateway role restores it.
                 response.headers.push((
                     LOCAL_REPLY_HEADER,
-                    FinalAnswer::KeyRole(response.status).marker(),
+                    FinalAnswer::KeyRole(response.status, Some(e.metric_code())).marker(),
                 ));
                 // Even without the gateway role (which would restore the status), a refusal
                 // that can never succeed must not be retried by whatever route sent it here.
@@ -321,8 +322,7 @@ impl KeyFlow {
         if let Some(key) = &attempt.key {
             // Counted as Envoy stats (every worker adds to the same counter); the shared
             // store's counters are the native host's admin view.
-            self.metrics
-                .count(&attempt.provider, key, Some(status), class);
+            metrics::key_attempt(&attempt.provider, key, Some(status), class);
             let who = Attempted {
                 provider: &attempt.provider,
                 key,
@@ -405,7 +405,7 @@ impl KeyFlow {
         for (name, _) in headers.iter().filter(|(k, _)| !k.starts_with(':')) {
             let _ = host::remove_header(map, name);
         }
-        let marker = FinalAnswer::KeyRole(response.status).marker();
+        let marker = FinalAnswer::KeyRole(response.status, Some(error.metric_code())).marker();
         let _ = host::set_header(map, ":status", &LOCAL_REPLY_CARRIER_STATUS.to_string());
         let _ = host::set_header(map, LOCAL_REPLY_HEADER, &marker);
         for (name, value) in &response.headers {
@@ -456,7 +456,7 @@ impl KeyFlow {
         ) = (self.answered, self.replied, attempt)
         {
             // Sent with this key, never answered: connection failure, reset or timeout.
-            self.metrics.count(&provider, &key, None, None);
+            metrics::key_attempt(&provider, &key, None, None);
         }
         let reservation = std::mem::take(&mut self.reservation);
         if !reservation.is_empty() {

@@ -45,11 +45,9 @@ enum Role {
 struct Root {
     role: Option<Role>,
     config: Option<Arc<Config>>,
-    /// The key role's stats of its pools.
-    metrics: Option<Arc<metrics::KeyMetrics>>,
 }
 
-/// How often the key role publishes the pools' gauges.
+/// How often the gateway role publishes the gauges of limits and keys.
 const GAUGE_PERIOD: Duration = Duration::from_secs(1);
 
 impl Context for Root {}
@@ -84,8 +82,7 @@ impl RootContext for Root {
                 // Every half lease, the concurrency slots of this VM's live requests are
                 // renewed (see `limits::concurrency`).
                 let mut tick = Duration::from_millis(config.server.concurrency_lease_ms / 2);
-                if role == Role::Key {
-                    self.metrics = Some(Arc::new(metrics::KeyMetrics::define(&config)));
+                if role == Role::Gateway {
                     tick = tick.min(GAUGE_PERIOD);
                 }
                 self.set_tick_period(tick);
@@ -108,18 +105,15 @@ impl RootContext for Root {
         let config = Arc::clone(self.config.as_ref()?);
         match self.role? {
             Role::Gateway => Some(Box::new(gateway::GatewayFlow::new(config))),
-            Role::Key => Some(Box::new(key::KeyFlow::new(
-                config,
-                Arc::clone(self.metrics.as_ref()?),
-            ))),
+            Role::Key => Some(Box::new(key::KeyFlow::new(config))),
         }
     }
 
     fn on_tick(&mut self) {
         let now = host::now_ms();
         limits::renew_leases(&host::SharedStore, now);
-        if let (Some(metrics), Some(config)) = (&self.metrics, &self.config) {
-            metrics.publish(config, now);
+        if let (Some(Role::Gateway), Some(config)) = (self.role, &self.config) {
+            metrics::publish(config, now);
         }
     }
 

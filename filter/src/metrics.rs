@@ -1,133 +1,159 @@
-//! The key pools as Envoy stats, the same figures the native host's `GET /admin/keys` shows:
-//! per key, counters of attempts by outcome (each worker adds to the same process-wide
-//! counter), and gauges of its state, cooldown end and learned headroom, published from the
-//! shared store on a timer. Envoy prefixes the names with `wasmcustom.`:
-//! `wasmcustom.tollgate.keys.<provider>.<key>.<figure>` (and, where limits are per model,
-//! `….<key>.models.<upstream model>.until_ms`); and `wasmcustom.tollgate.vm.memory_bytes`,
-//! the linear memory of a worker's VM.
+//! tollgate's metrics as Envoy stats: the families of `tollgate_core::metrics`, each series
+//! a stat whose name carries its labels (`metrics::envoy_stat_name`). The bootstrap's tag
+//! extractors turn those into labels, and Envoy exports the stats on `/stats/prometheus`
+//! under the families' own names (it strips its `wasmcustom.` namespace from filter stats).
+//!
+//! Counters and histograms are process-wide in Envoy: each worker's VM adds to the same
+//! stat. Gauges of shared state (limits, keys) are set from the shared store every second
+//! by the gateway role; `tollgate_in_flight` is moved up and down by each request.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
-use tollgate_core::keys::report::{self, KeyReport};
+use tollgate_core::exchange::Summary;
 use tollgate_core::keys::KeyCounter;
+use tollgate_core::metrics::{self as m, Family, Kind};
 use tollgate_core::providers::refusal::RefusalClass;
 use tollgate_core::Config;
 
 use crate::host::SharedStore;
 
-struct KeyIds {
-    counters: Vec<Option<u32>>,
-    state: Option<u32>,
-    until_ms: Option<u32>,
-    learned_remaining: Option<u32>,
-    /// Per upstream model (providers whose limits are per model): until when the key cools
-    /// for it (0 when it does not).
-    models_until_ms: BTreeMap<String, Option<u32>>,
+thread_local! {
+    /// Each series' stat id in this VM, by stat name. Envoy hands out a new id for every
+    /// definition, so each is defined once; label values come from the config, so the map
+    /// is bounded by it.
+    static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
 }
 
-/// Metric ids per (provider, key id), and the VM's memory.
-pub struct KeyMetrics {
-    keys: BTreeMap<(String, String), KeyIds>,
-    vm_memory: Option<u32>,
-}
-
-fn define(kind: MetricType, name: &str) -> Option<u32> {
-    hostcalls::define_metric(kind, name).ok()
-}
-
-impl KeyMetrics {
-    pub fn define(config: &Config) -> Self {
-        let mut keys = BTreeMap::new();
-        for (pi, p) in config.providers().iter().enumerate() {
-            for (ki, k) in p.keys.iter().enumerate() {
-                let name = |figure: &str| format!("tollgate.keys.{}.{}.{figure}", p.name, k.id);
-                // The upstream models the key has a per-model record for.
-                let models_until_ms = config
-                    .models()
-                    .iter()
-                    .filter(|m| m.provider == pi && !m.key_model_health.is_empty())
-                    .filter(|m| m.pool.contains(&ki))
-                    .map(|m| {
-                        let figure = format!("models.{}.until_ms", m.upstream_model);
-                        (
-                            m.upstream_model.clone(),
-                            define(MetricType::Gauge, &name(&figure)),
-                        )
-                    })
-                    .collect();
-                let ids = KeyIds {
-                    counters: KeyCounter::ALL
-                        .iter()
-                        .map(|c| define(MetricType::Counter, &name(c.name())))
-                        .collect(),
-                    state: define(MetricType::Gauge, &name("state")),
-                    until_ms: define(MetricType::Gauge, &name("until_ms")),
-                    learned_remaining: define(MetricType::Gauge, &name("learned_remaining")),
-                    models_until_ms,
-                };
-                keys.insert((p.name.clone(), k.id.clone()), ids);
-            }
+/// The stat id of one series, defined on first use.
+fn id(family: &Family, values: &[&str]) -> Option<u32> {
+    let name = m::envoy_stat_name(family, values);
+    IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        if let Some(id) = ids.get(&name) {
+            return Some(*id);
         }
-        Self {
-            keys,
-            // Each worker runs one VM; they are alike, so the last one to publish stands for
-            // all.
-            vm_memory: define(MetricType::Gauge, "tollgate.vm.memory_bytes"),
-        }
-    }
-
-    /// Counts an attempt's outcome (`status` `None`: the provider never answered; `class`:
-    /// what its refusal meant).
-    pub fn count(
-        &self,
-        provider: &str,
-        key: &str,
-        status: Option<u16>,
-        class: Option<RefusalClass>,
-    ) {
-        let Some(ids) = self.keys.get(&(provider.to_string(), key.to_string())) else {
-            return;
+        let kind = match family.kind {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+            Kind::Histogram => MetricType::Histogram,
         };
-        for counter in [Some(KeyCounter::Attempts), KeyCounter::of(status, class)]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(Some(id)) = ids.counters.get(counter.index()) {
-                let _ = hostcalls::increment_metric(*id, 1);
+        let id = hostcalls::define_metric(kind, &name).ok()?;
+        ids.insert(name, id);
+        Some(id)
+    })
+}
+
+/// Adds `n` to a counter, or moves a gauge by `n`.
+fn add(family: &Family, values: &[&str], n: i64) {
+    if let Some(id) = id(family, values) {
+        let _ = hostcalls::increment_metric(id, n);
+    }
+}
+
+/// Sets a gauge, or records one value of a histogram.
+fn record(family: &Family, values: &[&str], value: u64) {
+    if let Some(id) = id(family, values) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A request of `consumer` began.
+pub fn enter(consumer: &str) {
+    add(&m::IN_FLIGHT, &[consumer], 1);
+}
+
+/// A request ended: what it adds. Times in milliseconds; `first_byte_ms` from the request's
+/// start to its answer's first bytes.
+pub fn request_ended(summary: &Summary, duration_ms: u64, first_byte_ms: Option<u64>) {
+    let f = summary.figures();
+    if summary.consumer.is_some() {
+        add(&m::IN_FLIGHT, &[f.consumer], -1);
+    }
+    add(&m::REQUESTS, &[f.consumer, f.model, f.provider, f.code], 1);
+    if let Some(tokens) = f.tokens {
+        for (kind, n) in tokens.by_kind().into_iter().filter(|(_, n)| *n > 0) {
+            let at = [f.consumer, f.model, f.provider, kind];
+            if tokens.estimated {
+                add(&m::TOKENS_ESTIMATED, &at, count(n));
             }
+            add(&m::TOKENS, &at, count(n));
         }
     }
-
-    /// Sets every key's gauges from the shared store: state (0 healthy, 1 cooling — key-wide
-    /// or for some models —, 2 revoked, 3 exhausted), until when (Unix ms, 0 when healthy), learned remaining capacity (0 when
-    /// the provider said nothing or what it said expired).
-    pub fn publish(&self, config: &Config, now_ms: u64) {
-        if let Some(id) = self.vm_memory {
-            let _ = hostcalls::record_metric(id, linear_memory_bytes());
-        }
-        for pool in report::pools(config, &SharedStore, now_ms) {
-            for key in &pool.keys {
-                if let Some(ids) = self.keys.get(&(pool.provider.clone(), key.id.clone())) {
-                    record(ids, key);
-                }
-            }
+    if f.micro_usd > 0 {
+        add(
+            &m::COST_MICRO_USD,
+            &[f.consumer, f.model],
+            count(f.micro_usd),
+        );
+    }
+    if let Some((scope, limit)) = f.refused_by {
+        limit_refused(scope, limit);
+    }
+    if summary.provider.is_some() {
+        let at = [f.model, f.provider];
+        record(&m::DURATION_MILLISECONDS, &at, duration_ms);
+        if let (true, Some(ttft)) = (summary.stream, first_byte_ms) {
+            record(&m::TTFT_MILLISECONDS, &at, ttft);
         }
     }
 }
 
-fn record(ids: &KeyIds, key: &KeyReport) {
-    let set = |id: Option<u32>, value: u64| {
-        if let Some(id) = id {
-            let _ = hostcalls::record_metric(id, value);
+/// A limit refused a request (the key role counts its own, the gateway role the rest).
+pub fn limit_refused(scope: &str, limit: &str) {
+    add(&m::LIMIT_REFUSALS, &[scope, limit], 1);
+}
+
+/// Counts an attempt with a key by its outcome (`status` `None`: the provider never
+/// answered; `class`: what its refusal meant).
+pub fn key_attempt(provider: &str, key: &str, status: Option<u16>, class: Option<RefusalClass>) {
+    let outcome = KeyCounter::of(status, class)
+        .and_then(|c| {
+            m::KEY_OUTCOMES
+                .iter()
+                .find(|(_, counter)| *counter == c)
+                .map(|(label, _)| *label)
+        })
+        .unwrap_or("other");
+    add(&m::KEY_ATTEMPTS, &[provider, key, outcome], 1);
+}
+
+/// Sets the gauges of shared state from the shared store: each limit's remaining room and
+/// each allowance's use, each key's state, cooldown end and learned headroom; and this VM's
+/// memory.
+pub fn publish(config: &Config, now_ms: u64) {
+    record(&m::VM_MEMORY, &[], linear_memory_bytes());
+    let standing = m::standing(config, &SharedStore, now_ms);
+    for l in &standing.limits {
+        let at = [l.scope, l.limit];
+        record(&m::LIMIT_REMAINING, &at, l.remaining);
+        if let Some(used) = l.used_ppm {
+            record(&m::ALLOWANCE_USED_PPM, &at, used);
         }
-    };
-    set(ids.state, key.state.gauge());
-    set(ids.until_ms, key.until_ms.unwrap_or(0));
-    set(ids.learned_remaining, key.learned_remaining.unwrap_or(0));
-    for (model, id) in &ids.models_until_ms {
-        set(*id, key.cooling_models.get(model).copied().unwrap_or(0));
+    }
+    for k in &standing.keys {
+        let key = &k.report;
+        let at = [k.provider.as_str(), key.id.as_str()];
+        record(&m::KEY_STATE, &at, key.state.gauge());
+        record(&m::KEY_UNTIL, &at, key.until_ms.unwrap_or(0) / 1_000);
+        record(
+            &m::KEY_LEARNED_REMAINING,
+            &at,
+            key.learned_remaining.unwrap_or(0),
+        );
+        for (model, until_s) in &k.models {
+            record(
+                &m::KEY_MODEL_UNTIL,
+                &[k.provider.as_str(), key.id.as_str(), model],
+                *until_s,
+            );
+        }
     }
 }
 

@@ -14,13 +14,9 @@ pub enum Ending {
     ClientGone,
 }
 
-pub fn record(summary: &Summary, key_id: Option<&str>, started: Instant, ending: Ending) {
-    record_stream(summary, key_id, started, ending, None);
-}
-
 /// `first_byte`: for a relayed body, when its first bytes reached the client (a stream's
 /// time to first token).
-pub fn record_stream(
+pub fn record(
     summary: &Summary,
     key_id: Option<&str>,
     started: Instant,

@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use tollgate_core::exchange::Chunk;
 use tollgate_core::Exchange;
 
-use crate::access_log::{self, Ending};
+use crate::access_log::Ending;
 use crate::proxy::Gateway;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -103,9 +103,8 @@ impl UpstreamBody {
     fn end(&mut self, ending: Ending) {
         if !self.ended {
             self.ended = true;
-            let summary = self.exchange.finish(crate::now_ms(), &self.gateway.store);
-            access_log::record_stream(
-                &summary,
+            self.gateway.finished(
+                &mut self.exchange,
                 self.key_id.as_deref(),
                 self.started,
                 ending,

@@ -7,6 +7,7 @@
 use serde_json::{json, Value};
 use tollgate_core::config::ServerSettings;
 use tollgate_core::http::PROVIDER_HEADER;
+use tollgate_core::metrics;
 use tollgate_core::providers::Scheme;
 use tollgate_core::retry::{RetryPolicy, RETRIED_STATUSES};
 use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX};
@@ -239,6 +240,31 @@ fn cluster_by_provider(
     }})
 }
 
+/// Turns the filter's stats into tollgate's Prometheus families on `/stats/prometheus`:
+/// each label the filter writes into a stat's name (`metrics::envoy_stat_name`) becomes a tag,
+/// and the histograms get the native host's buckets (in milliseconds).
+fn stats_config() -> Value {
+    let tags: Vec<Value> = metrics::envoy_tag_extractors()
+        .into_iter()
+        .map(|(tag, regex)| json!({ "tag_name": tag, "regex": regex }))
+        .collect();
+    let buckets: Vec<Value> = metrics::FAMILIES
+        .iter()
+        .filter(|f| f.in_envoy && !f.buckets.is_empty())
+        .map(|f| {
+            json!({
+                "match": { "prefix": format!("wasmcustom.{}", f.name) },
+                "buckets": f.buckets,
+            })
+        })
+        .collect();
+    json!({
+        "stats_tags": tags,
+        "use_all_default_tags": true,
+        "histogram_bucket_settings": buckets,
+    })
+}
+
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config
@@ -431,10 +457,12 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     // The operator's way in stays open when clients hold every connection the limit allows.
     let admin = json!({ "address": socket_address(&opts.admin), "ignore_global_conn_limit": true });
     let overload = overload_manager(server);
+    let stats = stats_config();
     let Some(dir) = opts.xds_dir else {
         let bootstrap = json!({
             "admin": admin,
             "overload_manager": overload,
+            "stats_config": stats,
             "static_resources": { "listeners": [listener], "clusters": clusters },
         });
         return Rendered {
@@ -456,6 +484,7 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
         "node": { "id": "tollgate", "cluster": "tollgate" },
         "admin": admin,
         "overload_manager": overload,
+        "stats_config": stats,
         "dynamic_resources": { "lds_config": source(LDS_FILE), "cds_config": source(CDS_FILE) },
     });
     let resources = |type_url: &str, items: Vec<Value>| {

@@ -4,6 +4,7 @@ mod access_log;
 mod admin;
 mod body;
 mod envoy;
+mod metrics;
 mod proxy;
 mod request_body;
 mod server;
@@ -40,6 +41,10 @@ enum Command {
         /// Listen here instead of `server.listen` (port 0 picks a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve `GET /metrics` here instead of `server.metrics_listen` (port 0 picks a free
+        /// port; "" serves none).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Check a config file; prints every problem with its path and exits non-zero if any.
     Check { config: PathBuf },
@@ -95,7 +100,11 @@ fn load(path: &Path) -> Result<(String, Config), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, listen } => run(&config, listen),
+        Command::Run {
+            config,
+            listen,
+            metrics_listen,
+        } => run(&config, listen, metrics_listen),
         Command::Check { config } => load(&config).map(|(_, c)| {
             println!(
                 "{}: ok ({} consumers, {} providers, {} models, {} prompts)",
@@ -201,7 +210,11 @@ fn init_logging() {
     }
 }
 
-fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+fn run(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
+) -> Result<(), String> {
     init_logging();
     let (_, config) = load(path)?;
     let addr: SocketAddr = match listen {
@@ -225,9 +238,21 @@ fn run(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
             Arc::new(proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?);
         warn_if_too_few_file_descriptors(gateway.config().server.max_connections);
         reload_on_sighup(Arc::clone(&gateway), path.to_path_buf());
+        let metrics_addr =
+            metrics_listen.unwrap_or_else(|| gateway.config().server.metrics_listen.clone());
+        let metrics = metrics::bind(&metrics_addr).await;
+        let metrics_local = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = metrics {
+            tokio::spawn(metrics::serve(Arc::clone(&gateway), l));
+        }
         tracing::info!(address = %local, "tollgate listening");
-        // One line on stdout, for scripts and tests that started us on port 0.
+        // Lines on stdout, for scripts and tests that started us on port 0: where requests
+        // go, then where metrics are scraped ("metrics off" when nowhere).
         println!("listening on {local}");
+        match metrics_local {
+            Some(m) => println!("metrics on {m}"),
+            None => println!("metrics off"),
+        }
         let _ = std::io::stdout().flush();
         server::serve(gateway, listener, server::shutdown_signal()).await;
         Ok(())

@@ -27,6 +27,7 @@ use tollgate_core::{Config, Exchange, GatewayError};
 use crate::access_log::{self, Ending};
 use crate::admin::{self, AdminKey};
 use crate::body::{GatewayBody, UpstreamBody};
+use crate::metrics::Metrics;
 use crate::request_body::{self, BodyBudget, ReadError};
 use crate::store::MemoryStore;
 
@@ -42,6 +43,7 @@ pub struct Gateway {
     admin: AdminKey,
     /// `server.max_body_memory_bytes` as read at start.
     pub body_budget: BodyBudget,
+    pub metrics: Metrics,
 }
 
 impl Gateway {
@@ -77,7 +79,23 @@ impl Gateway {
             client,
             admin: AdminKey::from_env(),
             body_budget,
+            metrics: Metrics::default(),
         })
+    }
+
+    /// Ends an exchange, however it ended: settles its limits, writes its access log line
+    /// and adds it to the metrics. `first_byte`: when a relayed body's first bytes went out.
+    pub fn finished(
+        &self,
+        exchange: &mut Exchange,
+        key_id: Option<&str>,
+        started: Instant,
+        ending: Ending,
+        first_byte: Option<Instant>,
+    ) {
+        let summary = exchange.finish(crate::now_ms(), &self.store);
+        access_log::record(&summary, key_id, started, ending, first_byte);
+        self.metrics.record(&summary, started, first_byte);
     }
 }
 
@@ -168,7 +186,11 @@ async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody
         path,
         headers: &Headers(&parts.headers),
     };
-    let limit = match exchange.on_request_headers(crate::now_ms(), &head, &gw.store) {
+    let headers = exchange.on_request_headers(crate::now_ms(), &head, &gw.store);
+    if let Some(consumer) = exchange.consumer_name() {
+        gw.metrics.enter(consumer);
+    }
+    let limit = match headers {
         OnHeaders::Respond(r) => {
             return conclude(&gw, exchange, r, None, started, Ending::Answered)
         }
@@ -215,8 +237,7 @@ fn conclude(
     started: Instant,
     ending: Ending,
 ) -> Response<GatewayBody> {
-    let summary = exchange.finish(crate::now_ms(), &gw.store);
-    access_log::record(&summary, key, started, ending);
+    gw.finished(&mut exchange, key, started, ending, None);
     local(r)
 }
 
@@ -604,8 +625,13 @@ fn relay_read(
             parts
                 .headers
                 .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-            let summary = exchange.finish(crate::now_ms(), &gw.store);
-            access_log::record(&summary, key_id.as_deref(), started, Ending::Completed);
+            gw.finished(
+                &mut exchange,
+                key_id.as_deref(),
+                started,
+                Ending::Completed,
+                None,
+            );
             return Response::from_parts(parts, GatewayBody::local(out));
         }
         OnResponse::Replace(r) => r,
@@ -803,8 +829,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.give_back_key();
         if let Some(mut exchange) = self.exchange.take() {
-            let summary = exchange.finish(crate::now_ms(), &self.gateway.store);
-            access_log::record(&summary, None, self.started, Ending::ClientGone);
+            self.gateway
+                .finished(&mut exchange, None, self.started, Ending::ClientGone, None);
         }
     }
 }

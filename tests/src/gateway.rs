@@ -212,6 +212,8 @@ pub struct Gateway {
     /// The address Envoy's listener was configured with (`127.0.0.1:0` unless it has a fixed
     /// port), which its stats are named after.
     envoy_listen: Option<String>,
+    /// The native host's metrics listener (`GET /metrics`).
+    metrics_addr: Option<SocketAddr>,
     _dir: TempDir,
 }
 
@@ -245,6 +247,28 @@ impl Gateway {
 
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Where Prometheus scrapes this gateway: `(host:port, path)` — the native host's metrics
+    /// listener, or Envoy's admin interface.
+    pub fn metrics_target(&self) -> Option<(String, &'static str)> {
+        match (&self.metrics_addr, &self.envoy_admin) {
+            (Some(addr), _) => Some((addr.to_string(), "/metrics")),
+            (None, Some(admin)) => Some((admin.clone(), "/stats/prometheus")),
+            (None, None) => None,
+        }
+    }
+
+    /// The gateway's metrics in Prometheus' text format, as Prometheus scrapes them.
+    pub fn scrape(&self) -> Option<String> {
+        let (addr, path) = self.metrics_target()?;
+        admin_get(&addr, path)
+    }
+
+    /// The sum of the series of metric `name` whose labels include `labels`, from a scrape
+    /// now (`None` when no series matches).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        crate::prom::sum(&self.scrape()?, name, labels)
     }
 
     /// Envoy's stats whose names contain `filter`, as `name: value` lines (`None` for the
@@ -442,28 +466,43 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
     let mut child = Command::new(tollgate_bin())
         .args(["run", "--config"])
         .arg(config)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .expect("start tollgate");
-    // The first stdout line says where it listens; read it on a thread so that a gateway
-    // that never prints cannot hang the suite.
+    // The first stdout lines say where it listens and serves metrics; read them on a thread
+    // so that a gateway that never prints cannot hang the suite.
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
+        let read = reader.read_line(&mut line);
+        let mut metrics = String::new();
+        if read.is_ok() {
+            let _ = reader.read_line(&mut metrics);
+        }
+        line.push_str(&metrics);
         let _ = tx.send((read.map_err(|e| e.to_string()), line));
     });
     let (read, line) = rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| (Err("timed out".into()), String::new()));
-    let addr = line
+    let mut lines = line.lines();
+    let addr = lines
+        .next()
+        .unwrap_or_default()
         .trim()
         .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok());
+    let metrics_addr = lines
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .strip_prefix("metrics on ")
         .and_then(|a| a.parse().ok());
     let Some(addr) = addr else {
         let _ = child.kill();
@@ -482,6 +521,7 @@ fn start_native(dir: TempDir, config: &Path, env: &[(&str, &str)]) -> Result<Gat
         xds: None,
         envoy_admin: None,
         envoy_listen: None,
+        metrics_addr,
         _dir: dir,
     })
 }
@@ -548,6 +588,7 @@ fn start_envoy(
                     }),
                     envoy_admin: Some(started.admin),
                     envoy_listen: Some(listen),
+                    metrics_addr: None,
                     _dir: dir,
                 })
             }

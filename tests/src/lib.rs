@@ -3,4 +3,5 @@
 
 pub mod gateway;
 pub mod mock_provider;
+pub mod prom;
 pub mod scenario;

@@ -1134,14 +1134,21 @@ async fn key_pool_figures_are_visible_to_operators(host: Host) {
             assert_eq!(b["counters"]["rate_limited"], 0, "{pool}");
         }
         Host::Envoy { .. } => {
-            // Not served by Envoy: its figures are stats.
+            // Not served by Envoy: its figures are in its metrics.
             assert_eq!(admin(Some(ADMIN_KEY)).await.unwrap().status(), 404);
+            // `<key>.<figure>` from the metrics Envoy exports.
             let stat = |name: &str| -> Option<u64> {
-                let full = format!("wasmcustom.tollgate.keys.upstream.{name}");
-                f.gateway.envoy_stats(&full)?.lines().find_map(|l| {
-                    l.strip_prefix(&format!("{full}: "))
-                        .and_then(|v| v.trim().parse().ok())
-                })
+                let (key, figure) = name.split_once('.')?;
+                let at = [("provider", "upstream"), ("key", key)];
+                let v = match figure {
+                    "state" => f.gateway.metric("tollgate_key_state", &at)?,
+                    "until_ms" => f.gateway.metric("tollgate_key_until_seconds", &at)? * 1_000.0,
+                    outcome => f.gateway.metric(
+                        "tollgate_key_attempts_total",
+                        &[("provider", "upstream"), ("key", key), ("outcome", outcome)],
+                    )?,
+                };
+                Some(v as u64)
             };
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             // Gauges are published every second.

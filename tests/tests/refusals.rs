@@ -166,13 +166,36 @@ impl Fixture {
             .clone()
     }
 
-    /// An Envoy key stat, `wasmcustom.tollgate.keys.<provider>.<key>.<figure>`.
+    /// A key's figure in the gateway's metrics: `state` (`tollgate_key_state`), `until_ms`
+    /// (from `tollgate_key_until_seconds`), `models.<upstream model>.until_ms` (from
+    /// `tollgate_key_model_until_seconds`), or an attempt outcome's count
+    /// (`tollgate_key_attempts_total`).
     fn stat(&self, provider: &str, key: &str, figure: &str) -> Option<u64> {
-        let full = format!("wasmcustom.tollgate.keys.{provider}.{key}.{figure}");
-        self.gateway.envoy_stats(&full)?.lines().find_map(|l| {
-            l.strip_prefix(&format!("{full}: "))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        let at = [("provider", provider), ("key", key)];
+        let value = match figure {
+            "state" => self.gateway.metric("tollgate_key_state", &at)?,
+            "until_ms" => self.gateway.metric("tollgate_key_until_seconds", &at)? * 1_000.0,
+            f => match f
+                .strip_prefix("models.")
+                .and_then(|m| m.strip_suffix(".until_ms"))
+            {
+                Some(model) => {
+                    let at = [
+                        ("provider", provider),
+                        ("key", key),
+                        ("upstream_model", model),
+                    ];
+                    self.gateway
+                        .metric("tollgate_key_model_until_seconds", &at)?
+                        * 1_000.0
+                }
+                None => {
+                    let at = [("provider", provider), ("key", key), ("outcome", f)];
+                    self.gateway.metric("tollgate_key_attempts_total", &at)?
+                }
+            },
+        };
+        Some(value as u64)
     }
 
     /// Asserts a key's state as an operator sees it: `state` in the admin view (native), the

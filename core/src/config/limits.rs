@@ -22,8 +22,9 @@ pub struct Pricing {
 }
 
 impl Pricing {
-    /// Cost in millionths of a dollar, rounded up. `cached_prompt` (read from the provider's
-    /// cache) and `cache_write` (written to it) are parts of `prompt`, each priced apart.
+    /// Cost in millionths of a dollar, rounded up (what limits charge). `cached_prompt`
+    /// (read from the provider's cache) and `cache_write` (written to it) are parts of
+    /// `prompt`, each priced apart.
     pub fn micro_usd(
         &self,
         prompt: u64,
@@ -31,13 +32,25 @@ impl Pricing {
         cache_write: u64,
         completion: u64,
     ) -> u64 {
+        self.exact_micro_usd(prompt, cached_prompt, cache_write, completion)
+            .ceil()
+            .max(0.0) as u64
+    }
+
+    /// `micro_usd` before rounding (what metrics add up).
+    pub fn exact_micro_usd(
+        &self,
+        prompt: u64,
+        cached_prompt: u64,
+        cache_write: u64,
+        completion: u64,
+    ) -> f64 {
         let cached = cached_prompt.min(prompt);
         let written = cache_write.min(prompt - cached);
-        let cost = (prompt - cached - written) as f64 * self.input
+        (prompt - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
             + written as f64 * self.cache_write
-            + completion as f64 * self.output;
-        cost.ceil().max(0.0) as u64
+            + completion as f64 * self.output
     }
 }
 
@@ -75,11 +88,14 @@ pub(super) fn compile_pricing(
     }
 }
 
-/// `scope` names the owner for messages (``consumer `a` ``); `key` for the store (`c/a`).
+/// `scope` names the owner for messages (``consumer `a` ``); `label` for metrics
+/// (`consumer:a`); `key` for the store (`c/a`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn compile_limits(
     raw: &RawLimits,
     path: &str,
     scope: &str,
+    label: &str,
     key: &str,
     lease_ms: u64,
     errors: &mut Errors,
@@ -139,6 +155,7 @@ pub(super) fn compile_limits(
             quota(l, Period::Month)
         }),
     ];
+    let label: std::sync::Arc<str> = label.into();
     let mut out = Vec::new();
     for (name, value, unit, meter) in counts {
         let Some(limit) = value else { continue };
@@ -164,6 +181,7 @@ pub(super) fn compile_limits(
         out.push(Limit {
             name,
             scope: scope.into(),
+            label: label.clone(),
             unit,
             meter,
             store_key: store_key.into(),
@@ -186,6 +204,7 @@ pub(super) fn compile_limits(
         out.push(Limit {
             name,
             scope: scope.into(),
+            label: label.clone(),
             unit: Unit::MicroUsd,
             meter: quota(micro, period),
             store_key: format!("tollgate/limit/{key}/{name}/{micro}").into(),

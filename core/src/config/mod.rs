@@ -36,6 +36,8 @@ pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_BODY_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 /// A concurrency slot whose holder died comes back within one to two of these.
 pub const DEFAULT_CONCURRENCY_LEASE_MS: u64 = 10_000;
+/// Where the native host serves `GET /metrics` (Prometheus' exporter port range).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Completion tokens reserved for a request that names no maximum, unless the model says.
 pub const DEFAULT_MAX_TOKENS: u64 = 4_096;
 
@@ -85,6 +87,9 @@ impl Errors {
 pub struct ServerSettings {
     /// Native host only: Envoy listens where its bootstrap says.
     pub listen: String,
+    /// Native host: where `GET /metrics` is served; empty for nowhere. Envoy exports its
+    /// metrics on its admin interface.
+    pub metrics_listen: String,
     pub max_body_bytes: u64,
     pub upstream_timeout_ms: u64,
     /// Native host: a client connection with no request in flight (none yet, or none since
@@ -473,6 +478,15 @@ fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
             format!("`{listen}` is not an address like 127.0.0.1:8080"),
         );
     }
+    let metrics_listen = raw
+        .metrics_listen
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+    if !metrics_listen.is_empty() && metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+        errors.at(
+            "server.metrics_listen",
+            format!("`{metrics_listen}` is not an address like 127.0.0.1:9464 (or \"\" for none)"),
+        );
+    }
     let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     if max_body_bytes == 0 || max_body_bytes > 64 * 1024 * 1024 {
         errors.at(
@@ -561,6 +575,7 @@ fn compile_server(raw: RawServer, errors: &mut Errors) -> ServerSettings {
     }
     ServerSettings {
         listen,
+        metrics_listen,
         max_body_bytes,
         upstream_timeout_ms,
         idle_timeout_ms,
@@ -734,6 +749,7 @@ fn compile_providers(
                     l,
                     &format!("{kpath}.limits"),
                     &scope,
+                    &format!("key:{}/{}", raw.name, k.id),
                     &store_key,
                     lease_ms,
                     errors,
@@ -902,6 +918,7 @@ fn compile_models(
                 l,
                 &format!("{path}.limits"),
                 &scope,
+                &format!("model:{}", raw.name),
                 &format!("m/{}", raw.name),
                 lease_ms,
                 errors,
@@ -1134,6 +1151,7 @@ fn compile_consumers(
                 l,
                 &format!("{path}.limits"),
                 &scope,
+                &format!("consumer:{}", raw.name),
                 &format!("c/{}", raw.name),
                 lease_ms,
                 errors,
@@ -1148,9 +1166,10 @@ fn compile_consumers(
             };
             let scope = format!("consumer `{}` on model `{name}`", raw.name);
             let key = format!("cm/{}/{name}", raw.name);
+            let label = format!("consumer:{}/model:{name}", raw.name);
             model_limits.insert(
                 m,
-                limits::compile_limits(l, &lpath, &scope, &key, lease_ms, errors),
+                limits::compile_limits(l, &lpath, &scope, &label, &key, lease_ms, errors),
             );
         }
         // A cost budget that some allowed model cannot be priced against would never trip.

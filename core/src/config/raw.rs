@@ -8,6 +8,8 @@ use serde::Deserialize;
 pub struct RawServer {
     /// Address the native host listens on. Envoy takes its listener from its own bootstrap.
     pub listen: Option<String>,
+    /// Native host: where `GET /metrics` is served (default 127.0.0.1:9464; "" for nowhere).
+    pub metrics_listen: Option<String>,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: Option<u64>,
     /// How long to wait for a provider's response headers, in milliseconds.

@@ -144,7 +144,7 @@ fn forwarded_completion() {
             ),
             "Unchanged",
             "Unchanged",
-            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), requested_model: Some("gpt-4o-mini"), request_id: None, provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false }"#,
+            r#"Summary { consumer: Some("app"), model: Some("gpt-4o-mini"), requested_model: Some("gpt-4o-mini"), request_id: None, provider: Some("openai"), status: Some(200), stream: false, charged: None, usage_reported: false, code: "2xx", tokens: None, micro_usd: 0, usd: 0.0, refused_by: None }"#,
         ]
     );
 }
@@ -299,7 +299,7 @@ fn a_refusal_is_summarized_with_its_status() {
     ]);
     assert_eq!(
         t[1],
-        "Summary { consumer: None, model: None, requested_model: None, request_id: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false }"
+        "Summary { consumer: None, model: None, requested_model: None, request_id: None, provider: None, status: Some(401), stream: false, charged: None, usage_reported: false, code: \"unauthenticated\", tokens: None, micro_usd: 0, usd: 0.0, refused_by: None }"
     );
 }
 
@@ -849,7 +849,7 @@ fn a_key_role_reply_gets_its_real_status_back() {
     // Through Envoy's router it travels as 400 (never retried), marked with its status.
     let reply = crate::http::test_headers(&[(
         crate::http::LOCAL_REPLY_HEADER,
-        &crate::http::FinalAnswer::KeyRole(429).marker(),
+        &crate::http::FinalAnswer::KeyRole(429, Some("keys_cooling")).marker(),
     )]);
     let OnResponse::Relay {
         status,

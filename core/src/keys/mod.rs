@@ -460,6 +460,7 @@ pub fn attempt_key<'c>(
         }
     }
     let scope = format!("every key of provider `{}`", provider.name);
+    let label: std::sync::Arc<str> = format!("keys:{}", provider.name).into();
     let name = provider.name.clone();
     // No key now: the soonest any becomes usable, whether it is cooling, exhausted or at
     // its limit (a cooling key wins a tie).
@@ -473,7 +474,7 @@ pub fn attempt_key<'c>(
         (Some(r @ (Refusal::NotNow { .. } | Refusal::Exhausted { .. })), Some((wait, _)))
             if refusal_wait(&r).is_some_and(|w| w <= wait) =>
         {
-            r.with_scope(scope).into()
+            r.with_scope(scope, label).into()
         }
         (_, Some((retry_after_ms, false))) => GatewayError::KeysCooling {
             provider: name,
@@ -483,7 +484,7 @@ pub fn attempt_key<'c>(
             provider: name,
             retry_after_ms,
         },
-        (Some(refusal), None) => refusal.with_scope(scope).into(),
+        (Some(refusal), None) => refusal.with_scope(scope, label).into(),
         (None, None) if revoked > 0 => GatewayError::KeysRevoked { provider: name },
         (None, None) => GatewayError::Internal {
             detail: "a pool with keys refused without a reason".into(),

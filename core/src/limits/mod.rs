@@ -39,6 +39,8 @@ pub struct Limit {
     /// Whose limit it is, e.g. ``consumer `team-a` ``. Shared, so that a reservation's copy
     /// of the limit costs no allocation.
     pub scope: Arc<str>,
+    /// The same owner as a metric label, e.g. `consumer:team-a` (config names only).
+    pub label: Arc<str>,
     pub unit: Unit,
     pub meter: Meter,
     /// Its counter in the store. It names the limit's value too, so a reload that changes
@@ -71,18 +73,24 @@ pub enum Refusal {
     NotNow {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label.
+        label: Arc<str>,
         retry_after_ms: u64,
     },
     /// A calendar allowance is spent until `retry_after_ms` from now.
     Exhausted {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label.
+        label: Arc<str>,
         retry_after_ms: u64,
     },
     /// The request alone is larger than the limit.
     Never {
         limit: &'static str,
         scope: String,
+        /// `scope` as a metric label.
+        label: Arc<str>,
         requested: u64,
         capacity: u64,
     },
@@ -90,40 +98,24 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The same refusal, said of another scope (e.g. a whole key pool).
-    pub fn with_scope(self, scope: String) -> Self {
-        match self {
+    /// The same refusal, said of another scope (e.g. a whole key pool) with its label.
+    pub fn with_scope(mut self, scope: String, label: Arc<str>) -> Self {
+        match &mut self {
             Self::NotNow {
-                limit,
-                retry_after_ms,
-                ..
-            } => Self::NotNow {
-                limit,
-                scope,
-                retry_after_ms,
-            },
-            Self::Exhausted {
-                limit,
-                retry_after_ms,
-                ..
-            } => Self::Exhausted {
-                limit,
-                scope,
-                retry_after_ms,
-            },
-            Self::Never {
-                limit,
-                requested,
-                capacity,
-                ..
-            } => Self::Never {
-                limit,
-                scope,
-                requested,
-                capacity,
-            },
-            Self::Store(e) => Self::Store(e),
+                scope: s, label: l, ..
+            }
+            | Self::Exhausted {
+                scope: s, label: l, ..
+            }
+            | Self::Never {
+                scope: s, label: l, ..
+            } => {
+                *s = scope;
+                *l = label;
+            }
+            Self::Store(_) => {}
         }
+        self
     }
 }
 
@@ -278,6 +270,7 @@ impl Limit {
         let never = |capacity| Refusal::Never {
             limit: self.name,
             scope: self.scope.to_string(),
+            label: Arc::clone(&self.label),
             requested: units,
             capacity,
         };
@@ -289,6 +282,7 @@ impl Limit {
                     gcra::Refusal::NotNow { retry_after_ns } => Refusal::NotNow {
                         limit: self.name,
                         scope: self.scope.to_string(),
+                        label: Arc::clone(&self.label),
                         retry_after_ms: retry_after_ns.div_ceil(NS_PER_MS),
                     },
                 }),
@@ -297,6 +291,7 @@ impl Limit {
                 quota::Refusal::Exhausted { reset_ms } => Refusal::Exhausted {
                     limit: self.name,
                     scope: self.scope.to_string(),
+                    label: Arc::clone(&self.label),
                     retry_after_ms: reset_ms.saturating_sub(now_ms),
                 },
             }),
@@ -305,6 +300,7 @@ impl Limit {
             Meter::Concurrency(c) => c.reserve(state, now_ms).ok_or_else(|| Refusal::NotNow {
                 limit: self.name,
                 scope: self.scope.to_string(),
+                label: Arc::clone(&self.label),
                 retry_after_ms: 1_000,
             }),
         }

@@ -7,6 +7,7 @@ fn rate(name: &'static str, unit: Unit, limit: u64, window_ms: u64) -> Limit {
     Limit {
         name,
         scope: "consumer `app`".into(),
+        label: "consumer:app".into(),
         unit,
         meter: Meter::Rate(gcra::Rate {
             limit,
@@ -20,6 +21,7 @@ fn concurrency(max: u64) -> Limit {
     Limit {
         name: "concurrency",
         scope: "consumer `app`".into(),
+        label: "consumer:app".into(),
         unit: Unit::Requests,
         meter: Meter::Concurrency(Concurrency {
             max,
@@ -93,6 +95,7 @@ fn a_request_larger_than_a_limit_never_fits() {
         Refusal::Never {
             limit: "tokens_per_minute",
             scope: "consumer `app`".into(),
+            label: "consumer:app".into(),
             requested: 101,
             capacity: 100
         }
