@@ -23,7 +23,7 @@ define print_curl
 	@echo ""
 endef
 
-.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install rust-targets bench bench-load envoy-config clean
+.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install prometheus-install rust-targets bench bench-load envoy-config clean
 
 ## run: build and start the native gateway on the default config (mock provider, demo key)
 run:
@@ -37,7 +37,7 @@ envoy: wasm envoy-install
 	exec $(ENVOY) -c envoy-config/envoy.yaml --concurrency $(ENVOY_WORKERS) --disable-hot-restart --log-level warning
 
 ## test: every test — core, native host, and the end-to-end suite against both hosts
-test: lint wasm wasm-trap envoy-install sdk-install native
+test: lint wasm wasm-trap envoy-install sdk-install prometheus-install native
 	$(E2E_ENV) $(CARGO) test --workspace --all-targets
 
 # Where the end-to-end suites find what they run.
@@ -52,6 +52,11 @@ E2E_ENV := TOLLGATE_BIN=$(CURDIR)/target/debug/tollgate \
 SOAK_SECONDS ?= 180
 soak: wasm wasm-trap envoy-install native
 	SOAK_SECONDS=$(SOAK_SECONDS) $(E2E_ENV) $(CARGO) test -p tollgate-e2e --test soak -- --nocapture
+
+## prometheus-install: Prometheus and promtool (Debian's package) for the metrics suite
+prometheus-install:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 lint: rust-targets
 	$(CARGO) fmt --all -- --check

@@ -17,13 +17,13 @@ use crate::auth;
 use crate::config::{Config, ConsumerId, ModelId, PromptId, ProviderId};
 use crate::decorators::{self, Decorators};
 use crate::error::GatewayError;
+use crate::error::RefusedBy;
 use crate::guard;
 use crate::http::{
     FinalAnswer, HeaderLookup, LocalResponse, RequestHead, FORWARD_REMOVE_HEADERS,
     LOCAL_REPLY_HEADER, PROVIDER_HEADER,
 };
 use crate::keys::{taken_over, Ticket, KEY_RESERVATION_HEADER};
-use crate::error::RefusedBy;
 use crate::limits::{self, Amounts, Limit, RateHeaders, Reservation};
 use crate::prompts::{self, shape, ResponseMode};
 use crate::providers::dialect::{self, ClientDialect, StreamTranslator, UsageReader};

@@ -155,6 +155,12 @@ pub const TTFT_MILLISECONDS: Family = with_buckets(
     ),
     TTFT_MS,
 );
+pub const FAILOVERS: Family = family(
+    "tollgate_failovers_total",
+    "Requests served by another model of the requested one's chain (models[].fallbacks).",
+    Kind::Counter,
+    &["consumer", "requested_model", "model"],
+);
 pub const LIMIT_REFUSALS: Family = family(
     "tollgate_limit_refusals_total",
     "Requests refused by a limit: its owner (`consumer:a`, `model:m`, `consumer:a/model:m`, `key:p/k`, `keys:p` for a whole pool) and its name.",
@@ -217,7 +223,7 @@ pub const KEY_LEARNED_REMAINING: Family = family(
 );
 
 /// Every family, in the order they are exported.
-pub const FAMILIES: [&Family; 20] = [
+pub const FAMILIES: [&Family; 21] = [
     &REQUESTS,
     &TOKENS,
     &TOKENS_ESTIMATED,
@@ -227,6 +233,7 @@ pub const FAMILIES: [&Family; 20] = [
     &DURATION_MILLISECONDS,
     &TTFT_SECONDS,
     &TTFT_MILLISECONDS,
+    &FAILOVERS,
     &LIMIT_REFUSALS,
     &IN_FLIGHT,
     &LIMIT_REMAINING,
@@ -338,6 +345,8 @@ impl Tokens {
 pub struct RequestFigures<'a> {
     pub consumer: &'a str,
     pub model: &'a str,
+    /// The model the client asked for, when another one served it.
+    pub failed_over_from: Option<&'a str>,
     pub provider: &'a str,
     pub code: &'static str,
     pub tokens: Option<Tokens>,
@@ -354,6 +363,10 @@ impl crate::exchange::Summary {
         RequestFigures {
             consumer: self.consumer.as_deref().unwrap_or(""),
             model: self.model.as_deref().unwrap_or(""),
+            failed_over_from: self
+                .requested_model
+                .as_deref()
+                .filter(|r| self.model.as_deref().is_some_and(|m| m != *r)),
             provider: self.provider.as_deref().unwrap_or(""),
             code: self.code,
             tokens: self.tokens,

@@ -93,6 +93,9 @@ pub fn request_ended(summary: &Summary, duration_ms: u64, first_byte_ms: Option<
             count(f.micro_usd),
         );
     }
+    if let Some(requested) = f.failed_over_from {
+        add(&m::FAILOVERS, &[f.consumer, requested, f.model], 1);
+    }
     if let Some((scope, limit)) = f.refused_by {
         limit_refused(scope, limit);
     }

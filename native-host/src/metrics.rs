@@ -50,6 +50,7 @@ pub struct Metrics {
     ttft_s: Histograms,
     ttft_ms: Histograms,
     refusals: Counters,
+    failovers: Counters,
     in_flight: Family<Labels, Gauge>,
 }
 
@@ -88,6 +89,7 @@ impl Default for Metrics {
         let ttft_s = histograms(&m::TTFT_SECONDS);
         let ttft_ms = histograms(&m::TTFT_MILLISECONDS);
         let refusals = Counters::default();
+        let failovers = Counters::default();
         let in_flight = Family::<Labels, Gauge>::default();
         register(&mut registry, &m::REQUESTS, requests.clone());
         register(&mut registry, &m::TOKENS, tokens.clone());
@@ -106,6 +108,7 @@ impl Default for Metrics {
         );
         register(&mut registry, &m::TTFT_SECONDS, ttft_s.clone());
         register(&mut registry, &m::TTFT_MILLISECONDS, ttft_ms.clone());
+        register(&mut registry, &m::FAILOVERS, failovers.clone());
         register(&mut registry, &m::LIMIT_REFUSALS, refusals.clone());
         register(&mut registry, &m::IN_FLIGHT, in_flight.clone());
         Self {
@@ -120,6 +123,7 @@ impl Default for Metrics {
             ttft_s,
             ttft_ms,
             refusals,
+            failovers,
             in_flight,
         }
     }
@@ -160,6 +164,11 @@ impl Metrics {
             let l = labels(&m::COST_USD, &[f.consumer, f.model]);
             self.cost_usd.get_or_create(&l).inc_by(f.usd);
             self.cost_micro_usd.get_or_create(&l).inc_by(f.micro_usd);
+        }
+        if let Some(requested) = f.failed_over_from {
+            self.failovers
+                .get_or_create(&labels(&m::FAILOVERS, &[f.consumer, requested, f.model]))
+                .inc();
         }
         if let Some((scope, limit)) = f.refused_by {
             self.refusals

@@ -4,4 +4,5 @@
 pub mod gateway;
 pub mod mock_provider;
 pub mod prom;
+pub mod prometheus;
 pub mod scenario;

@@ -137,16 +137,7 @@ async fn a_rate_limited_primary_is_served_by_its_fallback(host: Host) {
         },
     );
     let r = post_as(&f, APP_KEY, chat()).await;
-    if r.status() != 200 {
-        eprintln!(
-            "DEBUG {:?}\n{}\n{:?}\n{}",
-            r.headers().clone(),
-            r.text().await.unwrap(),
-            calls(&f.mock),
-            f.gateway.logs()
-        );
-        panic!();
-    }
+    assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), "claude-sonnet");
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["object"], "chat.completion", "{answer}");
@@ -169,7 +160,9 @@ async fn a_rate_limited_primary_is_served_by_its_fallback(host: Host) {
     // Every worker knows the primary's key cools: on fresh connections, spread over Envoy's
     // workers, none calls it.
     let fresh = fresh_client();
+    let mut served = 1;
     for _ in 0..40 {
+        served += 1;
         f.mock.clear_requests();
         let r = fresh
             .post(f.url("/v1/chat/completions"))
@@ -193,6 +186,32 @@ async fn a_rate_limited_primary_is_served_by_its_fallback(host: Host) {
         }
     }
     f.assert_every_worker_served();
+    // The metrics carry both models: the one asked for and the one that served.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failovers = loop {
+        let n = f.gateway.metric(
+            "tollgate_failovers_total",
+            &[
+                ("consumer", "app"),
+                ("requested_model", "smart"),
+                ("model", "claude-sonnet"),
+            ],
+        );
+        if n == Some(served as f64) || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(failovers, Some(served as f64));
+    let answered = f.gateway.metric(
+        "tollgate_requests_total",
+        &[
+            ("model", "claude-sonnet"),
+            ("provider", "anthropic"),
+            ("code", "2xx"),
+        ],
+    );
+    assert_eq!(answered, Some(served as f64));
 }
 
 /// A primary that is overloaded (503) or failing (500) fails over; a request the provider

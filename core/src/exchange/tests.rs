@@ -1105,3 +1105,99 @@ fn a_mock_fallback_answers_at_once() {
     assert!(r.headers.contains(&(MODEL_HEADER, "mock-gpt".to_string())));
     assert!(x.finish(0, &store).usage_reported);
 }
+
+/// Any time: these requests are far below their limits' windows.
+const METRICS_NOW: u64 = 1_795_341_600_000;
+
+#[test]
+fn a_stream_cut_without_limits_still_gives_its_metrics_estimated_tokens() {
+    // `{}`: no limit meters the request, yet its tokens are counted for the metrics.
+    let config = limited_config(
+        "{}",
+        ", pricing: { input_per_million: 1.0, output_per_million: 2.0 }",
+    );
+    let store = CellStore::default();
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let text = "a".repeat(40);
+    let content =
+        format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
+    let mut x = Exchange::new(config);
+    let head = RequestHead {
+        method: "POST",
+        path: CHAT,
+        headers: &[("authorization".to_string(), "Bearer tg-app".to_string())][..],
+    };
+    let _ = x.on_request_headers(METRICS_NOW, &head, &store);
+    let _ = x.on_request_body(METRICS_NOW, body.as_bytes(), &store);
+    let _ = x.on_response_headers(200, &Vec::<(String, String)>::new(), &store);
+    let _ = x.on_response_chunk(content.as_bytes(), false);
+    let summary = x.finish(METRICS_NOW, &store);
+    assert!(summary.charged.is_none(), "nothing metered");
+    let tokens = summary.tokens.expect("estimated tokens");
+    assert!(tokens.estimated);
+    assert_eq!(tokens.usage.prompt_tokens, 7);
+    assert_eq!(
+        tokens.usage.completion_tokens,
+        crate::tokens::estimate_text(&text)
+    );
+    assert_eq!(summary.code, "2xx");
+    let cost = 7.0 + 2.0 * tokens.usage.completion_tokens as f64;
+    assert!((summary.usd - cost / 1e6).abs() < 1e-12, "{}", summary.usd);
+    assert_eq!(summary.micro_usd, cost as u64);
+}
+
+#[test]
+fn a_limit_refusal_names_the_limit_and_its_scope_for_metrics() {
+    let config = limited_config("{ requests_per_minute: 1 }", "");
+    let store = CellStore::default();
+    let summary = |store: &CellStore| {
+        let mut x = Exchange::new(Arc::clone(&config));
+        let head = RequestHead {
+            method: "POST",
+            path: CHAT,
+            headers: &[("authorization".to_string(), "Bearer tg-app".to_string())][..],
+        };
+        let _ = x.on_request_headers(METRICS_NOW, &head, store);
+        let _ = x.on_request_body(METRICS_NOW, SMALL.as_bytes(), store);
+        x.finish(METRICS_NOW, store)
+    };
+    let first = summary(&store);
+    assert_eq!(first.refused_by, None);
+    let second = summary(&store);
+    assert_eq!(second.code, "rate_limited");
+    assert_eq!(
+        second.refused_by,
+        Some(("consumer:app".into(), "requests_per_minute"))
+    );
+    let f = second.figures();
+    assert_eq!(
+        (f.consumer, f.model, f.provider),
+        ("app", "gpt-4o-mini", "openai")
+    );
+    assert_eq!(f.refused_by, Some(("consumer:app", "requests_per_minute")));
+}
+
+#[test]
+fn a_key_role_refusal_keeps_its_metric_code() {
+    let config = limited_config("{}", "");
+    let store = CellStore::default();
+    let mut x = Exchange::new(config);
+    let head = RequestHead {
+        method: "POST",
+        path: CHAT,
+        headers: &[("authorization".to_string(), "Bearer tg-app".to_string())][..],
+    };
+    let _ = x.on_request_headers(METRICS_NOW, &head, &store);
+    let _ = x.on_request_body(METRICS_NOW, SMALL.as_bytes(), &store);
+    let marker = crate::http::FinalAnswer::KeyRole(429, Some("keys_cooling")).marker();
+    let headers = vec![(crate::http::LOCAL_REPLY_HEADER.to_string(), marker)];
+    let _ = x.on_response_headers(400, &headers, &store);
+    let summary = x.finish(METRICS_NOW, &store);
+    assert_eq!((summary.status, summary.code), (Some(429), "keys_cooling"));
+    // A marker with an unknown code is read as its status class.
+    assert_eq!(
+        crate::http::FinalAnswer::parse("key 429 made-up"),
+        Some(crate::http::FinalAnswer::KeyRole(429, None))
+    );
+}
