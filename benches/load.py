@@ -275,21 +275,23 @@ def envoy_stat(admin, name):
     return None
 
 
-def target_native(mock_port, chain=False):
+def target_native(mock_port, chain=False, tollgate=None):
+    tollgate = tollgate or TOLLGATE
     cfg = WORKDIR / "tollgate.yaml"
     cfg.write_text(tollgate_config(mock_port, chain))
-    proc = Proc("native", [TOLLGATE, "run", "--config", cfg, "--listen", "127.0.0.1:0"], env=TOLLGATE_ENV, announces=True)
+    proc = Proc("native", [tollgate, "run", "--config", cfg, "--listen", "127.0.0.1:0"], env=TOLLGATE_ENV, announces=True)
     addr = proc.first_line().removeprefix("listening on ")
     return proc, f"http://{addr}/v1/chat/completions", {"Authorization": f"Bearer {CLIENT_KEY}"}, None
 
 
-def target_envoy_tollgate(mock_port, chain=False):
+def target_envoy_tollgate(mock_port, chain=False, tollgate=None, wasm=None):
+    tollgate, wasm = tollgate or TOLLGATE, wasm or WASM
     cfg = WORKDIR / "tollgate.yaml"
     cfg.write_text(tollgate_config(mock_port, chain))
     port, admin = free_port(), f"127.0.0.1:{free_port()}"
     bootstrap = WORKDIR / "envoy-tollgate.yaml"
     with open(bootstrap, "w") as f:
-        run([TOLLGATE, "envoy-bootstrap", "--config", cfg, "--wasm", WASM, "--listen", f"127.0.0.1:{port}", "--admin", admin],
+        run([tollgate, "envoy-bootstrap", "--config", cfg, "--wasm", wasm, "--listen", f"127.0.0.1:{port}", "--admin", admin],
             stdout=f, env={**os.environ, **TOLLGATE_ENV})
     proc = Proc("envoy-tollgate", [ENVOY, "-c", bootstrap, "--concurrency", WORKERS, "--disable-hot-restart", "--log-level", "error"], env=TOLLGATE_ENV)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -555,8 +557,8 @@ def write_results(rows, args):
     if vm:
         out += ["", f"Wasm VM linear memory per Envoy worker (stat `wasmcustom.tollgate_vm_memory_bytes`): "
                     f"{max(vm):.1f} MB; `.wasm` module: {WASM.stat().st_size / 1024:.0f} KB."]
-    RESULTS.write_text("\n".join(out) + "\n")
-    log(f"wrote {RESULTS}")
+    Path(args.out).write_text("\n".join(out) + "\n")
+    log(f"wrote {args.out}")
 
 
 def main():
@@ -565,7 +567,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="rounds per case; the median is kept (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}")
+    parser.add_argument("--baseline", metavar="DIR", help="another checkout with release builds (target/release/tollgate, "
+                        "the release .wasm): adds targets native@baseline and envoy-tollgate@baseline, to compare two "
+                        "builds in one run (e.g. an ablation)")
+    parser.add_argument("--out", default=str(RESULTS), help=f"where to write the results (default {RESULTS})")
     args = parser.parse_args()
+    if args.baseline:
+        base = Path(args.baseline)
+        base_bin = base / "target" / "release" / "tollgate"
+        base_wasm = base / "target" / "wasm32-wasip1" / "release" / "tollgate_filter.wasm"
+        TARGETS["native@baseline"] = ("tollgate native host, baseline build",
+                                      lambda port: target_native(port, tollgate=base_bin))
+        TARGETS["envoy-tollgate@baseline"] = (f"Envoy + tollgate, baseline build ({WORKERS} workers)",
+                                              lambda port: target_envoy_tollgate(port, tollgate=base_bin, wasm=base_wasm))
     for tool, hint in [("wrk", "apt-get install -y wrk"), (ENVOY, "make envoy-install"), (TOLLGATE, "cargo build --release -p tollgate"),
                        (MOCK, "cargo build --release -p tollgate-e2e --bin mock-provider"), (WASM, "make wasm")]:
         if shutil.which(str(tool)) is None and not Path(tool).exists():
