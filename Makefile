@@ -23,7 +23,7 @@ define print_curl
 	@echo ""
 endef
 
-.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install prometheus-install rust-targets bench bench-load envoy-config clean
+.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install prometheus-install redis-install rust-targets bench bench-load envoy-config clean
 
 ## run: build and start the native gateway on the default config (mock provider, demo key)
 run:
@@ -37,7 +37,7 @@ envoy: wasm envoy-install
 	exec $(ENVOY) -c envoy-config/envoy.yaml --concurrency $(ENVOY_WORKERS) --disable-hot-restart --log-level warning
 
 ## test: every test — core, native host, and the end-to-end suite against both hosts
-test: lint wasm wasm-trap envoy-install sdk-install prometheus-install native
+test: lint wasm wasm-trap envoy-install sdk-install prometheus-install redis-install native
 	$(E2E_ENV) $(CARGO) test --workspace --all-targets
 
 # Where the end-to-end suites find what they run.
@@ -57,6 +57,12 @@ soak: wasm wasm-trap envoy-install native
 prometheus-install:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+## redis-install: redis-server (Debian's package) for the shared-state suite; the tests start
+## and stop their own on free ports
+redis-install:
+	@command -v redis-server >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 
 lint: rust-targets
 	$(CARGO) fmt --all -- --check

@@ -226,7 +226,7 @@ def sha256(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def tollgate_config(mock_port, chain=False):
+def tollgate_config(mock_port, chain=False, redis_port=None):
     # With `chain`, the model has a fallback on another provider (never used here: the
     # primary answers): what a failover chain costs a request that does not fail over.
     fallback = f"""
@@ -236,8 +236,11 @@ def tollgate_config(mock_port, chain=False):
     keys: [{{ id: c1, secret_env: BENCH_KEY_1 }}]""" if chain else ""
     fallbacks = ", fallbacks: [claude-fallback]" if chain else ""
     fallback_model = "\n  - { name: claude-fallback, provider: claude }" if chain else ""
+    # With `redis_port`, limits and key health live on Redis (store.kind: redis).
+    store = f"""
+store: {{ kind: redis, url: "redis://127.0.0.1:{redis_port}/0", timeout_ms: 200 }}""" if redis_port else ""
     return f"""
-server: {{ listen: "127.0.0.1:0", max_body_bytes: 1048576, upstream_timeout_ms: 60000 }}
+server: {{ listen: "127.0.0.1:0", max_body_bytes: 1048576, upstream_timeout_ms: 60000 }}{store}
 consumers:
   - name: bench
     keys: [{{ sha256: {sha256(CLIENT_KEY)} }}]
@@ -273,6 +276,49 @@ def envoy_stat(admin, name):
     except (OSError, ValueError):
         pass
     return None
+
+
+class Group:
+    """Processes measured together (a gateway and the Redis it needs)."""
+
+    def __init__(self, *procs):
+        self.procs = procs
+
+    def pids(self):
+        return [pid for p in self.procs for pid in p.pids()]
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+            if p in STARTED:
+                STARTED.remove(p)
+
+
+def start_redis():
+    port = free_port()
+    proc = Proc("redis", ["redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no"])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start (apt-get install -y redis-server)")
+
+
+def target_native_redis(mock_port):
+    """The native host with its limits and key health on a local Redis; Redis's CPU counts."""
+    redis, redis_port = start_redis()
+    cfg = WORKDIR / "tollgate-redis.yaml"
+    cfg.write_text(tollgate_config(mock_port, redis_port=redis_port))
+    proc = Proc("native-redis", [TOLLGATE, "run", "--config", cfg, "--listen", "127.0.0.1:0", "--metrics-listen", ""],
+                env=TOLLGATE_ENV, announces=True)
+    addr = proc.first_line().removeprefix("listening on ")
+    group = Group(redis, proc)
+    return group, f"http://{addr}/v1/chat/completions", {"Authorization": f"Bearer {CLIENT_KEY}"}, None
 
 
 def target_native(mock_port, chain=False, tollgate=None):
@@ -439,6 +485,7 @@ TARGETS = {
     "envoy-tollgate-chain": (f"Envoy + tollgate, model with a fallback ({WORKERS} workers)",
                              lambda port: target_envoy_tollgate(port, chain=True)),
     "native-chain": ("tollgate native host, model with a fallback", lambda port: target_native(port, chain=True)),
+    "native-redis": ("tollgate native host, state on Redis (Redis CPU included)", target_native_redis),
     "crabllm": (f"crabllm {CRABLLM_VERSION}", target_crabllm),
     "portkey": (f"Portkey gateway {PORTKEY_VERSION}", target_portkey),
     "litellm": ("LiteLLM proxy", target_litellm),
@@ -479,7 +526,8 @@ def measure(name, args, mock, mock_port):
             f"cpu {best['cpu_ms_per_request']:.3f} ms/req  rss {best['rss_mb']:.0f} MB")
     if proc is not None:
         proc.stop()
-        STARTED.remove(proc)
+        if proc in STARTED:
+            STARTED.remove(proc)
     return rows
 
 

@@ -17,6 +17,7 @@ use crate::keys::report::{self, KeyReport};
 use crate::keys::KeyCounter;
 use crate::limits::{self, Meter};
 use crate::providers::openai::usage::Usage;
+use crate::providers::refusal::RefusalClass;
 use crate::store::CounterStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +224,7 @@ pub const KEY_LEARNED_REMAINING: Family = family(
 );
 
 /// Every family, in the order they are exported.
-pub const FAMILIES: [&Family; 21] = [
+pub const FAMILIES: [&Family; 23] = [
     &REQUESTS,
     &TOKENS,
     &TOKENS_ESTIMATED,
@@ -244,8 +245,24 @@ pub const FAMILIES: [&Family; 21] = [
     &KEY_UNTIL,
     &KEY_MODEL_UNTIL,
     &KEY_LEARNED_REMAINING,
+    &STORE_UP,
+    &STORE_UNAVAILABLE,
     &VM_MEMORY,
 ];
+
+/// Native host on Redis (`store.kind: redis`): whether Redis answers.
+pub const STORE_UP: Family = native_only(family(
+    "tollgate_store_up",
+    "store.kind redis: 1 while Redis answers, 0 while it is down (requests then get store.on_failure's answer).",
+    Kind::Gauge,
+    &[],
+));
+pub const STORE_UNAVAILABLE: Family = native_only(family(
+    "tollgate_store_unavailable_total",
+    "store.kind redis: operations on shared state answered by store.on_failure because Redis was down, slow or failing.",
+    Kind::Counter,
+    &["on_failure"],
+));
 
 /// Envoy only: a worker VM's linear memory (the last worker to publish stands for all).
 pub const VM_MEMORY: Family = family(
@@ -395,7 +412,10 @@ pub struct Sample<'a> {
 pub fn standing<'c>(config: &'c Config, store: &impl CounterStore, now_ms: u64) -> StandingSet<'c> {
     let mut limits = Vec::new();
     for limit in config.all_limits() {
-        let state = limits::read(store, &limit.store_key).ok().flatten();
+        // A counter the store cannot read now is left out, not shown as untouched.
+        let Ok(state) = limits::read(store, &limit.store_key) else {
+            continue;
+        };
         let standing = limit.standing(state, now_ms);
         let used_ppm = match (limit.meter, standing.used) {
             (Meter::Quota(q), Some((used, _))) if q.limit > 0 => {
@@ -483,25 +503,18 @@ pub const KEY_OUTCOMES: [(&str, KeyCounter); 6] = [
     ("unreachable", KeyCounter::Unreachable),
 ];
 
-/// A key's attempts by outcome from its counters: `other` holds attempts no outcome counts
-/// (a 4xx that is no refusal of the key, say).
-pub fn key_attempts(key: &KeyReport) -> Vec<(&'static str, u64)> {
-    let count = |name: &str| key.counters.get(name).copied().unwrap_or(0);
-    let mut out: Vec<(&'static str, u64)> = KEY_OUTCOMES
-        .iter()
-        .map(|(label, c)| (*label, count(c.name())))
-        .collect();
-    let counted: u64 = out.iter().map(|(_, n)| n).sum();
-    out.push((
-        "other",
-        count(KeyCounter::Attempts.name()).saturating_sub(counted),
-    ));
-    out
+/// The `outcome` label of one attempt with a key (`status` `None`: the provider never
+/// answered; `class`: what its refusal meant): `other` for an answer that says nothing of
+/// the key (a 4xx that is no refusal of it).
+pub fn key_outcome(status: Option<u16>, class: Option<RefusalClass>) -> &'static str {
+    KeyCounter::of(status, class)
+        .and_then(|c| KEY_OUTCOMES.iter().find(|(_, k)| *k == c))
+        .map_or("other", |(label, _)| label)
 }
 
 /// Envoy: the stat name of one series, its labels inside the name
 /// (`tollgate_requests_total.consumer=app;.model=gpt-4o;…`) for `envoy_tag_extractors` to take
-/// out again. Config names hold no `=` or `;`, so the form is unambiguous.
+/// out again. `=` and `;` in a value become `_`, so the form is unambiguous.
 pub fn envoy_stat_name(family: &Family, values: &[&str]) -> String {
     let mut name = String::with_capacity(64);
     name.push_str(family.name);
@@ -509,7 +522,12 @@ pub fn envoy_stat_name(family: &Family, values: &[&str]) -> String {
         name.push('.');
         name.push_str(label);
         name.push('=');
-        name.push_str(value);
+        // The form's own marks cannot be in a value (model names may hold them).
+        name.extend(
+            value
+                .chars()
+                .map(|c| if matches!(c, '=' | ';') { '_' } else { c }),
+        );
         name.push(';');
     }
     name
@@ -520,6 +538,7 @@ pub fn envoy_stat_name(family: &Family, values: &[&str]) -> String {
 pub fn envoy_tag_extractors() -> Vec<(&'static str, String)> {
     let mut labels: Vec<&'static str> = FAMILIES
         .iter()
+        .filter(|f| f.in_envoy)
         .flat_map(|f| f.labels.iter().copied())
         .collect();
     labels.sort_unstable();
@@ -673,12 +692,25 @@ mod tests {
     }
 
     #[test]
+    fn millisecond_twins_have_the_same_buckets() {
+        for (s, ms) in [
+            (&DURATION_SECONDS, &DURATION_MILLISECONDS),
+            (&TTFT_SECONDS, &TTFT_MILLISECONDS),
+        ] {
+            let scaled: Vec<f64> = s.buckets.iter().map(|b| (b * 1_000.0).round()).collect();
+            assert_eq!(scaled, ms.buckets, "{}", ms.name);
+        }
+    }
+
+    #[test]
     fn twins_are_exported_by_envoy_and_fractions_are_not() {
         for f in FAMILIES {
             let fractional = f.name.ends_with("_seconds") && f.kind == Kind::Histogram
                 || f.name.ends_with("_ratio")
                 || f.name == "tollgate_cost_usd_total";
-            assert_eq!(f.in_envoy, !fractional, "{}", f.name);
+            // Envoy has no Redis store (yet).
+            let store = f.name.starts_with("tollgate_store_");
+            assert_eq!(f.in_envoy, !(fractional || store), "{}", f.name);
             assert_eq!(
                 f.kind == Kind::Histogram,
                 !f.buckets.is_empty(),

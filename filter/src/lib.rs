@@ -74,6 +74,15 @@ impl RootContext for Root {
         };
         let env = |name: &str| std::env::var(name).ok();
         match Config::load(&text, &env) {
+            Ok(config) if config.store != tollgate_core::config::store::StoreSettings::Local => {
+                // Shared data is this Envoy's alone: running on it would multiply every
+                // limit by the number of replicas the config says share them.
+                host::log(
+                    LogLevel::Critical,
+                    "tollgate: `store.kind: redis` is not supported in Envoy yet (docs/redis.md); use the native host for Redis-backed replicas",
+                );
+                false
+            }
             Ok(config) => {
                 // Both roles create the counters: either may load first (listener and
                 // clusters reload separately under xDS).

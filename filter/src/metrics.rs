@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use tollgate_core::exchange::Summary;
-use tollgate_core::keys::KeyCounter;
 use tollgate_core::metrics::{self as m, Family, Kind};
 use tollgate_core::providers::refusal::RefusalClass;
 use tollgate_core::Config;
@@ -116,14 +115,7 @@ pub fn limit_refused(scope: &str, limit: &str) {
 /// Counts an attempt with a key by its outcome (`status` `None`: the provider never
 /// answered; `class`: what its refusal meant).
 pub fn key_attempt(provider: &str, key: &str, status: Option<u16>, class: Option<RefusalClass>) {
-    let outcome = KeyCounter::of(status, class)
-        .and_then(|c| {
-            m::KEY_OUTCOMES
-                .iter()
-                .find(|(_, counter)| *counter == c)
-                .map(|(label, _)| *label)
-        })
-        .unwrap_or("other");
+    let outcome = m::key_outcome(status, class);
     add(&m::KEY_ATTEMPTS, &[provider, key, outcome], 1);
 }
 

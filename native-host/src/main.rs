@@ -6,8 +6,10 @@ mod body;
 mod envoy;
 mod metrics;
 mod proxy;
+mod redis_store;
 mod request_body;
 mod server;
+mod shards;
 mod store;
 
 use std::io::{BufRead, Write};
@@ -18,6 +20,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tollgate_core::auth::KeyHash;
+use tollgate_core::config::store::{OnFailure, StoreSettings};
 use tollgate_core::Config;
 
 #[derive(Parser)]
@@ -84,6 +87,19 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// The config's local share of its limits, when Redis is down under `on_failure: local`.
+fn local_share(text: &str, config: &Config) -> Option<Config> {
+    let StoreSettings::Redis(redis) = &config.store else {
+        return None;
+    };
+    if redis.on_failure != OnFailure::Local {
+        return None;
+    }
+    let mut share = Config::load(text, &env).ok()?;
+    share.divide_limits(redis.replicas);
+    Some(share)
+}
+
 fn load(path: &Path) -> Result<(String, Config), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let config = Config::load(&text, &env).map_err(|errors| {
@@ -131,6 +147,13 @@ fn main() -> ExitCode {
                     let placeholder = |_: &str| Some("unused".to_string());
                     let c = Config::load(&text, &placeholder)
                         .map_err(|e| format!("{}:\n{e}", config.display()))?;
+                    if c.store != StoreSettings::Local {
+                        return Err(format!(
+                            "{}: `store.kind: redis` is not supported in Envoy yet (docs/redis.md): \
+                             the filter would refuse this config",
+                            config.display()
+                        ));
+                    }
                     let rendered = envoy::render(&envoy::BootstrapOptions {
                         config_text: &text,
                         config: &c,
@@ -216,7 +239,8 @@ fn run(
     metrics_listen: Option<String>,
 ) -> Result<(), String> {
     init_logging();
-    let (_, config) = load(path)?;
+    let (text, config) = load(path)?;
+    let share = local_share(&text, &config);
     let addr: SocketAddr = match listen {
         Some(a) => a,
         None => config
@@ -234,8 +258,21 @@ fn run(
             .await
             .map_err(|e| format!("listening on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
-        let gateway =
-            Arc::new(proxy::Gateway::new(Arc::new(config)).map_err(|e| format!("TLS setup: {e}"))?);
+        let store = match &config.store {
+            StoreSettings::Local => store::Store::Local(store::MemoryStore::default()),
+            StoreSettings::Redis(settings) => {
+                let redis = redis_store::RedisStore::new(settings)?;
+                Arc::clone(&redis).probe(std::time::Duration::from_millis(250));
+                store::Store::Redis {
+                    redis,
+                    fallback: store::MemoryStore::default(),
+                }
+            }
+        };
+        let gateway = Arc::new(
+            proxy::Gateway::new(Arc::new(config), share, store)
+                .map_err(|e| format!("TLS setup: {e}"))?,
+        );
         warn_if_too_few_file_descriptors(gateway.config().server.max_connections);
         reload_on_sighup(Arc::clone(&gateway), path.to_path_buf());
         let metrics_addr =
@@ -297,7 +334,7 @@ fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
         };
         while hangups.recv().await.is_some() {
             match load(&path) {
-                Ok((_, config)) => {
+                Ok((text, config)) => {
                     let running = gateway.config();
                     for (setting, was, now) in [
                         (
@@ -320,7 +357,13 @@ fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
                             );
                         }
                     }
-                    gateway.replace_config(config);
+                    if config.store != running.store {
+                        tracing::warn!(
+                            "the store section takes effect on restart; the running store is kept"
+                        );
+                    }
+                    let share = local_share(&text, &config);
+                    gateway.replace_config(config, share);
                     tracing::info!(config = %path.display(), "config reloaded");
                 }
                 Err(errors) => {

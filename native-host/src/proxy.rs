@@ -29,7 +29,7 @@ use crate::admin::{self, AdminKey};
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::request_body::{self, BodyBudget, ReadError};
-use crate::store::MemoryStore;
+use crate::store::Store;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -37,8 +37,11 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct Gateway {
     /// Swapped whole on reload; requests keep the snapshot they started with.
     config: RwLock<Arc<Config>>,
+    /// The same config with this process's share of every limit (`store.on_failure: local`),
+    /// served while Redis is down.
+    share: RwLock<Option<Arc<Config>>>,
     /// Counters outlive reloads: a limit that did not change keeps its key, so its state.
-    pub store: MemoryStore,
+    pub store: Store,
     pub client: UpstreamClient,
     admin: AdminKey,
     /// `server.max_body_memory_bytes` as read at start.
@@ -47,22 +50,36 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The config a request starts with: the running one, or its local share while Redis is
+    /// down under `on_failure: local`.
     pub fn config(&self) -> Arc<Config> {
-        match self.config.read() {
-            Ok(c) => Arc::clone(&c),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        if self.store.on_local_share() {
+            if let Some(share) = read(&self.share).clone() {
+                return share;
+            }
         }
+        Arc::clone(&read(&self.config))
     }
 
-    pub fn replace_config(&self, config: Config) {
+    /// `share`: the same config divided by `store.replicas`, for `on_failure: local`.
+    pub fn replace_config(&self, config: Config, share: Option<Config>) {
         let config = Arc::new(config);
         match self.config.write() {
             Ok(mut c) => *c = config,
             Err(poisoned) => *poisoned.into_inner() = config,
         }
+        let share = share.map(Arc::new);
+        match self.share.write() {
+            Ok(mut s) => *s = share,
+            Err(poisoned) => *poisoned.into_inner() = share,
+        }
     }
 
-    pub fn new(config: Arc<Config>) -> Result<Self, rustls::Error> {
+    pub fn new(
+        config: Arc<Config>,
+        share: Option<Config>,
+        store: Store,
+    ) -> Result<Self, rustls::Error> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
             .https_or_http()
@@ -75,7 +92,8 @@ impl Gateway {
         let body_budget = BodyBudget::new(config.server.max_body_memory_bytes);
         Ok(Self {
             config: RwLock::new(config),
-            store: MemoryStore::default(),
+            share: RwLock::new(share.map(Arc::new)),
+            store,
             client,
             admin: AdminKey::from_env(),
             body_budget,
@@ -96,6 +114,13 @@ impl Gateway {
         let summary = exchange.finish(crate::now_ms(), &self.store);
         access_log::record(&summary, key_id, started, ending, first_byte);
         self.metrics.record(&summary, started, first_byte);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -187,12 +212,13 @@ async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody
         headers: &Headers(&parts.headers),
     };
     let headers = exchange.on_request_headers(crate::now_ms(), &head, &gw.store);
-    if let Some(consumer) = exchange.consumer_name() {
-        gw.metrics.enter(consumer);
-    }
+    // Every path below ends in `finished`, which counts the request out again, but one: the
+    // client leaving while its body is read drops this future there.
+    let entered = gw.metrics.enter(exchange.consumer_name());
     let limit = match headers {
         OnHeaders::Respond(r) => {
-            return conclude(&gw, exchange, r, None, started, Ending::Answered)
+            entered.keep();
+            return conclude(&gw, exchange, r, None, started, Ending::Answered);
         }
         OnHeaders::ReadBody { limit } => limit,
     };
@@ -203,7 +229,9 @@ async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody
     );
     // The body's share of `server.max_body_memory_bytes`, held until the response head is
     // sent (the body may be sent to the provider again until then).
-    let (body, _memory) = match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read).await {
+    let read = tokio::time::timeout(CLIENT_BODY_TIMEOUT, read).await;
+    entered.keep();
+    let (body, _memory) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(e)) => {
             let r = match e {
@@ -539,6 +567,7 @@ fn observe(
     headers: &HeaderMap,
 ) {
     let Some(who) = who else { return };
+    gw.metrics.key_attempt(who.provider, who.key, status, class);
     let now = crate::now_ms();
     let recorded = keys::observe(
         config,

@@ -1,12 +1,76 @@
 //! The native host's `CounterStore`: an in-memory map of atomics shared by every connection
-//! task. Keys are bounded by the config (one per pool, later per bucket), not by traffic.
+//! task (`store.kind: local`), or Redis shared by every replica (`redis_store`), with the
+//! in-memory map standing in while Redis is down under `on_failure: local`. Keys are bounded
+//! by the config, not by traffic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
+use std::sync::Arc;
+
+use tollgate_core::config::store::OnFailure;
 use tollgate_core::limits::LeaseBook;
 use tollgate_core::store::{CounterStore, StoreError};
+
+use crate::redis_store::RedisStore;
+
+pub enum Store {
+    Local(MemoryStore),
+    Redis {
+        redis: Arc<RedisStore>,
+        /// `on_failure: local`: where this process enforces its share while Redis is down.
+        fallback: MemoryStore,
+    },
+}
+
+impl Store {
+    /// Whether requests use this process's share of the limits now (Redis is down and
+    /// `on_failure` is `local`).
+    pub fn on_local_share(&self) -> bool {
+        match self {
+            Self::Local(_) => false,
+            Self::Redis { redis, .. } => redis.on_failure() == OnFailure::Local && !redis.is_up(),
+        }
+    }
+
+    pub fn redis(&self) -> Option<&Arc<RedisStore>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Redis { redis, .. } => Some(redis),
+        }
+    }
+}
+
+impl CounterStore for Store {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        match self {
+            Self::Local(m) => m.measure_and_replace(key, f),
+            Self::Redis { redis, fallback } => {
+                if self.on_local_share() {
+                    redis.count_unavailable();
+                    return fallback.measure_and_replace(key, f);
+                }
+                match redis.measure_and_replace(key, &mut f) {
+                    // Failed just now: the share takes over from this update on.
+                    Err(_) if self.on_local_share() => fallback.measure_and_replace(key, f),
+                    other => other,
+                }
+            }
+        }
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        match self {
+            Self::Local(m) => m.leases(),
+            Self::Redis { redis, .. } => redis.leases(),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct MemoryStore {

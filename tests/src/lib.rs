@@ -5,4 +5,5 @@ pub mod gateway;
 pub mod mock_provider;
 pub mod prom;
 pub mod prometheus;
+pub mod redis;
 pub mod scenario;

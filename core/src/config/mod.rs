@@ -6,6 +6,7 @@
 mod limits;
 mod prompts;
 pub mod raw;
+pub mod store;
 
 pub use limits::Pricing;
 
@@ -18,7 +19,7 @@ use crate::auth::KeyHash;
 use crate::decorators::Decorators;
 use crate::guard::GuardRule;
 use crate::keys::Strategy;
-use crate::limits::{Limit, Unit};
+use crate::limits::{Limit, Meter, Unit};
 use crate::prompts::PromptTemplate;
 use crate::providers::{BaseUrl, Provider, ProviderKey, ProviderKind, Secret};
 use crate::retry::RetryPolicy;
@@ -186,6 +187,8 @@ impl Consumer {
 #[derive(Debug)]
 pub struct Config {
     pub server: ServerSettings,
+    /// Where shared state lives: in the process, or on Redis for several replicas.
+    pub store: store::StoreSettings,
     consumers: Vec<Consumer>,
     /// Stored key hashes by their first eight bytes (collisions share a list).
     consumer_by_key: BTreeMap<u64, Vec<(KeyHash, ConsumerId)>>,
@@ -281,6 +284,46 @@ impl Config {
         consumers
             .chain(self.models.iter().flat_map(|m| m.limits.iter()))
             .chain(keys)
+    }
+
+    /// This process's share of every limit when `replicas` processes enforce them apart
+    /// (`store.on_failure: local` while Redis is down): each limit divided by `replicas`,
+    /// never below 1, with counters of its own.
+    pub fn divide_limits(&mut self, replicas: u64) {
+        let replicas = replicas.max(1);
+        let share = |limits: &mut Vec<Limit>| {
+            for limit in limits.iter_mut() {
+                limit.meter = match limit.meter {
+                    Meter::Rate(r) => Meter::Rate(crate::limits::gcra::Rate {
+                        limit: (r.limit / replicas).max(1),
+                        ..r
+                    }),
+                    Meter::Quota(q) => Meter::Quota(crate::limits::quota::Quota {
+                        limit: (q.limit / replicas).max(1),
+                        ..q
+                    }),
+                    Meter::Concurrency(c) => {
+                        Meter::Concurrency(crate::limits::concurrency::Concurrency {
+                            max: (c.max / replicas).max(1),
+                            ..c
+                        })
+                    }
+                };
+                limit.store_key = format!("share/{replicas}/{}", limit.store_key).into();
+            }
+        };
+        for c in &mut self.consumers {
+            share(&mut c.limits);
+            c.model_limits.values_mut().for_each(share);
+        }
+        for m in &mut self.models {
+            share(&mut m.limits);
+        }
+        for p in &mut self.providers {
+            for k in &mut p.keys {
+                share(&mut k.limits);
+            }
+        }
     }
 
     /// Every shared counter the key pools use (cursors, health — per key, and per key and
@@ -394,7 +437,14 @@ fn one<T: DeserializeOwned>(value: &Value, path: &str, errors: &mut Errors) -> O
     }
 }
 
-const SECTIONS: [&str; 5] = ["server", "consumers", "providers", "models", "prompts"];
+const SECTIONS: [&str; 6] = [
+    "server",
+    "store",
+    "consumers",
+    "providers",
+    "models",
+    "prompts",
+];
 
 fn compile(
     doc: &Value,
@@ -422,6 +472,12 @@ fn compile(
         Some(v) => one::<RawServer>(v, "server", errors),
     }
     .map(|raw| compile_server(raw, errors));
+    let store = match doc.get("store") {
+        None | Some(Value::Null) => Some(store::RawStore::default()),
+        Some(v) => one::<store::RawStore>(v, "store", errors),
+    }
+    .map(|raw| store::compile_store(raw, env, errors))
+    .unwrap_or_default();
     let lease_ms = server
         .as_ref()
         .map_or(DEFAULT_CONCURRENCY_LEASE_MS, |s| s.concurrency_lease_ms);
@@ -460,6 +516,7 @@ fn compile(
         .collect();
     Some(Config {
         server: server?,
+        store,
         consumers,
         consumer_by_key,
         providers,

@@ -1,0 +1,318 @@
+//! Shared state on Redis (`store.kind: redis`), so that several native replicas enforce one
+//! set of limits and see one key health. Every value of the core's `CounterStore` is one
+//! Redis string; an update is a compare-and-set script (`CAS`): the core's pure closure
+//! decides the new value from the old, and the script writes it only if the old is still
+//! there, else answers the current value for the closure to decide again. The limits' math
+//! therefore exists once, in the core (docs/redis.md says why).
+//!
+//! The core calls the store synchronously; each Redis call runs under
+//! `tokio::task::block_in_place`, so the runtime moves other tasks off the thread meanwhile.
+//! A call that fails (down, slower than `timeout_ms`, a script error) marks Redis down:
+//! requests then get `on_failure`'s answer at once, without waiting on Redis, until a
+//! background probe finds it up again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::{Connection, Script};
+use tollgate_core::config::store::{OnFailure, RedisSettings};
+use tollgate_core::limits::LeaseBook;
+use tollgate_core::store::{CounterStore, StoreError};
+
+/// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent); answers `{1}`, or
+/// `{0, current}` (`""` when absent). Values are decimal strings: Lua never reads them as
+/// numbers, which it could not hold exactly beyond 2^53.
+const CAS: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current == false then current = '' end
+if current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return {1}
+end
+return {0, current}
+"#;
+
+/// Attempts before an update is reported as contended.
+const CAS_TRIES: u32 = 64;
+
+/// Every key of one deployment shares one hash tag: a request's keys sit on one Redis
+/// Cluster slot.
+const PREFIX: &str = "{tollgate}:";
+
+pub struct RedisStore {
+    client: redis::Client,
+    settings: RedisSettings,
+    script: Script,
+    /// Idle connections, reused.
+    pool: Mutex<Vec<Connection>>,
+    /// The last value seen per key: the first compare-and-set is tried against it, so an
+    /// uncontended update is one round trip.
+    seen: Mutex<HashMap<String, Option<u64>>>,
+    up: AtomicBool,
+    /// Updates answered by `on_failure` (`tollgate_store_unavailable_total`).
+    unavailable: AtomicU64,
+    leases: LeaseBook,
+}
+
+impl RedisStore {
+    pub fn new(settings: &RedisSettings) -> Result<Arc<Self>, String> {
+        let mut info: redis::ConnectionInfo = settings
+            .url
+            .as_str()
+            .parse()
+            .map_err(|e: redis::RedisError| format!("store.url: {e}"))?;
+        if let Some(password) = &settings.password {
+            let redis_info = info.redis_settings().clone().set_password(password.clone());
+            info = info.set_redis_settings(redis_info);
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("store.url: {e}"))?;
+        Ok(Arc::new(Self {
+            client,
+            settings: settings.clone(),
+            script: Script::new(CAS),
+            pool: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(true),
+            unavailable: AtomicU64::new(0),
+            leases: LeaseBook::default(),
+        }))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn on_failure(&self) -> OnFailure {
+        self.settings.on_failure
+    }
+
+    /// One more update answered by `on_failure`.
+    pub fn count_unavailable(&self) {
+        self.unavailable.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unavailable(&self) -> u64 {
+        self.unavailable.load(Ordering::Relaxed)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.timeout_ms)
+    }
+
+    fn fresh_connection(&self) -> redis::RedisResult<Connection> {
+        let c = self.client.get_connection_with_timeout(self.timeout())?;
+        c.set_read_timeout(Some(self.timeout()))?;
+        c.set_write_timeout(Some(self.timeout()))?;
+        Ok(c)
+    }
+
+    /// Runs `op` on a pooled connection (else a new one), off the runtime's scheduling (the
+    /// thread blocks). A pooled connection that fails as dropped (Redis restarted, say) is
+    /// replaced once by a new one; a connection that failed is never pooled again.
+    fn with_connection<T>(
+        &self,
+        op: impl Fn(&mut Connection) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let run = || {
+            let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+            let (mut c, was_pooled) = match pooled {
+                Some(c) => (c, true),
+                None => (self.fresh_connection()?, false),
+            };
+            let mut out = op(&mut c);
+            if was_pooled
+                && out.as_ref().is_err_and(|e| {
+                    e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()
+                })
+            {
+                c = self.fresh_connection()?;
+                out = op(&mut c);
+            }
+            if out.is_ok() {
+                if let Ok(mut pool) = self.pool.lock() {
+                    pool.push(c);
+                }
+            }
+            out
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        }
+    }
+
+    fn get(&self, key: &str) -> redis::RedisResult<Option<u64>> {
+        let v: Option<String> = self.with_connection(|c| redis::cmd("GET").arg(key).query(c))?;
+        Ok(v.and_then(|v| v.parse().ok()))
+    }
+
+    /// `Ok(None)`: written; `Ok(Some(current))`: another writer got in first.
+    fn cas(
+        &self,
+        key: &str,
+        old: Option<u64>,
+        new: u64,
+    ) -> redis::RedisResult<Option<Option<u64>>> {
+        let expected = old.map_or(String::new(), |v| v.to_string());
+        let reply: Vec<String> = self.with_connection(|c| {
+            self.script
+                .key(key)
+                .arg(&expected)
+                .arg(new.to_string())
+                .invoke(c)
+        })?;
+        match reply.first().map(String::as_str) {
+            Some("1") => Ok(None),
+            _ => Ok(Some(reply.get(1).and_then(|v| v.parse().ok()))),
+        }
+    }
+
+    fn remember(&self, key: &str, value: Option<u64>) {
+        if let Ok(mut seen) = self.seen.lock() {
+            match seen.get_mut(key) {
+                Some(v) => *v = value,
+                None => {
+                    seen.insert(key.to_string(), value);
+                }
+            }
+        }
+    }
+
+    fn went_down(&self, e: &redis::RedisError) -> StoreError {
+        if let Ok(mut pool) = self.pool.lock() {
+            // Connections to a Redis that failed are not trusted again.
+            pool.clear();
+        }
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::error!(
+                on_failure = self.settings.on_failure.as_str(),
+                "redis is unavailable, requests get the on_failure answer until it is back: {e}"
+            );
+        }
+        StoreError::Host(format!("redis: {:?}", e.kind()))
+    }
+
+    /// Checks Redis every `period` while it is marked down, and marks it up when it
+    /// answers: the processes go back to it by themselves.
+    pub fn probe(self: Arc<Self>, period: Duration) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if self.is_up() {
+                    continue;
+                }
+                let store = Arc::clone(&self);
+                let pong = tokio::task::spawn_blocking(move || {
+                    let mut c = store.fresh_connection()?;
+                    let pong = redis::cmd("PING").query::<String>(&mut c)?;
+                    if let Ok(mut pool) = store.pool.lock() {
+                        pool.push(c);
+                    }
+                    Ok::<_, redis::RedisError>(pong)
+                })
+                .await;
+                if matches!(pong, Ok(Ok(_))) {
+                    if let Ok(mut seen) = self.seen.lock() {
+                        // Redis may have restarted empty: read afresh.
+                        seen.clear();
+                    }
+                    self.up.store(true, Ordering::Relaxed);
+                    tracing::info!("redis is back: shared state is used again");
+                }
+            }
+        });
+    }
+
+    /// `Ok(Ok(out))` written; `Ok(Err(e))` the closure refused; `Err(None)` other writers
+    /// kept winning; `Err(Some(e))` Redis failed.
+    fn update<T, E>(
+        &self,
+        key: &str,
+        f: &mut impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, Option<redis::RedisError>> {
+        let cached = self.seen.lock().ok().and_then(|s| s.get(key).copied());
+        let (mut old, mut fresh) = match cached {
+            Some(v) => (v, false),
+            None => (self.get(key).map_err(Some)?, true),
+        };
+        for _ in 0..CAS_TRIES {
+            match f(old) {
+                Err(refused) => {
+                    // A refusal is only as good as the value it read.
+                    if !fresh {
+                        let current = self.get(key).map_err(Some)?;
+                        fresh = true;
+                        if current != old {
+                            old = current;
+                            continue;
+                        }
+                    }
+                    self.remember(key, old);
+                    return Ok(Err(refused));
+                }
+                Ok((out, new)) => match self.cas(key, old, new).map_err(Some)? {
+                    None => {
+                        self.remember(key, Some(new));
+                        return Ok(Ok(out));
+                    }
+                    Some(current) => {
+                        old = current;
+                        fresh = true;
+                    }
+                },
+            }
+        }
+        Err(None)
+    }
+}
+
+impl CounterStore for RedisStore {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        if !self.is_up() {
+            return self.failed(&mut f, StoreError::Host("redis is down".into()));
+        }
+        let key = format!("{PREFIX}{key}");
+        match self.update(&key, &mut f) {
+            Ok(r) => Ok(r),
+            // Redis answers: contention is not a failure of it (the core retries).
+            Err(None) => Err(StoreError::Contended {
+                attempts: CAS_TRIES,
+            }),
+            Err(Some(e)) => {
+                let error = self.went_down(&e);
+                self.failed(&mut f, error)
+            }
+        }
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        &self.leases
+    }
+}
+
+impl RedisStore {
+    /// What an update gets while Redis is down: `closed` refuses (the core answers 503
+    /// `shared_state_unavailable`); `open` decides on an empty state and writes nothing, so
+    /// the request is admitted unchecked. `local` is carried out by the gateway, which sends
+    /// requests to its in-memory store then (`Gateway::store`); reaching here, it refuses.
+    fn failed<T, E>(
+        &self,
+        f: &mut impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+        error: StoreError,
+    ) -> Result<Result<T, E>, StoreError> {
+        self.count_unavailable();
+        match self.settings.on_failure {
+            OnFailure::Open => Ok(f(None).map(|(out, _)| out)),
+            OnFailure::Closed | OnFailure::Local => Err(error),
+        }
+    }
+}
