@@ -87,9 +87,10 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// The config's local share of its limits, when Redis is down under `on_failure: local`.
-fn local_share(text: &str, config: &Config) -> Option<Config> {
-    let StoreSettings::Redis(redis) = &config.store else {
+/// `text`'s local share of its limits, for a process whose store is `store` (the running
+/// one: a store change takes effect on restart), when Redis is down under `on_failure: local`.
+fn local_share(text: &str, store: &StoreSettings) -> Option<Config> {
+    let StoreSettings::Redis(redis) = store else {
         return None;
     };
     if redis.on_failure != OnFailure::Local {
@@ -240,7 +241,7 @@ fn run(
 ) -> Result<(), String> {
     init_logging();
     let (text, config) = load(path)?;
-    let share = local_share(&text, &config);
+    let share = local_share(&text, &config.store);
     let addr: SocketAddr = match listen {
         Some(a) => a,
         None => config
@@ -362,7 +363,7 @@ fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
                             "the store section takes effect on restart; the running store is kept"
                         );
                     }
-                    let share = local_share(&text, &config);
+                    let share = local_share(&text, &running.store);
                     gateway.replace_config(config, share);
                     tracing::info!(config = %path.display(), "config reloaded");
                 }

@@ -307,3 +307,98 @@ models:
         assert!(errs.0[0].message.contains(says), "{errs}");
     }
 }
+
+#[test]
+fn a_redis_store_is_read_and_checked() {
+    let text = |store: &str| {
+        format!(
+            "store: {store}\nconsumers: [{{ name: a, keys: [{{ sha256: {} }}], models: [m] }}]\nproviders: [{{ name: p, kind: mock }}]\nmodels: [{{ name: m, provider: p }}]\n",
+            KeyHash::of("k").to_hex()
+        )
+    };
+    let with_password = |name: &str| (name == "REDIS_PW").then(|| "s3cret".to_string());
+    let c = Config::load(
+        &text("{ kind: redis, url: \"redis://127.0.0.1:6379/0\", password_env: REDIS_PW, on_failure: local, replicas: 3 }"),
+        &with_password,
+    )
+    .unwrap();
+    let store::StoreSettings::Redis(redis) = &c.store else {
+        panic!("{:?}", c.store)
+    };
+    assert_eq!(redis.timeout_ms, 50);
+    assert_eq!(redis.on_failure, store::OnFailure::Local);
+    assert_eq!(
+        (redis.replicas, redis.password.as_deref()),
+        (3, Some("s3cret"))
+    );
+    assert!(
+        !format!("{:?}", c.store).contains("s3cret"),
+        "the password is redacted"
+    );
+    assert_eq!(
+        Config::load(&text("{}"), &env).unwrap().store,
+        store::StoreSettings::Local
+    );
+    let errors = Config::load(
+        &text("{ kind: redis, url: \"redis://user:pw@h:6379\", on_failure: maybe, timeout_ms: 0, password_env: MISSING }"),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    for wanted in [
+        "store.url",
+        "store.on_failure",
+        "store.timeout_ms",
+        "store.password_env",
+    ] {
+        assert!(errors.contains(wanted), "no {wanted} in {errors}");
+    }
+    assert!(Config::load(&text("{ kind: memcached }"), &env)
+        .unwrap_err()
+        .to_string()
+        .contains("store.kind"));
+}
+
+#[test]
+fn a_local_share_divides_every_limit_and_counts_apart() {
+    let text = format!(
+        r#"
+consumers:
+  - name: a
+    keys: [{{ sha256: {} }}]
+    models: [m]
+    limits: {{ requests_per_minute: 10, concurrency: 3, daily_tokens: 100 }}
+providers: [{{ name: p, kind: mock }}]
+models: [{{ name: m, provider: p, limits: {{ tokens_per_minute: 2 }} }}]
+"#,
+        KeyHash::of("k").to_hex()
+    );
+    let whole = Config::load(&text, &env).unwrap();
+    let mut share = Config::load(&text, &env).unwrap();
+    share.divide_limits(3);
+    let values = |c: &Config| -> Vec<(String, u64)> {
+        c.all_limits()
+            .map(|l| {
+                let v = match l.meter {
+                    Meter::Rate(r) => r.limit,
+                    Meter::Quota(q) => q.limit,
+                    Meter::Concurrency(c) => c.max,
+                };
+                (l.name.to_string(), v)
+            })
+            .collect()
+    };
+    assert_eq!(
+        values(&share),
+        [
+            ("requests_per_minute".to_string(), 3),
+            ("concurrency".to_string(), 1),
+            ("daily_tokens".to_string(), 33),
+            // Never below one.
+            ("tokens_per_minute".to_string(), 1),
+        ]
+    );
+    for (w, s) in whole.all_limits().zip(share.all_limits()) {
+        assert_ne!(w.store_key, s.store_key, "the share counts apart");
+    }
+}
