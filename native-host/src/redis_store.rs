@@ -21,18 +21,37 @@ use tollgate_core::config::store::{OnFailure, RedisSettings};
 use tollgate_core::limits::LeaseBook;
 use tollgate_core::store::{CounterStore, StoreError};
 
-/// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent); answers `{1}`, or
-/// `{0, current}` (`""` when absent). Values are decimal strings: Lua never reads them as
-/// numbers, which it could not hold exactly beyond 2^53.
+/// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent), to expire after
+/// `ARGV[3]` ms (`"0"`: never); answers `{1}`, or `{0, current}` (`""` when absent). Values
+/// are decimal strings: Lua never reads them as numbers, which it could not hold exactly
+/// beyond 2^53.
 const CAS: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current == false then current = '' end
 if current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2])
+  if ARGV[3] == '0' then
+    redis.call('SET', KEYS[1], ARGV[2])
+  else
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  end
   return {1}
 end
 return {0, current}
 "#;
+
+/// How long a counter may outlive its last write: a calendar allowance's state means
+/// nothing once its period is over (a day, a month), so it expires after the longest period
+/// plus a day; other state lives as long as the config names it.
+fn ttl_ms(key: &str) -> u64 {
+    const DAY_MS: u64 = 86_400_000;
+    if key.contains("/daily_tokens/") || key.contains("/daily_cost_usd/") {
+        2 * DAY_MS
+    } else if key.contains("/monthly_tokens/") || key.contains("/monthly_cost_usd/") {
+        32 * DAY_MS
+    } else {
+        0
+    }
+}
 
 /// Attempts before an update is reported as contended.
 const CAS_TRIES: u32 = 64;
@@ -163,6 +182,7 @@ impl RedisStore {
                 .key(key)
                 .arg(&expected)
                 .arg(new.to_string())
+                .arg(ttl_ms(key).to_string())
                 .invoke(c)
         })?;
         match reply.first().map(String::as_str) {
@@ -296,6 +316,26 @@ impl CounterStore for RedisStore {
 
     fn leases(&self) -> &LeaseBook {
         &self.leases
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ttl_ms;
+
+    #[test]
+    fn calendar_allowances_expire_after_their_period() {
+        let key = |name: &str| format!("{{tollgate}}:tollgate/limit/c/app/{name}/1000");
+        assert_eq!(ttl_ms(&key("daily_tokens")), 2 * 86_400_000);
+        assert_eq!(ttl_ms(&key("daily_cost_usd")), 2 * 86_400_000);
+        assert_eq!(ttl_ms(&key("monthly_tokens")), 32 * 86_400_000);
+        assert_eq!(ttl_ms(&key("monthly_cost_usd")), 32 * 86_400_000);
+        assert_eq!(
+            ttl_ms(&key("tokens_per_day")),
+            0,
+            "a rate is not an allowance"
+        );
+        assert_eq!(ttl_ms("{tollgate}:tollgate/keys/openai/k1/health"), 0);
     }
 }
 

@@ -262,6 +262,40 @@ models:
         assert_eq!(chat(&gateways[0], false).await.0, 429);
     }
 
+    /// A daily allowance's counter expires once its day is over (two days after its last
+    /// write); a rate's lives on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calendar_allowances_expire_on_redis() {
+        let redis = Redis::start();
+        let mock = MockProvider::start().await;
+        let config = config(
+            &redis,
+            &mock,
+            "timeout_ms: 1000",
+            "{ daily_tokens: 100000, requests_per_minute: 100 }",
+        );
+        let gateways = replicas(1, &config).await;
+        assert_eq!(chat(&gateways[0], false).await.0, 200);
+        let key = |pattern: &str| -> String {
+            let reply = redis.command(&format!("KEYS *{pattern}*")).unwrap();
+            // `*1`, `$<len>`, the key.
+            reply.lines().nth(2).unwrap_or_default().to_string()
+        };
+        let ttl = |key: &str| -> i64 {
+            let reply = redis.command(&format!("PTTL {key}")).unwrap();
+            reply.trim().trim_start_matches(':').parse().unwrap()
+        };
+        let daily = key("daily_tokens");
+        assert!(daily.contains("daily_tokens"), "{daily:?}");
+        let left = ttl(&daily);
+        assert!(
+            (2 * 86_400_000 - 60_000..=2 * 86_400_000).contains(&left),
+            "{daily} expires in {left} ms"
+        );
+        let rate = key("requests_per_minute");
+        assert_eq!(ttl(&rate), -1, "{rate} must not expire");
+    }
+
     /// `on_failure: open`: with Redis stopped, requests are admitted unchecked.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_down_open_admits_unchecked() {
