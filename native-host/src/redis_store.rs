@@ -319,6 +319,24 @@ impl CounterStore for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// What an update gets while Redis is down: `closed` refuses (the core answers 503
+    /// `shared_state_unavailable`); `open` decides on an empty state and writes nothing, so
+    /// the request is admitted unchecked. `local` is carried out by the gateway, which sends
+    /// requests to its in-memory store then (`Gateway::store`); reaching here, it refuses.
+    fn failed<T, E>(
+        &self,
+        f: &mut impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+        error: StoreError,
+    ) -> Result<Result<T, E>, StoreError> {
+        self.count_unavailable();
+        match self.settings.on_failure {
+            OnFailure::Open => Ok(f(None).map(|(out, _)| out)),
+            OnFailure::Closed | OnFailure::Local => Err(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ttl_ms;
@@ -336,23 +354,5 @@ mod tests {
             "a rate is not an allowance"
         );
         assert_eq!(ttl_ms("{tollgate}:tollgate/keys/openai/k1/health"), 0);
-    }
-}
-
-impl RedisStore {
-    /// What an update gets while Redis is down: `closed` refuses (the core answers 503
-    /// `shared_state_unavailable`); `open` decides on an empty state and writes nothing, so
-    /// the request is admitted unchecked. `local` is carried out by the gateway, which sends
-    /// requests to its in-memory store then (`Gateway::store`); reaching here, it refuses.
-    fn failed<T, E>(
-        &self,
-        f: &mut impl FnMut(Option<u64>) -> Result<(T, u64), E>,
-        error: StoreError,
-    ) -> Result<Result<T, E>, StoreError> {
-        self.count_unavailable();
-        match self.settings.on_failure {
-            OnFailure::Open => Ok(f(None).map(|(out, _)| out)),
-            OnFailure::Closed | OnFailure::Local => Err(error),
-        }
     }
 }
