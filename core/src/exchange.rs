@@ -1715,13 +1715,21 @@ impl Exchange {
     /// The exchange ended, however it ended (completed, refused, client gone, upstream reset):
     /// settles the limits on what was really used and frees concurrency slots.
     pub fn finish(&mut self, now_ms: u64, store: &impl CounterStore) -> Summary {
+        self.finish_with(&mut |reservation, used| {
+            // A store that fails now leaves counters high until their windows pass: the safe
+            // side. Nothing else can be done at the end of a request.
+            let _ = limits::settle(reservation, store, now_ms, used);
+        })
+    }
+
+    /// `finish`, where `settle` settles the request's reservation on what it used: a host
+    /// whose store commits remotely settles it later (Envoy on Redis).
+    pub fn finish_with(&mut self, settle: &mut dyn FnMut(Reservation, Amounts)) -> Summary {
         self.stage = Stage::Done;
         let tokens = self.tokens_used();
         let charged = self.metering.take().map(|m| {
             let used = self.used(tokens, m.reserved);
-            // A store that fails now leaves counters high until their windows pass: the safe
-            // side. Nothing else can be done at the end of a request.
-            let _ = limits::settle(m.reservation, store, now_ms, used);
+            settle(m.reservation, used);
             used
         });
         let micro_usd = match charged {

@@ -250,19 +250,20 @@ pub const FAMILIES: [&Family; 23] = [
     &VM_MEMORY,
 ];
 
-/// Native host on Redis (`store.kind: redis`): whether Redis answers.
-pub const STORE_UP: Family = native_only(family(
+/// On Redis (`store.kind: redis`): whether Redis answers (in Envoy, through the
+/// store-server).
+pub const STORE_UP: Family = family(
     "tollgate_store_up",
     "store.kind redis: 1 while Redis answers, 0 while it is down (requests then get store.on_failure's answer).",
     Kind::Gauge,
     &[],
-));
-pub const STORE_UNAVAILABLE: Family = native_only(family(
+);
+pub const STORE_UNAVAILABLE: Family = family(
     "tollgate_store_unavailable_total",
     "store.kind redis: operations on shared state answered by store.on_failure because Redis was down, slow or failing.",
     Kind::Counter,
     &["on_failure"],
-));
+);
 
 /// Envoy only: a worker VM's linear memory (the last worker to publish stands for all).
 pub const VM_MEMORY: Family = family(
@@ -708,9 +709,7 @@ mod tests {
             let fractional = f.name.ends_with("_seconds") && f.kind == Kind::Histogram
                 || f.name.ends_with("_ratio")
                 || f.name == "tollgate_cost_usd_total";
-            // Envoy has no Redis store (yet).
-            let store = f.name.starts_with("tollgate_store_");
-            assert_eq!(f.in_envoy, !(fractional || store), "{}", f.name);
+            assert_eq!(f.in_envoy, !fractional, "{}", f.name);
             assert_eq!(
                 f.kind == Kind::Histogram,
                 !f.buckets.is_empty(),

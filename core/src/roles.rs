@@ -11,6 +11,10 @@ pub const KEY_ROOT_ID: &str = "tollgate-key";
 /// the downstream request and its upstream attempts, so an earlier attempt's edits stay).
 pub const PROVIDER_CLUSTER_PREFIX: &str = "tollgate_provider_";
 
+/// Envoy cluster of `tollgate store-server` (`store.server`), through which Envoy commits its
+/// shared state to Redis (`store.kind: redis`).
+pub const STORE_CLUSTER: &str = "tollgate_store";
+
 /// The provider a cluster name belongs to, if it is one of ours.
 pub fn provider_of_cluster(cluster: &str) -> Option<&str> {
     cluster.strip_prefix(PROVIDER_CLUSTER_PREFIX)

@@ -76,8 +76,256 @@ impl CounterStore for LocalStore {
     }
 }
 
+/// A transaction over what a host last saw of a remote store (`known`): the core's updates
+/// run on those values, and every key read or written is recorded, so that the host can
+/// commit them all at once (`commit`), all or nothing, where every value read must still be
+/// there. When a commit fails, the host learns the current values (`learn`) and runs the same
+/// decision again on them. A key the host never saw is taken as absent: a wrong guess only
+/// costs one more round.
+///
+/// Envoy on Redis decides this way (a filter cannot block on the network); the decision is
+/// exact because nothing it read may have changed before its writes land.
+pub struct Tx<'a> {
+    known: &'a HashMap<String, Option<u64>>,
+    ops: std::cell::RefCell<Vec<CommitOp>>,
+    leases: &'a LeaseBook,
+}
+
+use std::collections::HashMap;
+
+impl<'a> Tx<'a> {
+    pub fn new(known: &'a HashMap<String, Option<u64>>, leases: &'a LeaseBook) -> Self {
+        Self {
+            known,
+            ops: std::cell::RefCell::new(Vec::new()),
+            leases,
+        }
+    }
+
+    /// Whether the decision touched no key (nothing to commit).
+    pub fn is_empty(&self) -> bool {
+        self.ops.borrow().is_empty()
+    }
+
+    pub fn into_commit(self) -> Commit {
+        Commit {
+            ops: self.ops.into_inner(),
+        }
+    }
+}
+
+impl CounterStore for Tx<'_> {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        let mut ops = self.ops.borrow_mut();
+        let at = match ops.iter().position(|op| op.key == key) {
+            Some(at) => at,
+            None => {
+                ops.push(CommitOp {
+                    key: key.to_string(),
+                    expect: self.known.get(key).copied().flatten(),
+                    write: None,
+                });
+                ops.len() - 1
+            }
+        };
+        let Some(op) = ops.get_mut(at) else {
+            return Err(StoreError::Host("transaction lost a key".into()));
+        };
+        // A key written earlier in this transaction is read as written.
+        let current = op.write.or(op.expect);
+        Ok(f(current).map(|(out, new)| {
+            op.write = Some(new);
+            out
+        }))
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        self.leases
+    }
+}
+
+/// What a commit's answer teaches about the store: the values written, or the current ones.
+pub fn learn(known: &mut HashMap<String, Option<u64>>, commit: &Commit, reply: &CommitReply) {
+    for (at, op) in commit.ops.iter().enumerate() {
+        let value = if reply.committed {
+            op.write.or(op.expect)
+        } else {
+            match reply.current.get(at) {
+                Some(v) => *v,
+                None => {
+                    // An answer that does not say: read it afresh next time.
+                    known.remove(&op.key);
+                    continue;
+                }
+            }
+        };
+        match known.get_mut(&op.key) {
+            Some(v) => *v = value,
+            None => {
+                known.insert(op.key.clone(), value);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::*;
+
     /// The core's tests use the local store.
     pub type CellStore = super::LocalStore;
+
+    /// Plays a remote store: applies a commit as Redis's script does.
+    fn apply(remote: &mut HashMap<String, u64>, commit: &Commit) -> CommitReply {
+        let current: Vec<Option<u64>> = commit
+            .ops
+            .iter()
+            .map(|op| remote.get(&op.key).copied())
+            .collect();
+        if commit
+            .ops
+            .iter()
+            .zip(&current)
+            .all(|(op, c)| op.expect == *c)
+        {
+            for op in &commit.ops {
+                if let Some(w) = op.write {
+                    remote.insert(op.key.clone(), w);
+                }
+            }
+            CommitReply {
+                committed: true,
+                current: Vec::new(),
+            }
+        } else {
+            CommitReply {
+                committed: false,
+                current,
+            }
+        }
+    }
+
+    fn add(store: &impl CounterStore, key: &str, n: u64) -> Result<u64, ()> {
+        store
+            .measure_and_replace(key, |old| {
+                let v = old.unwrap_or(0) + n;
+                if v > 10 {
+                    Err(())
+                } else {
+                    Ok((v, v))
+                }
+            })
+            .unwrap_or(Err(()))
+    }
+
+    #[test]
+    fn a_transaction_reads_its_own_writes_and_commits_all_keys() {
+        let known = HashMap::new();
+        let book = LeaseBook::new();
+        let tx = Tx::new(&known, &book);
+        assert_eq!(add(&tx, "a", 2), Ok(2));
+        assert_eq!(add(&tx, "a", 3), Ok(5));
+        assert_eq!(add(&tx, "b", 20), Err(()));
+        let commit = tx.into_commit();
+        assert_eq!(
+            commit.ops,
+            vec![
+                CommitOp {
+                    key: "a".into(),
+                    expect: None,
+                    write: Some(5)
+                },
+                CommitOp {
+                    key: "b".into(),
+                    expect: None,
+                    write: None
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn concurrent_transactions_on_stale_views_converge_exactly() {
+        // Three hosts, each with its own view, add 1 to a counter capped at 10: whatever
+        // the interleaving, exactly 10 additions succeed and the counter ends at 10.
+        let mut remote = HashMap::new();
+        let mut views = [HashMap::new(), HashMap::new(), HashMap::new()];
+        let book = LeaseBook::new();
+        let mut admitted = 0;
+        for round in 0..60 {
+            let view = &mut views[round % 3];
+            loop {
+                let tx = Tx::new(view, &book);
+                let decision = add(&tx, "n", 1);
+                let commit = tx.into_commit();
+                let reply = apply(&mut remote, &commit);
+                learn(view, &commit, &reply);
+                if reply.committed {
+                    admitted += u32::from(decision.is_ok());
+                    break;
+                }
+            }
+        }
+        assert_eq!(admitted, 10);
+        assert_eq!(remote.get("n"), Some(&10));
+    }
+
+    #[test]
+    fn the_wire_format_is_plain_json() {
+        let commit = Commit {
+            ops: vec![CommitOp {
+                key: "k".into(),
+                expect: Some(u64::MAX),
+                write: None,
+            }],
+        };
+        let text = serde_json::to_string(&commit).unwrap_or_default();
+        assert_eq!(
+            text,
+            r#"{"ops":[{"key":"k","expect":18446744073709551615}]}"#
+        );
+        let reply: Result<CommitReply, _> =
+            serde_json::from_str(r#"{"committed":false,"current":[null,7]}"#);
+        assert_eq!(
+            reply.ok(),
+            Some(CommitReply {
+                committed: false,
+                current: vec![None, Some(7)]
+            })
+        );
+    }
 }
+
+/// One key of a transaction (`Tx`) as it goes to the store: the value the request's
+/// decision read (`None`: absent), and the value to write if every key of the commit still
+/// holds what was read (`None`: read only, the decision only depends on it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitOp {
+    pub key: String,
+    pub expect: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write: Option<u64>,
+}
+
+/// A transaction's keys, committed all or nothing (`POST /v1/store/commit` of
+/// `tollgate store-server`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Commit {
+    pub ops: Vec<CommitOp>,
+}
+
+/// The store's answer to a `Commit`: written, or not because some key held another value
+/// than was read: then `current` holds every key's value now, in the commit's order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitReply {
+    pub committed: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub current: Vec<Option<u64>>,
+}
+
+/// Where `tollgate store-server` takes commits.
+pub const COMMIT_PATH: &str = "/v1/store/commit";

@@ -5,12 +5,13 @@
 //! template for dropping tollgate into an existing Envoy.
 
 use serde_json::{json, Value};
+use tollgate_core::config::store::StoreSettings;
 use tollgate_core::config::ServerSettings;
 use tollgate_core::http::PROVIDER_HEADER;
 use tollgate_core::metrics;
 use tollgate_core::providers::Scheme;
 use tollgate_core::retry::{RetryPolicy, RETRIED_STATUSES};
-use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX};
+use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID, PROVIDER_CLUSTER_PREFIX, STORE_CLUSTER};
 use tollgate_core::{Config, GatewayError};
 
 pub struct BootstrapOptions<'a> {
@@ -265,6 +266,39 @@ fn stats_config() -> Value {
     })
 }
 
+/// With `store.kind: redis`, the cluster of `tollgate store-server` (`store.server`), which
+/// commits the filter's shared state on Redis: plain HTTP/1, one static endpoint, connecting
+/// within `store.timeout_ms`. It takes every request the listener may hold at once (Envoy's
+/// default of 1024 would refuse commits beyond that).
+fn store_cluster(config: &Config) -> Option<Value> {
+    let StoreSettings::Redis(redis) = &config.store else {
+        return None;
+    };
+    let addr: std::net::SocketAddr = redis.server.as_deref()?.parse().ok()?;
+    let server = &config.server;
+    Some(json!({
+        "name": STORE_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": seconds(redis.timeout_ms),
+        "circuit_breakers": { "thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": server.max_connections,
+            "max_pending_requests": server.max_connections,
+            "max_requests": server.max_connections,
+        }]},
+        "load_assignment": {
+            "cluster_name": STORE_CLUSTER,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": socket_address(&addr) } }] }],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http_protocol_options": {} },
+            },
+        },
+    }))
+}
+
 pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
     let config = opts.config;
     let mut env_keys: Vec<String> = config
@@ -402,6 +436,9 @@ pub fn render(opts: &BootstrapOptions<'_>) -> Rendered {
             cluster
         })
         .collect();
+
+    let mut clusters = clusters;
+    clusters.extend(store_cluster(config));
 
     let listener = json!({
         "name": "tollgate",

@@ -11,6 +11,7 @@ mod request_body;
 mod server;
 mod shards;
 mod store;
+mod store_server;
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -56,6 +57,16 @@ enum Command {
     HashKey { key: Option<String> },
     /// Generate a new random consumer key and print it with its hash.
     NewKey,
+    /// Serve Envoy's commits of shared state on Redis (`store.kind: redis`): `POST
+    /// /v1/store/commit`, one Lua script per commit, and `GET /healthz`.
+    StoreServer {
+        /// Config file (YAML or JSON); its `store` section must be `kind: redis`.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Listen here instead of `store.server` (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Print an Envoy bootstrap that runs the tollgate filter with this config.
     EnvoyBootstrap {
         #[arg(long, short)]
@@ -132,6 +143,7 @@ fn main() -> ExitCode {
                 c.prompts().len()
             );
         }),
+        Command::StoreServer { config, listen } => store_server(&config, listen),
         Command::HashKey { key } => hash_key(key),
         Command::NewKey => new_key(),
         Command::EnvoyBootstrap {
@@ -148,12 +160,15 @@ fn main() -> ExitCode {
                     let placeholder = |_: &str| Some("unused".to_string());
                     let c = Config::load(&text, &placeholder)
                         .map_err(|e| format!("{}:\n{e}", config.display()))?;
-                    if c.store != StoreSettings::Local {
-                        return Err(format!(
-                            "{}: `store.kind: redis` is not supported in Envoy yet (docs/redis.md): \
-                             the filter would refuse this config",
-                            config.display()
-                        ));
+                    if let StoreSettings::Redis(redis) = &c.store {
+                        if redis.server.is_none() {
+                            return Err(format!(
+                                "{}: `store.kind: redis` in Envoy needs `store.server`: the \
+                                 host:port of `tollgate store-server`, through which Envoy \
+                                 commits its shared state (docs/redis.md)",
+                                config.display()
+                            ));
+                        }
                     }
                     let rendered = envoy::render(&envoy::BootstrapOptions {
                         config_text: &text,
@@ -250,15 +265,7 @@ fn run(
             .parse()
             .map_err(|e| format!("server.listen: {e}"))?,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("listening on {addr}: {e}"))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
+    serve_on(addr, |listener, local| async move {
         let store = match &config.store {
             StoreSettings::Local => store::Store::Local(store::MemoryStore::default()),
             StoreSettings::Redis(settings) => {
@@ -293,6 +300,56 @@ fn run(
         }
         let _ = std::io::stdout().flush();
         server::serve(gateway, listener, server::shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Starts the runtime, binds `addr` and runs `serve` on the listener and its address.
+fn serve_on<F, Fut>(addr: SocketAddr, serve: F) -> Result<(), String>
+where
+    F: FnOnce(tokio::net::TcpListener, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listening on {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        serve(listener, local).await
+    })
+}
+
+/// `tollgate store-server`: Envoy's way to Redis (docs/redis.md).
+fn store_server(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    init_logging();
+    // Only the store section: the store-server needs no provider secrets.
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let store = Config::load_store(&text, &env)
+        .map_err(|errors| format!("{}: {errors}", path.display()))?;
+    let StoreSettings::Redis(settings) = &store else {
+        return Err(format!(
+            "{}: `tollgate store-server` commits to Redis: the config needs `store.kind: redis` \
+             (with its url)",
+            path.display()
+        ));
+    };
+    let addr = store_server::listen_address(listen, settings)?;
+    let server = Arc::new(store_server::StoreServer::new(settings)?);
+    serve_on(addr, |listener, local| async move {
+        tracing::info!(
+            address = %local,
+            redis = settings.url.as_str(),
+            timeout_ms = settings.timeout_ms,
+            "tollgate store-server listening"
+        );
+        // For scripts and tests that started us on port 0.
+        println!("listening on {local}");
+        let _ = std::io::stdout().flush();
+        store_server::serve(server, listener, server::shutdown_signal()).await;
         Ok(())
     })
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::{Connection, Script};
 use tollgate_core::config::store::{OnFailure, RedisSettings};
 use tollgate_core::limits::LeaseBook;
-use tollgate_core::store::{CounterStore, StoreError};
+use tollgate_core::store::{Commit, CommitReply, CounterStore, StoreError};
 
 /// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent), to expire after
 /// `ARGV[3]` ms (`"0"`: never); answers `{1}`, or `{0, current}` (`""` when absent). Values
@@ -38,6 +38,123 @@ if current == ARGV[1] then
 end
 return {0, current}
 "#;
+
+/// Commits a transaction all or nothing. Per op `i` (1-based), `KEYS[i]` is its key and
+/// `ARGV[3i-2]`, `ARGV[3i-1]`, `ARGV[3i]` are the value it expects (`""`: absent), the value to
+/// write (`"-"`: none, a read-only op) and the write's expiry in ms (`"0"`: never). If every
+/// key holds what its op expects, every write is made and the answer is `{1}`; else nothing
+/// is written and the answer is `{0, current_1, …, current_n}` (`""` when absent). As in
+/// `CAS`, values stay strings: Lua numbers are doubles and cannot hold 64 bits.
+const COMMIT: &str = r#"
+local n = #KEYS
+local current = {}
+local matched = true
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if v == false then v = '' end
+  current[i] = v
+  if v ~= ARGV[3 * i - 2] then matched = false end
+end
+if not matched then
+  local reply = {0}
+  for i = 1, n do reply[i + 1] = current[i] end
+  return reply
+end
+for i = 1, n do
+  local value = ARGV[3 * i - 1]
+  if value ~= '-' then
+    local ttl = ARGV[3 * i]
+    if ttl == '0' then
+      redis.call('SET', KEYS[i], value)
+    else
+      redis.call('SET', KEYS[i], value, 'PX', ttl)
+    end
+  end
+end
+return {1}
+"#;
+
+/// `COMMIT`, hashed once (it is run by `EVALSHA`, loaded when Redis does not know it).
+fn commit_script() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(COMMIT))
+}
+
+/// Commits `commit` on Redis in one script run: all of its writes if every key holds the
+/// value its op expects, else none, answering every key's current value (the caller decides
+/// again). Keys are the core's; they get `PREFIX` here. An empty commit is committed without
+/// asking Redis. A value at a key that is not a `u64` is an error, as is a malformed reply.
+pub async fn commit(
+    conn: &mut impl redis::aio::ConnectionLike,
+    commit: &Commit,
+) -> redis::RedisResult<CommitReply> {
+    if commit.ops.is_empty() {
+        return Ok(CommitReply {
+            committed: true,
+            current: Vec::new(),
+        });
+    }
+    let mut invocation = commit_script().prepare_invoke();
+    for op in &commit.ops {
+        let key = format!("{PREFIX}{}", op.key);
+        let ttl = ttl_ms(&key);
+        invocation
+            .key(key)
+            .arg(op.expect.map_or(String::new(), |v| v.to_string()))
+            .arg(op.write.map_or("-".to_string(), |v| v.to_string()))
+            .arg(ttl.to_string());
+    }
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    let malformed = |what: String| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "the commit script's reply",
+            what,
+        ))
+    };
+    match reply.first().map(String::as_str) {
+        Some("1") => Ok(CommitReply {
+            committed: true,
+            current: Vec::new(),
+        }),
+        Some("0") if reply.len() == commit.ops.len() + 1 => {
+            let current = reply[1..]
+                .iter()
+                .zip(&commit.ops)
+                .map(|(v, op)| match v.as_str() {
+                    "" => Ok(None),
+                    v => v
+                        .parse::<u64>()
+                        .map(Some)
+                        .map_err(|_| malformed(format!("the value at `{}` is not a u64", op.key))),
+                })
+                .collect::<redis::RedisResult<_>>()?;
+            Ok(CommitReply {
+                committed: false,
+                current,
+            })
+        }
+        _ => Err(malformed(format!(
+            "{} values for {} ops",
+            reply.len(),
+            commit.ops.len()
+        ))),
+    }
+}
+
+/// A client for `settings.url`, authenticating with the password `password_env` names.
+pub fn client(settings: &RedisSettings) -> Result<redis::Client, String> {
+    let mut info: redis::ConnectionInfo = settings
+        .url
+        .as_str()
+        .parse()
+        .map_err(|e: redis::RedisError| format!("store.url: {e}"))?;
+    if let Some(password) = &settings.password {
+        let redis_info = info.redis_settings().clone().set_password(password.clone());
+        info = info.set_redis_settings(redis_info);
+    }
+    redis::Client::open(info).map_err(|e| format!("store.url: {e}"))
+}
 
 /// How long a counter may outlive its last write: a calendar allowance's state means
 /// nothing once its period is over (a day, a month), so it expires after the longest period
@@ -77,18 +194,8 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub fn new(settings: &RedisSettings) -> Result<Arc<Self>, String> {
-        let mut info: redis::ConnectionInfo = settings
-            .url
-            .as_str()
-            .parse()
-            .map_err(|e: redis::RedisError| format!("store.url: {e}"))?;
-        if let Some(password) = &settings.password {
-            let redis_info = info.redis_settings().clone().set_password(password.clone());
-            info = info.set_redis_settings(redis_info);
-        }
-        let client = redis::Client::open(info).map_err(|e| format!("store.url: {e}"))?;
         Ok(Arc::new(Self {
-            client,
+            client: client(settings)?,
             settings: settings.clone(),
             script: Script::new(CAS),
             pool: Mutex::new(Vec::new()),

@@ -167,3 +167,99 @@ fn committed_envoy_bootstraps_are_up_to_date() {
         );
     }
 }
+
+/// With `store.kind: redis`, Envoy commits its shared state through `tollgate store-server`:
+/// the bootstrap needs `store.server` and routes to it through the `tollgate_store` cluster
+/// (in the bootstrap, or in cds.yaml with `--xds-dir`).
+#[test]
+fn envoy_bootstrap_on_redis_renders_the_store_server_cluster() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example =
+        std::fs::read_to_string(workspace().join("envoy-config/tollgate-redis.yaml")).unwrap();
+    assert!(example.contains("server: 127.0.0.1:7379"), "{example}");
+    let render = |config: &str, xds: Option<&Path>| {
+        let path = dir.join("tollgate.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec![
+            "envoy-bootstrap",
+            "--config",
+            path.to_str().unwrap(),
+            "--wasm",
+            "/tollgate_filter.wasm",
+        ];
+        if let Some(xds) = xds {
+            args.extend(["--xds-dir", xds.to_str().unwrap()]);
+        }
+        tollgate(&args, None)
+    };
+    let out = render(&example, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bootstrap: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let clusters = bootstrap["static_resources"]["clusters"]
+        .as_sequence()
+        .unwrap();
+    let store = clusters
+        .iter()
+        .find(|c| c["name"].as_str() == Some("tollgate_store"))
+        .expect("a tollgate_store cluster");
+    assert_eq!(store["type"].as_str(), Some("STATIC"));
+    assert_eq!(store["connect_timeout"].as_str(), Some("0.05s"));
+    let address = &store["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    assert_eq!(address["address"].as_str(), Some("127.0.0.1"));
+    assert_eq!(address["port_value"].as_u64(), Some(7379));
+    let http = &store["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"];
+    assert!(
+        http.get("http_protocol_options").is_some(),
+        "HTTP/1: {http:?}"
+    );
+
+    let xds = dir.join("xds");
+    std::fs::create_dir_all(&xds).unwrap();
+    let out = render(&example, Some(&xds));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cds = std::fs::read_to_string(xds.join("cds.yaml")).unwrap();
+    assert!(cds.contains("name: tollgate_store"), "{cds}");
+
+    let without_server = example.replace("server: 127.0.0.1:7379", "");
+    let out = render(&without_server, None);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("store.server"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// `tollgate store-server` needs a Redis store and an address to listen on.
+#[test]
+fn store_server_refuses_a_config_it_cannot_serve() {
+    let out = tollgate(
+        &["store-server", "--config", "envoy-config/tollgate.yaml"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("store.kind: redis"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-nolisten-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(workspace().join("envoy-config/tollgate-redis.yaml"))
+        .unwrap()
+        .replace("server: 127.0.0.1:7379", "");
+    let path = dir.join("tollgate.yaml");
+    std::fs::write(&path, example).unwrap();
+    let out = tollgate(&["store-server", "--config", path.to_str().unwrap()], None);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--listen"),
+        "{}",
+        text(&out.stderr)
+    );
+}

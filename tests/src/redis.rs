@@ -128,3 +128,71 @@ impl Redis {
         Some(String::from_utf8_lossy(buf.get(..n)?).to_string())
     }
 }
+
+/// A running `tollgate store-server` (Envoy's way to Redis), stopped on drop.
+pub struct StoreServer {
+    child: Child,
+    pub addr: std::net::SocketAddr,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl StoreServer {
+    /// Starts one on `config` (a tollgate config with `store.kind: redis`), on a free port.
+    pub fn start(config: &str) -> StoreServer {
+        use std::io::{BufRead, BufReader};
+        let dir = TempDir::new("store-server");
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, config).expect("write the store-server's config");
+        let log = dir.path().join("store-server.log");
+        let mut child = Command::new(crate::gateway::tollgate_bin())
+            .args(["store-server", "--config"])
+            .arg(&path)
+            // Overrides `store.server`.
+            .args(["--listen", "127.0.0.1:0"])
+            .env("TOLLGATE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("create the store-server's log"))
+            .spawn()
+            .expect("start tollgate store-server");
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+        }
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "store-server did not start (stdout {line:?}); its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        StoreServer {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -221,6 +221,33 @@ impl Config {
         }
     }
 
+    /// Only the `store` section of a config document, checked: for `tollgate
+    /// store-server`, which holds no provider secrets and serves whatever config the
+    /// gateways run.
+    pub fn load_store(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<store::StoreSettings, ConfigErrors> {
+        let doc: Value = serde_yaml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("not valid YAML or JSON: {e}"),
+            }])
+        })?;
+        let mut errors = Errors::default();
+        let store = match doc.get("store") {
+            None | Some(Value::Null) => Some(store::RawStore::default()),
+            Some(v) => one::<store::RawStore>(v, "store", &mut errors),
+        }
+        .map(|raw| store::compile_store(raw, env, &mut errors))
+        .unwrap_or_default();
+        if errors.0.is_empty() {
+            Ok(store)
+        } else {
+            Err(ConfigErrors(errors.0))
+        }
+    }
+
     pub fn providers(&self) -> &[Provider] {
         &self.providers
     }

@@ -15,6 +15,7 @@ pub struct RawStore {
     pub timeout_ms: Option<u64>,
     pub on_failure: Option<String>,
     pub replicas: Option<u64>,
+    pub server: Option<String>,
 }
 
 /// What a request does when Redis cannot answer in time (down, slow, a script error).
@@ -48,6 +49,9 @@ pub struct RedisSettings {
     pub on_failure: OnFailure,
     /// How many processes share the limits (for `on_failure: local`).
     pub replicas: u64,
+    /// `host:port` where `tollgate store-server` listens, for Envoy (which cannot speak
+    /// Redis: it commits its shared state through that server). A socket address.
+    pub server: Option<String>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -58,6 +62,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("timeout_ms", &self.timeout_ms)
             .field("on_failure", &self.on_failure)
             .field("replicas", &self.replicas)
+            .field("server", &self.server)
             .finish()
     }
 }
@@ -80,6 +85,9 @@ pub(super) fn compile_store(
         "local" => {
             if raw.url.is_some() || raw.password_env.is_some() {
                 errors.at("store.url", "only `kind: redis` takes a url");
+            }
+            if raw.server.is_some() {
+                errors.at("store.server", "only `kind: redis` takes a server");
             }
             StoreSettings::Local
         }
@@ -131,12 +139,23 @@ pub(super) fn compile_store(
             if !(1..=1_000).contains(&replicas) {
                 errors.at("store.replicas", "must be between 1 and 1000");
             }
+            if let Some(server) = &raw.server {
+                if server.parse::<std::net::SocketAddr>().is_err() {
+                    errors.at(
+                        "store.server",
+                        format!(
+                            "`{server}` is not an ip:port address (where `tollgate store-server` listens), e.g. 127.0.0.1:7379"
+                        ),
+                    );
+                }
+            }
             StoreSettings::Redis(RedisSettings {
                 url,
                 password,
                 timeout_ms,
                 on_failure,
                 replicas,
+                server: raw.server,
             })
         }
         other => {

@@ -360,6 +360,46 @@ fn a_redis_store_is_read_and_checked() {
 }
 
 #[test]
+fn a_redis_store_names_its_store_server_for_envoy() {
+    let text = |store: &str| {
+        format!(
+            "store: {store}\nconsumers: [{{ name: a, keys: [{{ sha256: {} }}], models: [m] }}]\nproviders: [{{ name: p, kind: mock }}]\nmodels: [{{ name: m, provider: p }}]\n",
+            KeyHash::of("k").to_hex()
+        )
+    };
+    let redis = |server: &str| {
+        text(&format!(
+            "{{ kind: redis, url: \"redis://127.0.0.1:6379/0\"{server} }}"
+        ))
+    };
+    let settings = |text: &str| match Config::load(text, &env).unwrap().store {
+        store::StoreSettings::Redis(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(settings(&redis("")).server, None, "optional");
+    for addr in ["127.0.0.1:7379", "[::1]:7379", "0.0.0.0:0"] {
+        let s = settings(&redis(&format!(", server: \"{addr}\"")));
+        assert_eq!(s.server.as_deref(), Some(addr));
+        assert!(format!("{s:?}").contains(addr), "in Debug");
+    }
+    for bad in [
+        "localhost:7379",
+        "127.0.0.1",
+        "127.0.0.1:99999",
+        "http://127.0.0.1:7379",
+        "",
+    ] {
+        let errs = Config::load(&redis(&format!(", server: \"{bad}\"")), &env).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{bad}: {errs}");
+        assert_eq!(errs.0[0].path, "store.server", "{bad}: {errs}");
+    }
+    let errs =
+        Config::load(&text("{ kind: local, server: \"127.0.0.1:7379\" }"), &env).unwrap_err();
+    assert_eq!(errs.0[0].path, "store.server", "{errs}");
+    assert!(errs.0[0].message.contains("kind: redis"), "{errs}");
+}
+
+#[test]
 fn a_local_share_divides_every_limit_and_counts_apart() {
     let text = format!(
         r#"

@@ -131,8 +131,9 @@ struct Taken {
     lease: Option<Arc<Lease>>,
 }
 
-/// What a request took from each limit, to be settled when it ends.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What a request took from each limit, to be settled when it ends. A clone shares the
+/// original's concurrency leases.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reservation {
     taken: Vec<Taken>,
     /// When it was made (Unix ms): a calendar allowance refunds only within that period.
@@ -484,7 +485,13 @@ fn release_slot(lease: &Lease, store: &impl CounterStore, now_ms: u64) -> Result
 /// it at least every half lease. Returns how many leases are held.
 pub fn renew_leases(store: &impl CounterStore, now_ms: u64) -> usize {
     let live = store.leases().live();
-    for lease in &live {
+    renew(&live, store, now_ms);
+    live.len()
+}
+
+/// Renews each of `leases` whose epoch has passed.
+pub fn renew(leases: &[Arc<Lease>], store: &impl CounterStore, now_ms: u64) {
+    for lease in leases {
         let mut held = lease.lock();
         let Some(epoch) = *held else { continue };
         let meter = lease.meter;
@@ -502,7 +509,50 @@ pub fn renew_leases(store: &impl CounterStore, now_ms: u64) -> usize {
             *held = Some(meter.epoch(now_ms));
         }
     }
-    live.len()
+}
+
+/// The epochs a set of leases is held in, to put back before an operation on them runs
+/// again: a store that commits remotely (`store::Tx`) may have to run a settlement or a
+/// renewal a second time on fresher values, and both move the leases' epochs as they go.
+#[derive(Debug, Default)]
+pub struct LeaseMarks(Vec<(Arc<Lease>, Option<u64>)>);
+
+impl LeaseMarks {
+    /// The leases of `reservation`.
+    pub fn of(reservation: &Reservation) -> Self {
+        Self(
+            reservation
+                .taken
+                .iter()
+                .filter_map(|t| t.lease.as_ref())
+                .map(|l| (Arc::clone(l), l.held_epoch()))
+                .collect(),
+        )
+    }
+
+    /// Every live lease of `book`.
+    pub fn of_book(book: &LeaseBook) -> Self {
+        Self(
+            book.live()
+                .into_iter()
+                .map(|l| {
+                    let held = l.held_epoch();
+                    (l, held)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn leases(&self) -> Vec<Arc<Lease>> {
+        self.0.iter().map(|(l, _)| Arc::clone(l)).collect()
+    }
+
+    /// Puts every lease back in the epoch it was held in when marked.
+    pub fn restore(&self) {
+        for (lease, held) in &self.0 {
+            *lease.lock() = *held;
+        }
+    }
 }
 
 impl Reservation {
