@@ -226,7 +226,7 @@ def sha256(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def tollgate_config(mock_port, chain=False, redis_port=None):
+def tollgate_config(mock_port, chain=False, redis_port=None, store_server=None):
     # With `chain`, the model has a fallback on another provider (never used here: the
     # primary answers): what a failover chain costs a request that does not fail over.
     fallback = f"""
@@ -237,8 +237,10 @@ def tollgate_config(mock_port, chain=False, redis_port=None):
     fallbacks = ", fallbacks: [claude-fallback]" if chain else ""
     fallback_model = "\n  - { name: claude-fallback, provider: claude }" if chain else ""
     # With `redis_port`, limits and key health live on Redis (store.kind: redis).
+    # Envoy reaches it through `tollgate store-server` at `store_server`.
+    server = f', server: "{store_server}"' if store_server else ""
     store = f"""
-store: {{ kind: redis, url: "redis://127.0.0.1:{redis_port}/0", timeout_ms: 200 }}""" if redis_port else ""
+store: {{ kind: redis, url: "redis://127.0.0.1:{redis_port}/0", timeout_ms: 200{server} }}""" if redis_port else ""
     return f"""
 server: {{ listen: "127.0.0.1:0", max_body_bytes: 1048576, upstream_timeout_ms: 60000 }}{store}
 consumers:
@@ -330,10 +332,24 @@ def target_native(mock_port, chain=False, tollgate=None):
     return proc, f"http://{addr}/v1/chat/completions", {"Authorization": f"Bearer {CLIENT_KEY}"}, None
 
 
-def target_envoy_tollgate(mock_port, chain=False, tollgate=None, wasm=None):
+def target_envoy_redis(mock_port):
+    """Envoy + tollgate with its limits and key health on a local Redis, through `tollgate
+    store-server`; Redis's and the store-server's CPU count."""
+    redis, redis_port = start_redis()
+    cfg = WORKDIR / "tollgate-store.yaml"
+    cfg.write_text(tollgate_config(mock_port, redis_port=redis_port))
+    store = Proc("store-server", [TOLLGATE, "store-server", "--config", cfg, "--listen", "127.0.0.1:0"],
+                 env=TOLLGATE_ENV, announces=True)
+    addr = store.first_line().removeprefix("listening on ")
+    envoy, url, headers, admin = target_envoy_tollgate(
+        mock_port, config=tollgate_config(mock_port, redis_port=redis_port, store_server=addr))
+    return Group(redis, store, envoy), url, headers, admin
+
+
+def target_envoy_tollgate(mock_port, chain=False, tollgate=None, wasm=None, config=None):
     tollgate, wasm = tollgate or TOLLGATE, wasm or WASM
     cfg = WORKDIR / "tollgate.yaml"
-    cfg.write_text(tollgate_config(mock_port, chain))
+    cfg.write_text(config or tollgate_config(mock_port, chain))
     port, admin = free_port(), f"127.0.0.1:{free_port()}"
     bootstrap = WORKDIR / "envoy-tollgate.yaml"
     with open(bootstrap, "w") as f:
@@ -486,6 +502,8 @@ TARGETS = {
                              lambda port: target_envoy_tollgate(port, chain=True)),
     "native-chain": ("tollgate native host, model with a fallback", lambda port: target_native(port, chain=True)),
     "native-redis": ("tollgate native host, state on Redis (Redis CPU included)", target_native_redis),
+    "envoy-redis": (f"Envoy + tollgate, state on Redis via store-server ({WORKERS} workers; Redis and store-server CPU included)",
+                    target_envoy_redis),
     "crabllm": (f"crabllm {CRABLLM_VERSION}", target_crabllm),
     "portkey": (f"Portkey gateway {PORTKEY_VERSION}", target_portkey),
     "litellm": ("LiteLLM proxy", target_litellm),

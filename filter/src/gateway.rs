@@ -8,17 +8,48 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use tollgate_core::exchange::{Chunk, OnBody, OnHeaders, OnResponse, SERVED_BY_HEADER};
 use tollgate_core::http::{is_gateway_header, LocalResponse, RequestHead};
 use tollgate_core::keys;
+use tollgate_core::limits;
+use tollgate_core::store::{Commit, CounterStore};
 use tollgate_core::{Config, Exchange, GatewayError};
 
 use crate::host::{self, SharedStore};
 use crate::metrics;
+use crate::remote::{self, AnyStore, Backing, Outcome};
+
+/// What the exchange decided on the request so far.
+enum Decision {
+    Headers(OnHeaders),
+    Body(Box<OnBody>),
+}
+
+/// A decision waiting for its commit on Redis.
+struct Pending {
+    token: u32,
+    commit: Commit,
+    /// The phase it was made in: the head alone, or the whole body of this size.
+    body_size: Option<usize>,
+    decision: Decision,
+}
 
 /// The request header that crashes a test build of the module (feature `test-trap`).
 #[cfg(feature = "test-trap")]
 const TEST_TRAP_HEADER: &str = "x-tollgate-test-trap";
 
 pub struct GatewayFlow {
+    /// The config requests start on (the one the exchange runs on, unless it was admitted
+    /// by this Envoy's share of the limits).
+    config: Arc<Config>,
     exchange: Exchange,
+    /// Where the request's decisions were made: its settlement goes there.
+    admitted_on: Backing,
+    /// A decision waiting for its commit on Redis.
+    pending: Option<Pending>,
+    /// Rounds the request's decision lost to other replicas' writes.
+    rounds: u32,
+    /// The request's head ended the stream; its body ended (while a decision waited).
+    headers_ended: bool,
+    body_ended: bool,
+
     /// Set while the request body is being read, to the largest size accepted.
     body_limit: Option<u64>,
     /// Bytes of request body buffered so far.
@@ -47,7 +78,14 @@ pub struct GatewayFlow {
 impl GatewayFlow {
     pub fn new(config: Arc<Config>) -> Self {
         Self {
-            exchange: Exchange::new(config),
+            exchange: Exchange::new(Arc::clone(&config)),
+            config,
+            admitted_on: Backing::Local,
+            pending: None,
+            rounds: 0,
+            headers_ended: false,
+            body_ended: false,
+
             body_limit: None,
             body_size: 0,
             forwarded: false,
@@ -90,56 +128,143 @@ impl GatewayFlow {
             }
         }
         headers.retain(|(name, _)| !is_gateway_header(name));
-        let method = header_value(&headers, ":method");
-        let path = header_value(&headers, ":path");
-        let head = RequestHead {
-            method,
-            path,
-            headers: &headers,
-        };
-        let decision = self
-            .exchange
-            .on_request_headers(host::now_ms(), &head, &SharedStore);
+        self.request_headers = headers;
+        self.headers_ended = end_of_stream;
+        let action = self.decide(None, false);
         if let Some(consumer) = self.exchange.consumer_name() {
             metrics::enter(consumer);
         }
-        self.request_headers = headers;
+        action
+    }
+
+    /// Decides on the request so far (its head; with `body_size`, its whole body too) on the
+    /// store it is admitted on. On Redis, a decision that read shared state waits for its
+    /// commit (`on_http_call_response`); `fresh` starts over from a new exchange (a rerun).
+    fn decide(&mut self, body_size: Option<usize>, fresh: bool) -> Result<Action, GatewayError> {
+        let body = match body_size {
+            Some(size) => Some(host::body(BufferType::HttpRequestBody, size)?),
+            None => None,
+        };
+        let body = body.as_deref();
+        let now = host::now_ms();
+        let backing = remote::backing(now);
+        self.admitted_on = backing;
+        let decision = match backing {
+            Backing::Local => {
+                let config = fresh.then(|| Arc::clone(&self.config));
+                self.run(now, &SharedStore, config, body)
+            }
+            Backing::Redis => {
+                let config = fresh.then(|| Arc::clone(&self.config));
+                let (decision, commit) =
+                    remote::decide(|tx| self.run(now, &AnyStore::Tx(tx), config, body));
+                // Reading the body needs nothing shared; every other decision waits for
+                // what it read to be confirmed and what it wrote to land.
+                let waits = !commit.ops.is_empty()
+                    && !matches!(decision, Decision::Headers(OnHeaders::ReadBody { .. }));
+                if waits {
+                    match remote::send(&commit) {
+                        Ok(token) => {
+                            self.pending = Some(Pending {
+                                token,
+                                commit,
+                                body_size,
+                                decision,
+                            });
+                            return Ok(Action::Pause);
+                        }
+                        Err(e) => {
+                            remote::went_down(&e);
+                            return self.decide(body_size, true);
+                        }
+                    }
+                }
+                decision
+            }
+            Backing::Failed(_) => {
+                let (store, config) = backing.decide_on(&self.config);
+                self.run(now, &store, Some(config), body)
+            }
+        };
+        self.act(decision, body_size.unwrap_or(0))
+    }
+
+    /// Runs the exchange over the request so far on `store`; from a new exchange on
+    /// `fresh`'s config when given.
+    fn run(
+        &mut self,
+        now: u64,
+        store: &impl CounterStore,
+        fresh: Option<Arc<Config>>,
+        body: Option<&[u8]>,
+    ) -> Decision {
+        if let Some(config) = fresh {
+            self.exchange = Exchange::new(config);
+            let head = self.run_head(now, store);
+            if body.is_none() || matches!(head, OnHeaders::Respond(_)) {
+                return Decision::Headers(head);
+            }
+        }
+        let Some(body) = body else {
+            return Decision::Headers(self.run_head(now, store));
+        };
+        let mut decision = self.exchange.on_request_body(now, body, store);
+        // A model none of whose keys is usable now: straight to the next of its chain, as
+        // the native host does when it finds no key (the key role could only refuse).
+        while let OnBody::Forward(forward) = &decision {
+            if !self.exchange.has_chain()
+                || keys::pool_usable(self.exchange.config(), &forward.ticket, store, now)
+            {
+                break;
+            }
+            match self.exchange.fail_over(now, store, &forward.ticket) {
+                Some(next) => decision = next,
+                None => break,
+            }
+        }
+        if let OnBody::Forward(forward) = &mut decision {
+            // The rest of the chain, routed for the key roles of the fallbacks' clusters.
+            forward.ticket.chain = self.exchange.chain_steps(now);
+        }
+        Decision::Body(Box::new(decision))
+    }
+
+    fn run_head(&mut self, now: u64, store: &impl CounterStore) -> OnHeaders {
+        let headers = &self.request_headers;
+        let head = RequestHead {
+            method: header_value(headers, ":method"),
+            path: header_value(headers, ":path"),
+            headers,
+        };
+        self.exchange.on_request_headers(now, &head, store)
+    }
+
+    /// Carries a decision out.
+    fn act(&mut self, decision: Decision, size: usize) -> Result<Action, GatewayError> {
         match decision {
-            OnHeaders::Respond(r) => Ok(self.respond(&r)),
-            OnHeaders::ReadBody { limit } => {
+            Decision::Headers(OnHeaders::Respond(r)) => Ok(self.respond(&r)),
+            Decision::Headers(OnHeaders::ReadBody { limit }) => {
                 self.body_limit = Some(limit);
-                if end_of_stream {
-                    self.on_body(0)
+                if self.headers_ended {
+                    self.decide(Some(0), false)
+                } else if self.body_ended {
+                    // The body came while the head's decision was being committed.
+                    self.decide(Some(self.body_size), false)
                 } else {
                     // Hold the headers until the body is complete: the route depends on it.
                     Ok(Action::Pause)
                 }
             }
+            Decision::Body(body) => self.act_on_body(*body, size),
         }
     }
 
-    fn on_body(&mut self, size: usize) -> Result<Action, GatewayError> {
-        let body = host::body(BufferType::HttpRequestBody, size)?;
-        let now = host::now_ms();
-        let mut decision = self.exchange.on_request_body(now, &body, &SharedStore);
-        // A model none of whose keys is usable now: straight to the next of its chain, as
-        // the native host does when it finds no key (the key role could only refuse).
-        while let OnBody::Forward(forward) = &decision {
-            if !self.exchange.has_chain()
-                || keys::pool_usable(self.exchange.config(), &forward.ticket, &SharedStore, now)
-            {
-                break;
-            }
-            match self.exchange.fail_over(now, &SharedStore, &forward.ticket) {
-                Some(next) => decision = next,
-                None => break,
-            }
-        }
+    /// Carries out a decision on the whole request: a reply of the gateway's own, or the
+    /// request forwarded as routed.
+    fn act_on_body(&mut self, decision: OnBody, size: usize) -> Result<Action, GatewayError> {
         match decision {
             OnBody::Respond(r) => Ok(self.respond(&r)),
-            OnBody::Forward(mut forward) => {
-                // The rest of the chain, routed for the key roles of the fallbacks' clusters.
-                forward.ticket.chain = self.exchange.chain_steps(now);
+            OnBody::Forward(forward) => {
                 self.body_limit = None;
                 let map = MapType::HttpRequestHeaders;
                 host::remove_present(map, &self.request_headers, forward.remove_headers)?;
@@ -215,7 +340,38 @@ fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-impl Context for GatewayFlow {}
+impl Context for GatewayFlow {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        let Some(pending) = self.pending.take_if(|p| p.token == token) else {
+            return;
+        };
+        let action = match remote::outcome(&pending.commit, body_size) {
+            Outcome::Committed => self.act(pending.decision, pending.body_size.unwrap_or(0)),
+            Outcome::Conflict if self.rounds < remote::MAX_ROUNDS => {
+                // Another replica wrote first: decide again on what Redis holds now.
+                self.rounds += 1;
+                self.decide(pending.body_size, true)
+            }
+            Outcome::Conflict => Err(GatewayError::SharedStateUnavailable {
+                detail: format!(
+                    "the decision lost {} rounds to other replicas",
+                    remote::MAX_ROUNDS
+                ),
+            }),
+            // Redis is taken as down: `on_failure` decides.
+            Outcome::Failed => self.decide(pending.body_size, true),
+        };
+        match action {
+            Ok(Action::Continue) => {
+                let _ = proxy_wasm::hostcalls::resume_http_request();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.fail(e);
+            }
+        }
+    }
+}
 
 impl HttpContext for GatewayFlow {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -237,7 +393,13 @@ impl HttpContext for GatewayFlow {
             // Buffer until the whole body is here.
             return Action::Pause;
         }
-        self.on_body(body_size).unwrap_or_else(|e| self.fail(e))
+        self.body_ended = true;
+        if self.pending.is_some() {
+            // The head's decision is being committed: the body is read once it lands.
+            return Action::Pause;
+        }
+        self.decide(Some(body_size), false)
+            .unwrap_or_else(|e| self.fail(e))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -245,7 +407,11 @@ impl HttpContext for GatewayFlow {
         if self.body_limit.is_none() {
             return Action::Continue;
         }
-        self.on_body(self.body_size)
+        self.body_ended = true;
+        if self.pending.is_some() {
+            return Action::Pause;
+        }
+        self.decide(Some(self.body_size), false)
             .unwrap_or_else(|e| self.fail(e))
     }
 
@@ -266,14 +432,13 @@ impl HttpContext for GatewayFlow {
         let result = host::headers(map).and_then(|headers| {
             let status = header_value(&headers, ":status").parse().unwrap_or(0);
             let served_by = header_value(&headers, SERVED_BY_HEADER);
+            // On Redis, the key role's leases join the book renewed there, and a fallback's
+            // model limits are not charged at its answer (docs/redis.md, "Envoy").
+            let store = self.admitted_on.after();
             if !served_by.is_empty() {
-                self.exchange
-                    .serve_as(served_by, host::now_ms(), &SharedStore);
+                self.exchange.serve_as(served_by, host::now_ms(), &store);
             }
-            match self
-                .exchange
-                .on_response_headers(status, &headers, &SharedStore)
-            {
+            match self.exchange.on_response_headers(status, &headers, &store) {
                 OnResponse::Relay {
                     status,
                     remove_headers,
@@ -372,7 +537,14 @@ impl HttpContext for GatewayFlow {
         // Called on every ending, client aborts and upstream resets included: settles the
         // limits and frees concurrency slots.
         let now = host::now_ms();
-        let summary = self.exchange.finish(now, &SharedStore);
+        let summary = match self.admitted_on {
+            Backing::Redis => self.exchange.finish_with(&mut |reservation, used| {
+                remote::defer(move |tx| {
+                    let _ = limits::settle(reservation.clone(), tx, now, used);
+                })
+            }),
+            other => self.exchange.finish(now, &other.after()),
+        };
         let first_byte_ms = self
             .first_byte_ms
             .map(|t| t.saturating_sub(self.started_ms));

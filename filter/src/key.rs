@@ -24,6 +24,8 @@ use tollgate_core::{Config, GatewayError};
 
 use crate::host::{self, SharedStore};
 use crate::metrics;
+use crate::remote::{self, AnyStore, Backing, Outcome};
+use tollgate_core::store::Commit;
 
 /// Most bytes of a failed answer's body held to read what the refusal means. Error bodies
 /// are a few hundred bytes; past this the answer is judged on its status and what came.
@@ -44,7 +46,57 @@ struct Attempt {
     number: u32,
 }
 
+/// What a key attempt decided, owned (it may wait for its commit).
+struct Picked {
+    handover: Option<Handover>,
+    provider: String,
+    key: Option<String>,
+    header: Option<(&'static str, String)>,
+    reservation: Reservation,
+}
+
+fn picked(attempt: Result<keys::KeyAttempt<'_>, GatewayError>) -> Result<Picked, GatewayError> {
+    let mut attempt = attempt?;
+    Ok(Picked {
+        handover: attempt.handover(),
+        provider: attempt.provider.name.clone(),
+        key: attempt.key_id().map(str::to_string),
+        header: attempt
+            .header()
+            .map(|(name, value)| (name, value.to_string())),
+        reservation: std::mem::take(&mut attempt.reservation),
+    })
+}
+
+/// A failed answer held while what it says of the key is committed (`observe_first`).
+struct Observed {
+    provider: String,
+    key: String,
+    model: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    whole: bool,
+    at_ms: u64,
+}
+
+/// A pick waiting for its commit on Redis.
+struct PendingPick {
+    token: u32,
+    commit: Commit,
+    ticket: keys::Ticket,
+    picked: Result<Picked, GatewayError>,
+}
+
 pub struct KeyFlow {
+    /// Where the attempt's key was picked: its updates go there.
+    admitted_on: Backing,
+    pending: Option<PendingPick>,
+    /// A failed answer waiting for what it says of the key to land on Redis.
+    observing: Option<(u32, Commit, Box<Observed>)>,
+    rounds: u32,
+    /// The whole request body's size, when it came while the pick waited.
+    body_held: Option<usize>,
     config: Arc<Config>,
     /// What this attempt took from the key's own limits, until it is handed to the gateway
     /// role (with a successful response) or given back (on any other ending).
@@ -74,6 +126,11 @@ pub struct KeyFlow {
 impl KeyFlow {
     pub fn new(config: Arc<Config>) -> Self {
         Self {
+            admitted_on: Backing::Local,
+            pending: None,
+            observing: None,
+            rounds: 0,
+            body_held: None,
             config,
             reservation: Reservation::default(),
             handover: None,
@@ -88,7 +145,16 @@ impl KeyFlow {
         }
     }
 
-    fn inject(&mut self) -> Result<(), GatewayError> {
+    /// Picks this attempt's key and injects it: `Ok(false)` when the pick waits for its
+    /// commit on Redis (`on_http_call_response` carries on).
+    fn inject(&mut self) -> Result<bool, GatewayError> {
+        let ticket = self.prepare()?;
+        self.pick(ticket)
+    }
+
+    /// Checks the attempt against the gateway role's ticket and the retry budget; turns a
+    /// failover attempt into the fallback's.
+    fn prepare(&mut self) -> Result<keys::Ticket, GatewayError> {
         let map = MapType::HttpRequestHeaders;
         // The pool is the cluster's own; the gateway role's ticket must agree with it, so a
         // route that skipped the gateway role (no ticket) never gets a key.
@@ -122,18 +188,64 @@ impl KeyFlow {
                 });
             }
         }
-        let mut attempt = attempt_key(&self.config, &ticket, &SharedStore, now)?;
-        self.handover = attempt.handover();
+        Ok(ticket)
+    }
+
+    /// Picks the key on the store the attempt runs on (a rerun after a lost race on Redis
+    /// starts over on what Redis holds now).
+    fn pick(&mut self, ticket: keys::Ticket) -> Result<bool, GatewayError> {
+        let now = host::now_ms();
+        let backing = remote::backing(now);
+        self.admitted_on = backing;
+        let picked = match backing {
+            Backing::Local => picked(attempt_key(&self.config, &ticket, &SharedStore, now)),
+            Backing::Redis => {
+                let config = Arc::clone(&self.config);
+                let (picked, commit) = remote::decide(|tx| {
+                    picked(attempt_key(&config, &ticket, &AnyStore::Tx(tx), now))
+                });
+                if !commit.ops.is_empty() {
+                    match remote::send(&commit) {
+                        Ok(token) => {
+                            self.pending = Some(PendingPick {
+                                token,
+                                commit,
+                                ticket,
+                                picked,
+                            });
+                            return Ok(false);
+                        }
+                        Err(e) => {
+                            remote::went_down(&e);
+                            return self.pick(ticket);
+                        }
+                    }
+                }
+                picked
+            }
+            Backing::Failed(_) => {
+                let (store, config) = backing.decide_on(&self.config);
+                picked(attempt_key(&config, &ticket, &store, now))
+            }
+        };
+        self.apply(ticket, picked?)?;
+        Ok(true)
+    }
+
+    /// Injects the picked key and tells the router where a retry goes.
+    fn apply(&mut self, mut ticket: keys::Ticket, picked: Picked) -> Result<(), GatewayError> {
+        let map = MapType::HttpRequestHeaders;
+        self.handover = picked.handover;
         self.attempt = Some(Attempt {
-            provider: attempt.provider.name.clone(),
-            key: attempt.key_id().map(str::to_string),
+            provider: picked.provider,
+            key: picked.key.clone(),
             model: ticket.model.clone(),
             number: ticket.next_attempt(),
         });
-        self.reservation = std::mem::take(&mut attempt.reservation);
+        self.reservation = picked.reservation;
         ticket
             .tried
-            .push(attempt.key_id().unwrap_or("-").to_string());
+            .push(picked.key.unwrap_or_else(|| "-".to_string()));
         host::set_ticket(&ticket)?;
         self.chain_spent =
             self.served_by.is_some() && ticket.chain.is_empty() && ticket.pool_tried(&self.config);
@@ -149,7 +261,7 @@ impl KeyFlow {
         }
         // The consumer's credential went with the gateway role, whose ticket this request
         // carries.
-        if let Some((name, value)) = attempt.header() {
+        if let Some((name, value)) = &picked.header {
             host::set_header(map, name, value)?;
         }
         Ok(())
@@ -193,7 +305,91 @@ impl KeyFlow {
     }
 }
 
+impl KeyFlow {
+    /// Answers the attempt with the key role's own refusal.
+    fn refuse(&mut self, e: GatewayError) -> Action {
+        host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+        if let Some((scope, limit)) = e.refused_by() {
+            metrics::limit_refused(&scope, limit);
+        }
+        let mut response = e.respond();
+        // Marks the reply as ours and carries its status; it travels under a status Envoy's
+        // retry policy leaves alone, and the gateway role restores it.
+        response.headers.push((
+            LOCAL_REPLY_HEADER,
+            FinalAnswer::KeyRole(response.status, Some(e.metric_code())).marker(),
+        ));
+        // Even without the gateway role (which would restore the status), a refusal that can
+        // never succeed must not be retried by whatever route sent it here.
+        response.status = LOCAL_REPLY_CARRIER_STATUS;
+        self.replied = true;
+        host::send(&response);
+        Action::Pause
+    }
+}
+
 impl Context for KeyFlow {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        if let Some((_, commit, observed)) = self.observing.take_if(|(t, _, _)| *t == token) {
+            if remote::outcome(&commit, body_size) == Outcome::Conflict
+                && self.rounds < remote::MAX_ROUNDS
+            {
+                self.rounds += 1;
+                match self.send_observed(observed) {
+                    Ok(()) => return,
+                    // Could not send: judged as it is (Redis is taken as down).
+                    Err(observed) => {
+                        let o = observed;
+                        self.judge(o.status, &o.headers, &o.body, o.whole, true);
+                    }
+                }
+            } else {
+                let o = observed;
+                self.judge(o.status, &o.headers, &o.body, o.whole, true);
+            }
+            let _ = proxy_wasm::hostcalls::resume_http_response();
+            return;
+        }
+        let Some(pending) = self.pending.take_if(|p| p.token == token) else {
+            return;
+        };
+        let result = match remote::outcome(&pending.commit, body_size) {
+            Outcome::Committed => pending
+                .picked
+                .and_then(|picked| self.apply(pending.ticket, picked))
+                .map(|()| true),
+            Outcome::Conflict if self.rounds < remote::MAX_ROUNDS => {
+                // Another replica wrote first: pick again on what Redis holds now.
+                self.rounds += 1;
+                self.pick(pending.ticket)
+            }
+            Outcome::Conflict => Err(GatewayError::SharedStateUnavailable {
+                detail: format!(
+                    "the key pick lost {} rounds to other replicas",
+                    remote::MAX_ROUNDS
+                ),
+            }),
+            // Redis is taken as down: `on_failure` decides.
+            Outcome::Failed => self.pick(pending.ticket),
+        };
+        match result {
+            Ok(true) => {
+                // A failover attempt's body came whole while the pick waited: swapped now.
+                if let (Some(size), Some(body)) = (self.body_held, self.replacement.as_ref()) {
+                    if let Err(e) = host::replace_body(BufferType::HttpRequestBody, size, body) {
+                        host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+                    }
+                    self.replacement = None;
+                }
+                let _ = proxy_wasm::hostcalls::resume_http_request();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.refuse(e);
+            }
+        }
+    }
+
     fn on_done(&mut self) -> bool {
         // Envoy does not call `on_log` for an attempt its router abandons for a retry, but
         // every context is done at its end.
@@ -205,30 +401,19 @@ impl Context for KeyFlow {
 impl HttpContext for KeyFlow {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match self.inject() {
-            Ok(()) => Action::Continue,
-            Err(e) => {
-                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
-                if let Some((scope, limit)) = e.refused_by() {
-                    metrics::limit_refused(&scope, limit);
-                }
-                let mut response = e.respond();
-                // Marks the reply as ours and carries its status; it travels under a status
-                // Envoy's retry policy leaves alone, and the gateway role restores it.
-                response.headers.push((
-                    LOCAL_REPLY_HEADER,
-                    FinalAnswer::KeyRole(response.status, Some(e.metric_code())).marker(),
-                ));
-                // Even without the gateway role (which would restore the status), a refusal
-                // that can never succeed must not be retried by whatever route sent it here.
-                response.status = LOCAL_REPLY_CARRIER_STATUS;
-                self.replied = true;
-                host::send(&response);
-                Action::Pause
-            }
+            Ok(true) => Action::Continue,
+            // Waits for the pick's commit on Redis.
+            Ok(false) => Action::Pause,
+            Err(e) => self.refuse(e),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.pending.is_some() {
+            // The key is not picked yet: the headers must not go up with the body.
+            self.body_held = end_of_stream.then_some(body_size);
+            return Action::Pause;
+        }
         if self.replacement.is_none() || self.replied {
             return Action::Continue;
         }
@@ -300,6 +485,9 @@ impl HttpContext for KeyFlow {
             .unwrap_or_default();
         // The body may be rewritten only when it is whole.
         let whole = end_of_stream && body.len() == body_size;
+        if let Some(waiting) = self.observe_first(status, headers.clone(), body.clone(), whole) {
+            return waiting;
+        }
         self.on_answer(status, &headers, &body, whole);
         Action::Continue
     }
@@ -315,11 +503,90 @@ impl KeyFlow {
     /// it), then makes the answer what the router and the client should see. `whole`: the
     /// body is all there and the headers are still held, so both may be rewritten.
     fn on_answer(&mut self, status: u16, headers: &[(String, String)], body: &[u8], whole: bool) {
+        self.judge(status, headers, body, whole, false);
+    }
+
+    /// A failed answer on Redis: what it says of the key is committed before the router
+    /// sees the answer (the response waits), so that no replica's next request picks a key
+    /// this one found cooling. `Some(action)` when it waits.
+    fn observe_first(
+        &mut self,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        whole: bool,
+    ) -> Option<Action> {
+        let attempt = self.attempt.as_ref()?;
+        let key = attempt.key.as_ref()?;
+        if self.admitted_on != Backing::Redis || remote::backing(host::now_ms()) != Backing::Redis {
+            return None;
+        }
+        let class = keys::classify(&self.config, &attempt.provider, status, &body);
+        let counted = (attempt.provider.clone(), key.clone());
+        let observed = Box::new(Observed {
+            provider: attempt.provider.clone(),
+            key: key.clone(),
+            model: attempt.model.clone(),
+            status,
+            headers,
+            body,
+            whole,
+            at_ms: host::now_ms(),
+        });
+        self.send_observed(observed).ok()?;
+        metrics::key_attempt(&counted.0, &counted.1, Some(status), class);
+        Some(Action::Pause)
+    }
+
+    fn send_observed(&mut self, observed: Box<Observed>) -> Result<(), Box<Observed>> {
+        let class = keys::classify(
+            &self.config,
+            &observed.provider,
+            observed.status,
+            &observed.body,
+        );
+        let ((), commit) = remote::decide(|tx| {
+            let who = Attempted {
+                provider: &observed.provider,
+                key: &observed.key,
+                model: &observed.model,
+            };
+            let _ = keys::observe(
+                &self.config,
+                &who,
+                Some(observed.status),
+                class,
+                &observed.headers,
+                observed.at_ms,
+                tx,
+            );
+        });
+        match remote::send(&commit) {
+            Ok(token) => {
+                self.observing = Some((token, commit, observed));
+                Ok(())
+            }
+            Err(e) => {
+                remote::went_down(&e);
+                Err(observed)
+            }
+        }
+    }
+
+    /// `on_answer`; `observed`: what the answer says of the key is recorded already.
+    fn judge(
+        &mut self,
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+        whole: bool,
+        observed: bool,
+    ) {
         let Some(attempt) = &self.attempt else {
             return;
         };
         let class = keys::classify(&self.config, &attempt.provider, status, body);
-        if let Some(key) = &attempt.key {
+        if let (Some(key), false) = (&attempt.key, observed) {
             // Counted as Envoy stats (every worker adds to the same counter); the shared
             // store's counters are the native host's admin view.
             metrics::key_attempt(&attempt.provider, key, Some(status), class);
@@ -328,17 +595,35 @@ impl KeyFlow {
                 key,
                 model: &attempt.model,
             };
-            let recorded = keys::observe(
-                &self.config,
-                &who,
-                Some(status),
-                class,
-                headers,
-                host::now_ms(),
-                &SharedStore,
-            );
-            if let Err(e) = recorded {
-                host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+            let now = host::now_ms();
+            if self.admitted_on == Backing::Redis {
+                // What the answer says of the key reaches Redis with the next batch.
+                let config = Arc::clone(&self.config);
+                let (provider, key, model) =
+                    (attempt.provider.clone(), key.clone(), attempt.model.clone());
+                let headers = headers.to_vec();
+                remote::defer(move |tx| {
+                    let who = Attempted {
+                        provider: &provider,
+                        key: &key,
+                        model: &model,
+                    };
+                    let _ = keys::observe(&config, &who, Some(status), class, &headers, now, tx);
+                });
+            } else {
+                let store = self.admitted_on.after();
+                let recorded = keys::observe(
+                    &self.config,
+                    &who,
+                    Some(status),
+                    class,
+                    headers,
+                    now,
+                    &store,
+                );
+                if let Err(e) = recorded {
+                    host::log(LogLevel::Warn, &format!("tollgate key role: {e}"));
+                }
             }
         }
         let Some(class) = class else {
@@ -465,7 +750,15 @@ impl KeyFlow {
                 requests: 1,
                 ..Amounts::default()
             };
-            let _ = limits::settle(reservation, &SharedStore, host::now_ms(), sent);
+            let now = host::now_ms();
+            match self.admitted_on {
+                Backing::Redis => remote::defer(move |tx| {
+                    let _ = limits::settle(reservation.clone(), tx, now, sent);
+                }),
+                other => {
+                    let _ = limits::settle(reservation, &other.after(), now, sent);
+                }
+            }
         }
     }
 }

@@ -18,12 +18,14 @@ mod gateway;
 mod host;
 mod key;
 mod metrics;
+mod remote;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
+use tollgate_core::config::store::StoreSettings;
 use tollgate_core::limits;
 use tollgate_core::roles::{GATEWAY_ROOT_ID, KEY_ROOT_ID};
 use tollgate_core::Config;
@@ -45,12 +47,42 @@ enum Role {
 struct Root {
     role: Option<Role>,
     config: Option<Arc<Config>>,
+    /// `store.kind: redis`.
+    remote: bool,
+    renew_period_ms: u64,
+    next_renewal_ms: u64,
+    next_gauges_ms: u64,
 }
+
+/// Compiles the plugin configuration. The Redis password (`store.password_env`) is the
+/// store-server's, not the filter's: Envoy need not hold it.
+pub(crate) fn load(text: &str) -> Result<Config, tollgate_core::ConfigErrors> {
+    let env = |name: &str| std::env::var(name).ok();
+    match Config::load(text, &env) {
+        Err(errors) if errors.0.iter().all(|e| e.path == "store.password_env") => {
+            let held_elsewhere = |name: &str| {
+                std::env::var(name)
+                    .ok()
+                    .or_else(|| Some("(held by tollgate store-server)".to_string()))
+            };
+            Config::load(text, &held_elsewhere)
+        }
+        other => other,
+    }
+}
+
+/// How often queued updates go to the store-server (`store.kind: redis`).
+const FLUSH_PERIOD: Duration = Duration::from_millis(20);
 
 /// How often the gateway role publishes the gauges of limits and keys.
 const GAUGE_PERIOD: Duration = Duration::from_secs(1);
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        // A batch of queued updates answered (`remote::flush`).
+        remote::on_flight_answer(token, body_size);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -72,27 +104,25 @@ impl RootContext for Root {
             host::log(LogLevel::Critical, "tollgate: the plugin configuration is empty; it must be a tollgate config (YAML or JSON)");
             return false;
         };
-        let env = |name: &str| std::env::var(name).ok();
-        match Config::load(&text, &env) {
-            Ok(config) if config.store != tollgate_core::config::store::StoreSettings::Local => {
-                // Shared data is this Envoy's alone: running on it would multiply every
-                // limit by the number of replicas the config says share them.
-                host::log(
-                    LogLevel::Critical,
-                    "tollgate: `store.kind: redis` is not supported in Envoy yet (docs/redis.md); use the native host for Redis-backed replicas",
-                );
-                false
-            }
+        match load(&text) {
             Ok(config) => {
+                // `store.kind: redis`: shared state through the store-server (`remote`).
+                remote::configure(&config, &text);
+                self.remote = config.store != StoreSettings::Local;
                 // Both roles create the counters: either may load first (listener and
                 // clusters reload separately under xDS).
                 host::create_counters(config.all_limits().map(|l| &*l.store_key));
                 host::create_counters(config.pool_store_keys());
                 // Every half lease, the concurrency slots of this VM's live requests are
                 // renewed (see `limits::concurrency`).
-                let mut tick = Duration::from_millis(config.server.concurrency_lease_ms / 2);
+                self.renew_period_ms = config.server.concurrency_lease_ms / 2;
+                let mut tick = Duration::from_millis(self.renew_period_ms);
                 if role == Role::Gateway {
                     tick = tick.min(GAUGE_PERIOD);
+                }
+                if self.remote {
+                    // Queued updates (settlements, key health) go out on the tick.
+                    tick = tick.min(FLUSH_PERIOD);
                 }
                 self.set_tick_period(tick);
                 self.role = Some(role);
@@ -120,10 +150,24 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = host::now_ms();
-        limits::renew_leases(&host::SharedStore, now);
-        if let (Some(Role::Gateway), Some(config)) = (self.role, &self.config) {
-            metrics::publish(config, now);
+        if now >= self.next_renewal_ms {
+            self.next_renewal_ms = now.saturating_add(self.renew_period_ms);
+            limits::renew_leases(&host::SharedStore, now);
+            remote::renew_leases(now);
         }
+        if let (Some(Role::Gateway), Some(config)) = (self.role, &self.config) {
+            if now >= self.next_gauges_ms {
+                self.next_gauges_ms = now.saturating_add(GAUGE_PERIOD.as_millis() as u64);
+                if self.remote {
+                    // The gauges of shared state say what this worker last saw of Redis.
+                    remote::with_known(|tx| metrics::publish(config, now, tx));
+                    metrics::store_up(remote::is_up());
+                } else {
+                    metrics::publish(config, now, &host::SharedStore);
+                }
+            }
+        }
+        remote::flush();
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -17,7 +17,7 @@ use tollgate_core::metrics::{self as m, Family, Kind};
 use tollgate_core::providers::refusal::RefusalClass;
 use tollgate_core::Config;
 
-use crate::host::SharedStore;
+use tollgate_core::store::CounterStore;
 
 thread_local! {
     /// Each series' stat id in this VM, by stat name. Envoy hands out a new id for every
@@ -122,9 +122,9 @@ pub fn key_attempt(provider: &str, key: &str, status: Option<u16>, class: Option
 /// Sets the gauges of shared state from the shared store: each limit's remaining room and
 /// each allowance's use, each key's state, cooldown end and learned headroom; and this VM's
 /// memory.
-pub fn publish(config: &Config, now_ms: u64) {
+pub fn publish(config: &Config, now_ms: u64, store: &impl CounterStore) {
     record(&m::VM_MEMORY, &[], linear_memory_bytes());
-    let standing = m::standing(config, &SharedStore, now_ms);
+    let standing = m::standing(config, store, now_ms);
     for l in &standing.limits {
         let at = [l.scope, l.limit];
         record(&m::LIMIT_REMAINING, &at, l.remaining);
@@ -162,4 +162,14 @@ fn linear_memory_bytes() -> u64 {
     {
         0
     }
+}
+
+/// One more operation answered by `store.on_failure` (Redis down, slow or failing).
+pub fn store_unavailable(on_failure: &str) {
+    add(&m::STORE_UNAVAILABLE, &[on_failure], 1);
+}
+
+/// Whether Redis answers, as this worker last found (gateway role's gauge tick).
+pub fn store_up(up: bool) {
+    record(&m::STORE_UP, &[], u64::from(up));
 }
