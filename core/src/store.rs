@@ -42,6 +42,46 @@ pub trait CounterStore {
     /// The concurrency leases this process (or Envoy VM) holds for its live requests, which
     /// it renews with `limits::renew_leases` while they run.
     fn leases(&self) -> &LeaseBook;
+
+    /// `measure_and_replace`, where `redo` says how the same update is made on another old
+    /// value than the one `f` sees (a store that commits remotely hands it over, so that a
+    /// hot counter's concurrent updates need not conflict: `Tx`).
+    fn redoable<T, E>(
+        &self,
+        key: &str,
+        redo: Redo,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        let _ = redo;
+        self.measure_and_replace(key, f)
+    }
+}
+
+/// How an update is made again on whatever value its key holds when a commit lands, by the
+/// core's own math (`limits::redo`): where concurrent requests update one counter (a
+/// consumer's rate limit, a pool's cursor), each commit is redone on the value the last one
+/// left, as long as it still admits what it admitted; only a decision the new value would
+/// change goes back to be made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Redo {
+    /// Adds `n` (a counter, a cursor).
+    Add { n: u64 },
+    /// Reserves `units` at `now_ms` against the limit stored at the key.
+    Reserve { units: u64, now_ms: u64 },
+    /// Settles a reservation of `units` made at `at_ms` (a rate's slot ending at
+    /// `slot_end`) on `used`, at `now_ms`.
+    Settle {
+        units: u64,
+        used: u64,
+        at_ms: u64,
+        slot_end: u64,
+        now_ms: u64,
+    },
+    /// Gives back a concurrency slot held in epoch `held`.
+    Release { held: u64, now_ms: u64 },
+    /// Moves a concurrency slot held in epoch `held` to the current epoch.
+    Renew { held: u64, now_ms: u64 },
 }
 
 /// A single-threaded store: for the core's tests and benches, and any host that runs one
@@ -118,6 +158,30 @@ impl CounterStore for Tx<'_> {
     fn measure_and_replace<T, E>(
         &self,
         key: &str,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        self.update(key, None, f)
+    }
+
+    fn redoable<T, E>(
+        &self,
+        key: &str,
+        redo: Redo,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        self.update(key, Some(redo), f)
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        self.leases
+    }
+}
+
+impl Tx<'_> {
+    fn update<T, E>(
+        &self,
+        key: &str,
+        redo: Option<Redo>,
         mut f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
     ) -> Result<Result<T, E>, StoreError> {
         let mut ops = self.ops.borrow_mut();
@@ -128,6 +192,7 @@ impl CounterStore for Tx<'_> {
                     key: key.to_string(),
                     expect: self.known.get(key).copied().flatten(),
                     write: None,
+                    redo: None,
                 });
                 ops.len() - 1
             }
@@ -137,21 +202,21 @@ impl CounterStore for Tx<'_> {
         };
         // A key written earlier in this transaction is read as written.
         let current = op.write.or(op.expect);
+        let first_write = op.write.is_none();
         Ok(f(current).map(|(out, new)| {
             op.write = Some(new);
+            // Only a key's one update in the transaction can be redone as it says; two (a
+            // reservation given back) must land on the value they read.
+            op.redo = if first_write { redo } else { None };
             out
         }))
-    }
-
-    fn leases(&self) -> &LeaseBook {
-        self.leases
     }
 }
 
 /// What a commit's answer teaches about the store: the values written, or the current ones.
 pub fn learn(known: &mut HashMap<String, Option<u64>>, commit: &Commit, reply: &CommitReply) {
     for (at, op) in commit.ops.iter().enumerate() {
-        let value = if reply.committed {
+        let value = if reply.committed && reply.current.is_empty() {
             op.write.or(op.expect)
         } else {
             match reply.current.get(at) {
@@ -237,12 +302,14 @@ pub(crate) mod tests {
                 CommitOp {
                     key: "a".into(),
                     expect: None,
-                    write: Some(5)
+                    write: Some(5),
+                    redo: None,
                 },
                 CommitOp {
                     key: "b".into(),
                     expect: None,
-                    write: None
+                    write: None,
+                    redo: None,
                 },
             ]
         );
@@ -281,6 +348,7 @@ pub(crate) mod tests {
                 key: "k".into(),
                 expect: Some(u64::MAX),
                 write: None,
+                redo: None,
             }],
         };
         let text = serde_json::to_string(&commit).unwrap_or_default();
@@ -309,6 +377,9 @@ pub struct CommitOp {
     pub expect: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write: Option<u64>,
+    /// How `write` is made again on another value (`Redo`); none: the key must hold `expect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redo: Option<Redo>,
 }
 
 /// A transaction's keys, committed all or nothing (`POST /v1/store/commit` of
@@ -319,7 +390,8 @@ pub struct Commit {
 }
 
 /// The store's answer to a `Commit`: written, or not because some key held another value
-/// than was read: then `current` holds every key's value now, in the commit's order.
+/// than was read. `current` holds every key's value now, in the commit's order: always
+/// after a refusal, and after a commit some of whose writes were redone (`Redo`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommitReply {
     pub committed: bool,

@@ -382,6 +382,18 @@ impl CounterStore for AnyStore<'_> {
         }
     }
 
+    fn redoable<T, E>(
+        &self,
+        key: &str,
+        redo: store::Redo,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        match self {
+            Self::Tx(tx) => tx.redoable(key, redo, f),
+            other => other.measure_and_replace(key, f),
+        }
+    }
+
     fn leases(&self) -> &LeaseBook {
         match self {
             Self::Shared => host::SharedStore.leases(),

@@ -326,9 +326,13 @@ where
 /// `tollgate store-server`: Envoy's way to Redis (docs/redis.md).
 fn store_server(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
     init_logging();
-    // Only the store section: the store-server needs no provider secrets.
+    // The store section as `run` reads it; the rest for its limits' math only: the
+    // store-server needs no provider secrets.
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let store = Config::load_store(&text, &env)
+        .map_err(|errors| format!("{}: {errors}", path.display()))?;
+    let no_secrets = |name: &str| env(name).or_else(|| Some("(not needed here)".to_string()));
+    let config = Config::load(&text, &no_secrets)
         .map_err(|errors| format!("{}: {errors}", path.display()))?;
     let StoreSettings::Redis(settings) = &store else {
         return Err(format!(
@@ -338,7 +342,7 @@ fn store_server(path: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
         ));
     };
     let addr = store_server::listen_address(listen, settings)?;
-    let server = Arc::new(store_server::StoreServer::new(settings)?);
+    let server = Arc::new(store_server::StoreServer::new(settings, &config)?);
     serve_on(addr, |listener, local| async move {
         tracing::info!(
             address = %local,

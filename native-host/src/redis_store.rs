@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::{Connection, Script};
 use tollgate_core::config::store::{OnFailure, RedisSettings};
 use tollgate_core::limits::LeaseBook;
-use tollgate_core::store::{Commit, CommitReply, CounterStore, StoreError};
+use tollgate_core::store::{Commit, CommitReply, CounterStore, Redo, StoreError};
 
 /// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent), to expire after
 /// `ARGV[3]` ms (`"0"`: never); answers `{1}`, or `{0, current}` (`""` when absent). Values
@@ -73,6 +73,71 @@ for i = 1, n do
 end
 return {1}
 "#;
+
+/// An op's write made again on a key's current value (`None`: it cannot be).
+pub type RedoFn<'a> = dyn Fn(&str, &Redo, Option<u64>) -> Option<u64> + Sync + 'a;
+
+/// Rounds of redoing a commit's hot counters on fresher values before the commit is handed
+/// back as refused.
+const REDO_ROUNDS: usize = 16;
+
+/// `commit`, where a key that holds another value than its op expects has the op's write
+/// made again on that value when the op says how (`Redo`, by `redo`, the core's math):
+/// concurrent commits on one hot counter then land one after the other instead of sending
+/// each decision back to be made again. Only a key whose value changes what was decided (an
+/// op without a redo, or one `redo` answers `None` for) hands the commit back refused, with
+/// every key's value now. A commit whose writes were redone answers the values written.
+pub async fn commit_redoing(
+    conn: &mut impl redis::aio::ConnectionLike,
+    commit: &Commit,
+    redo: &RedoFn<'_>,
+) -> redis::RedisResult<CommitReply> {
+    let mut commit = commit.clone();
+    let mut redone = false;
+    let mut last = None;
+    for _ in 0..REDO_ROUNDS {
+        let reply = self::commit(conn, &commit).await?;
+        if reply.committed {
+            return Ok(if redone {
+                CommitReply {
+                    committed: true,
+                    current: commit.ops.iter().map(|op| op.write.or(op.expect)).collect(),
+                }
+            } else {
+                reply
+            });
+        }
+        for (op, current) in commit.ops.iter_mut().zip(&reply.current) {
+            if op.expect == *current {
+                continue;
+            }
+            let again = match (op.redo, op.write) {
+                (Some(how), Some(_)) => redo(&op.key, &how, *current),
+                _ => None,
+            };
+            match again {
+                Some(new) => {
+                    op.expect = *current;
+                    op.write = Some(new);
+                    redone = true;
+                }
+                None => {
+                    tracing::debug!(
+                        key = op.key.as_str(),
+                        "a commit is handed back: its decision read a value that changed"
+                    );
+                    return Ok(reply);
+                }
+            }
+        }
+        last = Some(reply);
+    }
+    // Other writers kept winning: handed back, to be decided again.
+    Ok(last.unwrap_or(CommitReply {
+        committed: false,
+        current: Vec::new(),
+    }))
+}
 
 /// `COMMIT`, hashed once (it is run by `EVALSHA`, loaded when Redis does not know it).
 fn commit_script() -> &'static Script {

@@ -12,6 +12,7 @@
 //! answer); the connection is then dropped and made again by a later request, so the
 //! server goes back to Redis by itself when it returns.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +29,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tollgate_core::config::store::RedisSettings;
-use tollgate_core::store::{Commit, COMMIT_PATH};
+use tollgate_core::limits::{self, Limit};
+use tollgate_core::store::{Commit, Redo, COMMIT_PATH};
+use tollgate_core::Config;
 
 use crate::redis_store;
 
@@ -53,20 +56,36 @@ pub struct StoreServer {
     /// instead of each making one.
     connecting: tokio::sync::Mutex<()>,
     up: AtomicBool,
+    /// The config's limits by their store key: the math of a commit's redone writes.
+    limits: HashMap<String, Limit>,
 }
 
 /// Why Redis could not be used (logged; the client gets 503 `shared_state_unavailable`).
 struct Unavailable(String);
 
 impl StoreServer {
-    pub fn new(settings: &RedisSettings) -> Result<Self, String> {
+    /// `config`: the gateways' config (its limits' math redoes hot counters' writes).
+    pub fn new(settings: &RedisSettings, config: &Config) -> Result<Self, String> {
+        let limits = config
+            .all_limits()
+            .map(|l| (l.store_key.to_string(), l.clone()))
+            .collect();
         Ok(Self {
+            limits,
             client: redis_store::client(settings)?,
             timeout: Duration::from_millis(settings.timeout_ms),
             connection: std::sync::Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             up: AtomicBool::new(true),
         })
+    }
+
+    /// An op's write made again on `current` (see `store::Redo`).
+    fn redo(&self, key: &str, how: &Redo, current: Option<u64>) -> Option<u64> {
+        match how {
+            Redo::Add { n } => Some(current.unwrap_or(0).wrapping_add(*n)),
+            other => limits::redo(self.limits.get(key)?, other, current),
+        }
     }
 
     fn current(&self) -> Option<MultiplexedConnection> {
@@ -220,7 +239,11 @@ impl StoreServer {
             return json_response(StatusCode::OK, &json!({ "committed": true }));
         }
         let reply = self
-            .with_redis(|mut c| async move { redis_store::commit(&mut c, &commit).await })
+            .with_redis(|mut c| async move {
+                let redo =
+                    |key: &str, how: &Redo, current: Option<u64>| self.redo(key, how, current);
+                redis_store::commit_redoing(&mut c, &commit, &redo).await
+            })
             .await;
         match reply {
             Ok(reply) => match serde_json::to_value(&reply) {

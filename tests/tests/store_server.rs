@@ -337,3 +337,30 @@ async fn a_redis_slower_than_the_timeout_is_503_in_time() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An op that says how its write is made (`redo`) is redone on the value its key holds, by
+/// the core's math, rather than handed back: concurrent additions to one counter all land.
+/// An op without one still hands the commit back.
+#[tokio::test]
+async fn a_counters_write_is_redone_on_the_value_it_finds() {
+    let redis = Redis::start();
+    let server = StoreServer::start(&redis, 1000);
+    let add = |expect: Value, write: u64| json!([{ "key": "t/n", "expect": expect, "write": write, "redo": { "op": "add", "n": 1 } }]);
+    assert_eq!(
+        server.commit(add(Value::Null, 1)).await,
+        json!({ "committed": true })
+    );
+    // Two more, each decided on the stale view that the counter is absent.
+    for now in [2, 3] {
+        assert_eq!(
+            server.commit(add(Value::Null, 1)).await,
+            json!({ "committed": true, "current": [now] })
+        );
+    }
+    assert_eq!(get(&redis, "t/n").as_deref(), Some("3"));
+    // Without a redo, a stale expectation is handed back.
+    let reply = server
+        .commit(json!([{ "key": "t/n", "expect": 1, "write": 2 }]))
+        .await;
+    assert_eq!(reply, json!({ "committed": false, "current": [3] }));
+}

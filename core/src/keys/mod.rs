@@ -562,7 +562,9 @@ fn refusal_wait(r: &Refusal) -> Option<u64> {
 /// The next turn of a pool's cursor, shared by every worker (the caller takes it modulo
 /// what it rotates over).
 fn next_turn(store: &impl CounterStore, cursor_key: &str) -> Result<u64, crate::store::StoreError> {
-    let turn = store.measure_and_replace(cursor_key, |old| {
+    // The turn taken decides nothing another request's turn could spoil: redone as an
+    // addition on Redis.
+    let turn = store.redoable(cursor_key, crate::store::Redo::Add { n: 1 }, |old| {
         let turn = old.unwrap_or(0);
         Ok::<_, std::convert::Infallible>((turn, turn.wrapping_add(1)))
     })?;

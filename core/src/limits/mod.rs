@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 pub use concurrency::{Concurrency, Lease, LeaseBook};
 
-use crate::store::{CounterStore, StoreError};
+use crate::store::{CounterStore, Redo, StoreError};
 
 /// What a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,7 +358,8 @@ pub fn admit<'a>(
     let mut headers = RateHeaders::default();
     for limit in limits {
         let units = amounts.of(limit.unit);
-        let outcome = store.measure_and_replace(&limit.store_key, |state| {
+        let redo = Redo::Reserve { units, now_ms };
+        let outcome = store.redoable(&limit.store_key, redo, |state| {
             limit
                 .reserve(state, now_ms, units)
                 .map(|new| ((limit.headroom(Some(new), now_ms), new), new))
@@ -404,6 +405,39 @@ pub fn admit<'a>(
     Ok((reservation, headers))
 }
 
+/// `redo` made on `state`, the value a limit's counter holds when a commit lands (see
+/// `store::Redo`): the same math as the update it stands for. `None` when the limit would
+/// now refuse what it admitted (or `redo` is not one of its updates): the decision must be
+/// made again.
+pub fn redo(limit: &Limit, redo: &Redo, state: Option<u64>) -> Option<u64> {
+    match (*redo, limit.meter) {
+        (Redo::Reserve { units, now_ms }, _) => limit.reserve(state, now_ms, units).ok(),
+        (
+            Redo::Settle {
+                units,
+                used,
+                at_ms,
+                slot_end,
+                now_ms,
+            },
+            _,
+        ) => {
+            let taken = Taken {
+                limit: limit.clone(),
+                units,
+                slot_end,
+                lease: None,
+            };
+            Some(limit.settle(state, now_ms, at_ms, &taken, used))
+        }
+        (Redo::Release { held, now_ms }, Meter::Concurrency(c)) => {
+            Some(c.release(state, now_ms, held))
+        }
+        (Redo::Renew { held, now_ms }, Meter::Concurrency(c)) => c.renew(state, now_ms, held),
+        _ => None,
+    }
+}
+
 /// Settles a reservation on what the request really used (zero for a request that never
 /// reached a provider or was refused by it): refunds or charges each limit the difference,
 /// and frees concurrency slots.
@@ -438,7 +472,14 @@ fn give_back(
             Unit::Requests if request_was_made => taken.units,
             unit => used.of(unit),
         };
-        let outcome = insist(store, &limit.store_key, |state| {
+        let redo = Redo::Settle {
+            units: taken.units,
+            used,
+            at_ms,
+            slot_end: taken.slot_end,
+            now_ms,
+        };
+        let outcome = insist(store, &limit.store_key, redo, |state| {
             limit.settle(state, now_ms, at_ms, &taken, used)
         });
         if let Err(e) = outcome {
@@ -454,11 +495,12 @@ fn give_back(
 fn insist(
     store: &impl CounterStore,
     key: &str,
+    redo: Redo,
     mut f: impl FnMut(Option<u64>) -> u64,
 ) -> Result<(), StoreError> {
     let mut tries = 0;
     loop {
-        let outcome = store.measure_and_replace(key, |state| {
+        let outcome = store.redoable(key, redo, |state| {
             Ok::<_, std::convert::Infallible>(((), f(state)))
         });
         tries += 1;
@@ -476,7 +518,11 @@ fn release_slot(lease: &Lease, store: &impl CounterStore, now_ms: u64) -> Result
     let Some(epoch) = held.take() else {
         return Ok(());
     };
-    insist(store, &lease.store_key, |state| {
+    let redo = Redo::Release {
+        held: epoch,
+        now_ms,
+    };
+    insist(store, &lease.store_key, redo, |state| {
         lease.meter.release(state, now_ms, epoch)
     })
 }
@@ -498,7 +544,11 @@ pub fn renew(leases: &[Arc<Lease>], store: &impl CounterStore, now_ms: u64) {
         if meter.epoch(now_ms) <= epoch {
             continue;
         }
-        let renewed = store.measure_and_replace(&lease.store_key, |state| {
+        let redo = Redo::Renew {
+            held: epoch,
+            now_ms,
+        };
+        let renewed = store.redoable(&lease.store_key, redo, |state| {
             meter
                 .renew(state, now_ms, epoch)
                 .map(|new| ((), new))

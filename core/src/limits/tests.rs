@@ -265,3 +265,110 @@ fn durations_read_like_openais() {
     assert_eq!(format_duration(360_000), "6m0s");
     assert_eq!(format_duration(7_384_020), "2h3m4.02s");
 }
+
+/// Several hosts decide on stale views of one store (`store::Tx`), all at once, and the
+/// store redoes each commit's hot counters with `redo` (the same math) on what the last
+/// commit left, handing a commit back only when its decision would change: exactly as many
+/// requests are admitted as one process admits, whatever the interleaving, and the counters
+/// end where one process leaves them.
+#[test]
+fn redone_commits_admit_exactly_what_one_process_admits() {
+    use crate::store::{learn, Commit, CommitReply, Tx};
+    use std::collections::HashMap;
+
+    let limits = [
+        rate("requests_per_minute", Unit::Requests, 7, 60_000),
+        rate("tokens_per_minute", Unit::Tokens, 1_000, 60_000),
+        concurrency(5),
+    ];
+    let by_key: HashMap<&str, &Limit> = limits.iter().map(|l| (&*l.store_key, l)).collect();
+    // The store: applies a commit as `tollgate store-server` does.
+    let mut remote: HashMap<String, u64> = HashMap::new();
+    let mut apply = |commit: &Commit| -> CommitReply {
+        let mut commit = commit.clone();
+        loop {
+            let current: Vec<Option<u64>> = commit
+                .ops
+                .iter()
+                .map(|op| remote.get(&op.key).copied())
+                .collect();
+            if commit
+                .ops
+                .iter()
+                .zip(&current)
+                .all(|(op, c)| op.expect == *c)
+            {
+                for op in &commit.ops {
+                    if let Some(w) = op.write {
+                        remote.insert(op.key.clone(), w);
+                    }
+                }
+                let now = commit.ops.iter().map(|op| op.write.or(op.expect)).collect();
+                return CommitReply {
+                    committed: true,
+                    current: now,
+                };
+            }
+            for (op, c) in commit.ops.iter_mut().zip(&current) {
+                if op.expect == *c {
+                    continue;
+                }
+                let again = op
+                    .redo
+                    .and_then(|how| redo(by_key[op.key.as_str()], &how, *c));
+                match (again, op.write) {
+                    (Some(new), Some(_)) => {
+                        op.expect = *c;
+                        op.write = Some(new);
+                    }
+                    _ => {
+                        return CommitReply {
+                            committed: false,
+                            current,
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let book = LeaseBook::new();
+    let mut views: Vec<HashMap<String, Option<u64>>> = vec![HashMap::new(); 4];
+    let mut admitted = Vec::new();
+    // Twelve requests in rounds of four hosts deciding before any of them commits.
+    for round in 0..3 {
+        let mut pending: Vec<usize> = (0..4).collect();
+        while !pending.is_empty() {
+            let decisions: Vec<_> = pending
+                .iter()
+                .map(|&h| {
+                    let tx = Tx::new(&views[h], &book);
+                    let decision = admit(&limits, &tx, NOW + round, req(100));
+                    (h, decision, tx.into_commit())
+                })
+                .collect();
+            pending.clear();
+            for (h, decision, commit) in decisions {
+                let reply = apply(&commit);
+                learn(&mut views[h], &commit, &reply);
+                match (reply.committed, decision) {
+                    (true, Ok((r, _))) => admitted.push(r),
+                    (true, Err(_)) => {}
+                    (false, _) => pending.push(h),
+                }
+            }
+        }
+    }
+    // One process: 5 slots (none given back yet), within 7 requests and 1,000 tokens.
+    assert_eq!(admitted.len(), 5);
+    let one = CellStore::default();
+    let mut alone = 0;
+    for round in 0..12 {
+        alone += usize::from(admit(&limits, &one, NOW + round / 4, req(100)).is_ok());
+    }
+    assert_eq!(alone, 5);
+    for limit in &limits {
+        let key = &*limit.store_key;
+        let theirs = read(&one, key).ok().flatten();
+        assert_eq!(remote.get(key).copied(), theirs, "{key}");
+    }
+}
