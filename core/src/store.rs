@@ -57,6 +57,67 @@ pub trait CounterStore {
     }
 }
 
+/// One of two stores, chosen at run time: a host's own store or a transaction, say.
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+impl<A: CounterStore, B: CounterStore> CounterStore for Either<A, B> {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        match self {
+            Self::Left(s) => s.measure_and_replace(key, f),
+            Self::Right(s) => s.measure_and_replace(key, f),
+        }
+    }
+
+    fn redoable<T, E>(
+        &self,
+        key: &str,
+        redo: Redo,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        match self {
+            Self::Left(s) => s.redoable(key, redo, f),
+            Self::Right(s) => s.redoable(key, redo, f),
+        }
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        match self {
+            Self::Left(s) => s.leases(),
+            Self::Right(s) => s.leases(),
+        }
+    }
+}
+
+impl<S: CounterStore> CounterStore for &S {
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        (**self).measure_and_replace(key, f)
+    }
+
+    fn redoable<T, E>(
+        &self,
+        key: &str,
+        redo: Redo,
+        f: impl FnMut(Option<u64>) -> Result<(T, u64), E>,
+    ) -> Result<Result<T, E>, StoreError> {
+        (**self).redoable(key, redo, f)
+    }
+
+    fn leases(&self) -> &LeaseBook {
+        (**self).leases()
+    }
+}
+
 /// How an update is made again on whatever value its key holds when a commit lands, by the
 /// core's own math (`limits::redo`): where concurrent requests update one counter (a
 /// consumer's rate limit, a pool's cursor), each commit is redone on the value the last one

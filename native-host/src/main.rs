@@ -269,7 +269,7 @@ fn run(
         let store = match &config.store {
             StoreSettings::Local => store::Store::Local(store::MemoryStore::default()),
             StoreSettings::Redis(settings) => {
-                let redis = redis_store::RedisStore::new(settings)?;
+                let redis = redis_store::RedisStore::new(settings, &config)?;
                 Arc::clone(&redis).probe(std::time::Duration::from_millis(250));
                 store::Store::Redis {
                     redis,
@@ -425,6 +425,9 @@ fn reload_on_sighup(gateway: Arc<proxy::Gateway>, path: PathBuf) {
                         );
                     }
                     let share = local_share(&text, &running.store);
+                    if let Some(redis) = gateway.store.redis() {
+                        redis.set_limits(&config);
+                    }
                     gateway.replace_config(config, share);
                     tracing::info!(config = %path.display(), "config reloaded");
                 }

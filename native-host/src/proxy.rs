@@ -18,7 +18,7 @@ use tollgate_core::exchange::{
 };
 use tollgate_core::http::{is_gateway_header, HeaderLookup, LocalResponse, RequestHead};
 use tollgate_core::keys::{self, attempt_key, Attempted, KeyAttempt, Ticket};
-use tollgate_core::limits::{self, Amounts, Reservation};
+use tollgate_core::limits::{self, Amounts, LeaseMarks, Reservation};
 use tollgate_core::providers::refusal::{self, RefusalClass};
 use tollgate_core::providers::Scheme;
 use tollgate_core::retry::RetryPolicy;
@@ -29,7 +29,10 @@ use crate::admin::{self, AdminKey};
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::request_body::{self, BodyBudget, ReadError};
-use crate::store::Store;
+use crate::store::{DecideOn, Store};
+
+/// Rounds a decision on Redis may lose to other replicas before it is made key by key.
+const DECISION_ROUNDS: usize = 8;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -101,6 +104,65 @@ impl Gateway {
         })
     }
 
+    /// Runs a decision on the shared state. On Redis, it is a transaction (`store::Tx`):
+    /// made on what this process last saw, committed in one round trip, and made again on
+    /// the current values when another replica got in first (a few rounds, then key by key
+    /// on the store itself). In memory, and while Redis is down (`on_failure`), it runs once
+    /// on the store. `decide` must be a function of the store alone: it may run again.
+    pub async fn decide<R>(&self, mut decide: impl FnMut(&DecideOn<'_>) -> R) -> R {
+        let Some(redis) = self.store.transacting() else {
+            return decide(&DecideOn::Left(&self.store));
+        };
+        for _ in 0..DECISION_ROUNDS {
+            let (out, commit) = redis.decide(|tx| decide(&DecideOn::Right(tx)));
+            if commit.ops.is_empty() {
+                return out;
+            }
+            match redis.commit(&commit).await {
+                Ok(true) => return out,
+                Ok(false) => continue,
+                // Down now: `on_failure` answers.
+                Err(_) => break,
+            }
+        }
+        decide(&DecideOn::Left(&self.store))
+    }
+
+    /// Settles a reservation on what was used, at `now_ms`: on Redis in the background (the
+    /// response does not wait), one round trip made again on fresher values if it must be;
+    /// else at once.
+    pub fn settle(&self, reservation: Reservation, used: Amounts, now_ms: u64) {
+        if reservation.is_empty() {
+            return;
+        }
+        let (Some(redis), Ok(runtime)) = (
+            self.store.transacting(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            let _ = limits::settle(reservation, &self.store, now_ms, used);
+            return;
+        };
+        let redis = Arc::clone(redis);
+        runtime.spawn(async move {
+            // A rerun starts with the leases where the first run found them.
+            let marks = LeaseMarks::of(&reservation);
+            for _ in 0..DECISION_ROUNDS {
+                marks.restore();
+                let ((), commit) = redis.decide(|tx| {
+                    let _ = limits::settle(reservation.clone(), tx, now_ms, used);
+                });
+                match redis.commit(&commit).await {
+                    Ok(true) => return,
+                    Ok(false) => continue,
+                    // Redis keeps what was reserved until the limits' windows pass.
+                    Err(_) => return,
+                }
+            }
+            marks.restore();
+            let _ = limits::settle(reservation, &*redis, now_ms, used);
+        });
+    }
+
     /// Ends an exchange, however it ended: settles its limits, writes its access log line
     /// and adds it to the metrics. `first_byte`: when a relayed body's first bytes went out.
     pub fn finished(
@@ -111,7 +173,10 @@ impl Gateway {
         ending: Ending,
         first_byte: Option<Instant>,
     ) {
-        let summary = exchange.finish(crate::now_ms(), &self.store);
+        let now = crate::now_ms();
+        let summary = exchange.finish_with(&mut |reservation, used| {
+            self.settle(reservation, used, now);
+        });
         access_log::record(&summary, key_id, started, ending, first_byte);
         self.metrics.record(&summary, started, first_byte);
     }
@@ -198,7 +263,8 @@ fn new_request_id() -> HeaderValue {
 
 async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
-    let mut exchange = Exchange::new(gw.config());
+    let config = gw.config();
+    let mut exchange = Exchange::new(Arc::clone(&config));
     let (parts, body) = req.into_parts();
     if parts.uri.path() == admin::KEYS_PATH {
         if let Some(r) = admin::keys(&gw.admin, parts.method.as_str(), &parts.headers, &gw) {
@@ -211,7 +277,21 @@ async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody
         path,
         headers: &Headers(&parts.headers),
     };
-    let headers = exchange.on_request_headers(crate::now_ms(), &head, &gw.store);
+    // On Redis, each decision is made on a new exchange, as often as it must be (`decide`).
+    let transacting = gw.store.transacting().is_some();
+    let headers = if transacting {
+        let (x, headers) = gw
+            .decide(|store| {
+                let mut x = Exchange::new(Arc::clone(&config));
+                let headers = x.on_request_headers(crate::now_ms(), &head, store);
+                (x, headers)
+            })
+            .await;
+        exchange = x;
+        headers
+    } else {
+        exchange.on_request_headers(crate::now_ms(), &head, &gw.store)
+    };
     // Every path below ends in `finished`, which counts the request out again, but one: the
     // client leaving while its body is read drops this future there.
     let entered = gw.metrics.enter(exchange.consumer_name());
@@ -248,7 +328,23 @@ async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody
             return conclude(&gw, exchange, r, None, started, Ending::Answered);
         }
     };
-    match exchange.on_request_body(crate::now_ms(), &body, &gw.store) {
+    let decision = if transacting {
+        let (x, decision) = gw
+            .decide(|store| {
+                let mut x = Exchange::new(Arc::clone(&config));
+                let now = crate::now_ms();
+                // Its head again (authenticated as before: nothing shared is read).
+                let _ = x.on_request_headers(now, &head, store);
+                let decision = x.on_request_body(now, &body, store);
+                (x, decision)
+            })
+            .await;
+        exchange = x;
+        decision
+    } else {
+        exchange.on_request_body(crate::now_ms(), &body, &gw.store)
+    };
+    match decision {
         OnBody::Respond(r) => conclude(&gw, exchange, r, None, started, Ending::Answered),
         OnBody::Forward(forward) => {
             forward_upstream(&gw, exchange, &parts.headers, body, forward, started).await
@@ -308,7 +404,7 @@ async fn forward_upstream(
     let mut key_id: Option<String> = None;
     // While every model of the chain so far had all its keys cooling: the soonest retry.
     let mut all_cooling: Option<u64> = Some(u64::MAX);
-    let mut next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+    let mut next = pick(gw, &config, &ticket).await;
     loop {
         let mut attempt = match next {
             Ok(a) => a,
@@ -323,7 +419,7 @@ async fn forward_upstream(
                 match fail_over(gw, &mut guard, &ticket) {
                     Some(OnBody::Forward(f)) => {
                         (forward, body, ticket) = routed(f, &client_body);
-                        next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+                        next = pick(gw, &config, &ticket).await;
                         continue;
                     }
                     Some(OnBody::Respond(r)) => return guard.answer(r),
@@ -358,10 +454,7 @@ async fn forward_upstream(
             key,
             model: &ticket.model,
         });
-        let unanswered = || {
-            let none = HeaderMap::new();
-            observe(gw, &config, who.as_ref(), None, None, &none);
-        };
+        let none = HeaderMap::new();
         let failed = match sent {
             Ok(Ok(response)) => {
                 let (mut parts, upstream_body) = response.into_parts();
@@ -384,7 +477,8 @@ async fn forward_upstream(
                         Some(status),
                         None,
                         &parts.headers,
-                    );
+                    )
+                    .await;
                     return relay(gw, guard, parts, upstream_body, key_id, timeout).await;
                 }
                 // A failed answer: its body (small, read within the upstream timeout) tells
@@ -398,7 +492,8 @@ async fn forward_upstream(
                     Some(status),
                     class,
                     &parts.headers,
-                );
+                )
+                .await;
                 match class {
                     Some(RefusalClass::TooLarge) => {
                         // No other key would take it (the same limits, normally).
@@ -413,7 +508,7 @@ async fn forward_upstream(
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
-                unanswered();
+                observe(gw, &config, who.as_ref(), None, None, &none).await;
                 let provider = provider.clone();
                 Failed::Unreachable(if answered_unreadably(&e) {
                     GatewayError::UpstreamInvalidAnswer { provider }
@@ -422,7 +517,7 @@ async fn forward_upstream(
                 })
             }
             Err(_) => {
-                unanswered();
+                observe(gw, &config, who.as_ref(), None, None, &none).await;
                 Failed::Silent(GatewayError::UpstreamTimeout {
                     provider: provider.clone(),
                 })
@@ -444,7 +539,7 @@ async fn forward_upstream(
                 Some(OnBody::Forward(f)) => {
                     tracing::warn!(provider = %provider, from = %ticket.model, to = %f.ticket.model, "model failed; failing over");
                     (forward, body, ticket) = routed(f, &client_body);
-                    next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+                    next = pick(gw, &config, &ticket).await;
                     continue;
                 }
                 Some(OnBody::Respond(r)) => return guard.answer(r),
@@ -460,8 +555,18 @@ async fn forward_upstream(
         guard.give_back_key();
         tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), retry_in_ms = wait, "attempt failed; retrying on another key");
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        next = attempt_key(&config, &ticket, &gw.store, crate::now_ms());
+        next = pick(gw, &config, &ticket).await;
     }
+}
+
+/// The key for the ticket's next attempt (see `Gateway::decide`).
+async fn pick<'c>(
+    gw: &Gateway,
+    config: &'c Config,
+    ticket: &Ticket,
+) -> Result<KeyAttempt<'c>, GatewayError> {
+    gw.decide(|store| attempt_key(config, ticket, store, crate::now_ms()))
+        .await
 }
 
 /// A routing, with the body it sends (the client's when it needs no other) and the ticket
@@ -557,10 +662,12 @@ fn next_backoff(retry: &RetryPolicy, ticket: &Ticket) -> Option<u64> {
 }
 
 /// Records what an attempt's answer says of its key (health, headroom, counters): `status`
-/// `None` when the provider never answered, `class` what its refusal meant.
-fn observe(
-    gw: &Gateway,
-    config: &Config,
+/// `None` when the provider never answered, `class` what its refusal meant. On Redis, a
+/// success is recorded in the background; a failure before the next attempt picks its key,
+/// so that no replica picks a key this one found cooling.
+async fn observe(
+    gw: &Arc<Gateway>,
+    config: &Arc<Config>,
     who: Option<&Attempted<'_>>,
     status: Option<u16>,
     class: Option<RefusalClass>,
@@ -569,18 +676,43 @@ fn observe(
     let Some(who) = who else { return };
     gw.metrics.key_attempt(who.provider, who.key, status, class);
     let now = crate::now_ms();
-    let recorded = keys::observe(
-        config,
-        who,
-        status,
-        class,
-        &Headers(headers),
-        now,
-        &gw.store,
-    )
-    .and_then(|()| keys::count(config, who, status, class, &gw.store));
-    if let Err(e) = recorded {
-        tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
+    if gw.store.transacting().is_none() {
+        let store = &gw.store;
+        let recorded = keys::observe(config, who, status, class, &Headers(headers), now, store)
+            .and_then(|()| keys::count(config, who, status, class, store));
+        if let Err(e) = recorded {
+            tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
+        }
+        return;
+    }
+    let (provider, key, model) = (
+        who.provider.to_string(),
+        who.key.to_string(),
+        who.model.to_string(),
+    );
+    // A success's record is not waited for.
+    let in_background = status.is_some_and(|s| s < 400);
+    let (gw, config, headers) = (Arc::clone(gw), Arc::clone(config), headers.clone());
+    let record = async move {
+        let who = Attempted {
+            provider: &provider,
+            key: &key,
+            model: &model,
+        };
+        let recorded = gw
+            .decide(|store| {
+                keys::observe(&config, &who, status, class, &Headers(&headers), now, store)
+                    .and_then(|()| keys::count(&config, &who, status, class, store))
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
+        }
+    };
+    if in_background {
+        tokio::spawn(record);
+    } else {
+        record.await;
     }
 }
 
@@ -816,7 +948,7 @@ impl InFlight {
                 requests: 1,
                 ..Amounts::default()
             };
-            let _ = limits::settle(reservation, &self.gateway.store, crate::now_ms(), sent);
+            self.gateway.settle(reservation, sent, crate::now_ms());
         }
     }
 

@@ -16,10 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use redis::{Connection, Script};
 use tollgate_core::config::store::{OnFailure, RedisSettings};
 use tollgate_core::limits::LeaseBook;
-use tollgate_core::store::{Commit, CommitReply, CounterStore, Redo, StoreError};
+use tollgate_core::limits::{self, Limit};
+use tollgate_core::store::{Commit, CommitReply, CounterStore, Redo, StoreError, Tx};
+use tollgate_core::Config;
 
 /// Writes `ARGV[2]` at `KEYS[1]` if it holds `ARGV[1]` (`""`: absent), to expire after
 /// `ARGV[3]` ms (`"0"`: never); answers `{1}`, or `{0, current}` (`""` when absent). Values
@@ -255,10 +258,15 @@ pub struct RedisStore {
     /// Updates answered by `on_failure` (`tollgate_store_unavailable_total`).
     unavailable: AtomicU64,
     leases: LeaseBook,
+    /// Decisions as transactions (`decide`, `commit`): what this process last saw of each
+    /// key, and the async connection their commits go over.
+    known: Mutex<HashMap<String, Option<u64>>>,
+    committer: Committer,
 }
 
 impl RedisStore {
-    pub fn new(settings: &RedisSettings) -> Result<Arc<Self>, String> {
+    /// `config`: its limits redo hot counters' writes (`Committer`).
+    pub fn new(settings: &RedisSettings, config: &Config) -> Result<Arc<Self>, String> {
         Ok(Arc::new(Self {
             client: client(settings)?,
             settings: settings.clone(),
@@ -268,6 +276,8 @@ impl RedisStore {
             up: AtomicBool::new(true),
             unavailable: AtomicU64::new(0),
             leases: LeaseBook::default(),
+            known: Mutex::new(HashMap::new()),
+            committer: Committer::new(settings, config)?,
         }))
     }
 
@@ -388,6 +398,46 @@ impl RedisStore {
         StoreError::Host(format!("redis: {:?}", e.kind()))
     }
 
+    /// Runs `decide` on what this process last saw of Redis, as a transaction: its outcome
+    /// and the keys to commit (`commit`). See `store::Tx`.
+    pub fn decide<R>(&self, decide: impl FnOnce(&Tx<'_>) -> R) -> (R, Commit) {
+        let known = self.known.lock().map(|k| k.clone()).unwrap_or_default();
+        let tx = Tx::new(&known, &self.leases);
+        let out = decide(&tx);
+        (out, tx.into_commit())
+    }
+
+    /// Commits a transaction in one round trip: `Ok(true)` landed, `Ok(false)` lost to
+    /// another writer (what it read is learned: decide again), `Err` Redis failed (it is
+    /// marked down: `on_failure` answers until the probe finds it back).
+    pub async fn commit(&self, commit: &Commit) -> Result<bool, StoreError> {
+        match self.committer.commit(commit).await {
+            Ok(reply) => {
+                if let Ok(mut known) = self.known.lock() {
+                    tollgate_core::store::learn(&mut known, commit, &reply);
+                }
+                Ok(reply.committed)
+            }
+            Err(Unavailable(why)) => {
+                if let Ok(mut pool) = self.pool.lock() {
+                    pool.clear();
+                }
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::error!(
+                        on_failure = self.settings.on_failure.as_str(),
+                        "redis is unavailable, requests get the on_failure answer until it is back: {why}"
+                    );
+                }
+                Err(StoreError::Host(format!("redis: {why}")))
+            }
+        }
+    }
+
+    /// Takes a reloaded config's limits (the math of redone writes).
+    pub fn set_limits(&self, config: &Config) {
+        self.committer.set_limits(config);
+    }
+
     /// Checks Redis every `period` while it is marked down, and marks it up when it
     /// answers: the processes go back to it by themselves.
     pub fn probe(self: Arc<Self>, period: Duration) {
@@ -412,6 +462,9 @@ impl RedisStore {
                     if let Ok(mut seen) = self.seen.lock() {
                         // Redis may have restarted empty: read afresh.
                         seen.clear();
+                    }
+                    if let Ok(mut known) = self.known.lock() {
+                        known.clear();
                     }
                     self.up.store(true, Ordering::Relaxed);
                     tracing::info!("redis is back: shared state is used again");
@@ -507,6 +560,160 @@ impl RedisStore {
             OnFailure::Closed | OnFailure::Local => Err(error),
         }
     }
+}
+
+/// Commits transactions on Redis over one shared async connection (`tollgate store-server`,
+/// and the native host's decisions): within `timeout_ms` (one to connect, one to answer),
+/// hot counters redone by the config's limits (`commit_redoing`).
+pub struct Committer {
+    client: redis::Client,
+    timeout: Duration,
+    /// The connection every request shares (multiplexed), made when first needed and
+    /// dropped after any failure.
+    connection: std::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Held while a connection is made, so that requests arriving meanwhile wait for it
+    /// instead of each making one.
+    connecting: tokio::sync::Mutex<()>,
+    up: AtomicBool,
+    /// The config's limits by their store key: the math of a commit's redone writes.
+    limits: std::sync::RwLock<HashMap<String, Limit>>,
+}
+
+/// Why Redis could not be used (logged; the client gets 503 `shared_state_unavailable`).
+pub struct Unavailable(pub String);
+
+impl Committer {
+    /// `config`: the gateways' config (its limits' math redoes hot counters' writes).
+    pub fn new(settings: &RedisSettings, config: &Config) -> Result<Self, String> {
+        Ok(Self {
+            limits: std::sync::RwLock::new(limits_by_key(config)),
+            client: client(settings)?,
+            timeout: Duration::from_millis(settings.timeout_ms),
+            connection: std::sync::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            up: AtomicBool::new(true),
+        })
+    }
+
+    /// An op's write made again on `current` (see `store::Redo`).
+    fn redo(&self, key: &str, how: &Redo, current: Option<u64>) -> Option<u64> {
+        match how {
+            Redo::Add { n } => Some(current.unwrap_or(0).wrapping_add(*n)),
+            other => limits::redo(self.limits.read().ok()?.get(key)?, other, current),
+        }
+    }
+
+    fn current(&self) -> Option<MultiplexedConnection> {
+        self.connection.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn set_current(&self, connection: Option<MultiplexedConnection>) {
+        if let Ok(mut slot) = self.connection.lock() {
+            *slot = connection;
+        }
+    }
+
+    /// The shared connection, made if there is none; within one `timeout` in all, waiting
+    /// on another request's attempt included.
+    async fn connection(&self) -> Result<MultiplexedConnection, Unavailable> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let connect = async {
+            let _connecting = self.connecting.lock().await;
+            if let Some(c) = self.current() {
+                // Made by the request this one waited for.
+                return Ok(c);
+            }
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(self.timeout));
+            let c = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(|e| Unavailable(format!("connecting: {e}")))?;
+            self.set_current(Some(c.clone()));
+            Ok(c)
+        };
+        tokio::time::timeout(self.timeout, connect)
+            .await
+            .unwrap_or_else(|_| Err(Unavailable("connecting: timed out".into())))
+    }
+
+    /// Runs `op` on the shared connection within `timeout`; a failure drops the connection
+    /// (a later request makes a new one) and is logged once until Redis answers again.
+    async fn with_redis<T, F>(
+        &self,
+        op: impl FnOnce(MultiplexedConnection) -> F,
+    ) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let outcome = match self.connection().await {
+            Err(e) => Err(e),
+            Ok(c) => match tokio::time::timeout(self.timeout, op(c)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Unavailable(e.to_string())),
+                Err(_) => Err(Unavailable("no answer within store.timeout_ms".into())),
+            },
+        };
+        match &outcome {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("redis is back: commits are served again");
+                }
+            }
+            Err(Unavailable(why)) => {
+                // Made again by the next request: a connection that failed is not trusted.
+                self.set_current(None);
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::error!(
+                        "redis is unavailable, commits are answered 503 until it is back: {why}"
+                    );
+                } else {
+                    tracing::debug!("redis is still unavailable: {why}");
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Commits `commit` (see `commit_redoing`).
+    pub async fn commit(&self, commit: &Commit) -> Result<CommitReply, Unavailable> {
+        if commit.ops.is_empty() {
+            return Ok(CommitReply {
+                committed: true,
+                current: Vec::new(),
+            });
+        }
+        self.with_redis(|mut c| async move {
+            let redo = |key: &str, how: &Redo, current: Option<u64>| self.redo(key, how, current);
+            commit_redoing(&mut c, commit, &redo).await
+        })
+        .await
+    }
+
+    pub async fn ping(&self) -> Result<String, Unavailable> {
+        self.with_redis(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
+        .await
+    }
+
+    /// Takes the limits of a reloaded config.
+    pub fn set_limits(&self, config: &Config) {
+        if let Ok(mut limits) = self.limits.write() {
+            *limits = limits_by_key(config);
+        }
+    }
+}
+
+fn limits_by_key(config: &Config) -> HashMap<String, Limit> {
+    config
+        .all_limits()
+        .map(|l| (l.store_key.to_string(), l.clone()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tollgate_core::config::store::OnFailure;
 use tollgate_core::limits::LeaseBook;
-use tollgate_core::store::{CounterStore, StoreError};
+use tollgate_core::store::{CounterStore, Either, StoreError, Tx};
 
 use crate::redis_store::RedisStore;
 
@@ -39,6 +39,11 @@ impl Store {
             Self::Local(_) => None,
             Self::Redis { redis, .. } => Some(redis),
         }
+    }
+
+    /// Redis, while it answers: decisions are made as transactions on it.
+    pub fn transacting(&self) -> Option<&Arc<RedisStore>> {
+        self.redis().filter(|r| r.is_up())
     }
 }
 
@@ -71,6 +76,11 @@ impl CounterStore for Store {
         }
     }
 }
+
+/// The store a decision runs on: the process's own (`Store`: memory, or Redis key by key,
+/// or `on_failure`'s way while it is down: `Left`), or a transaction on Redis (`Right`,
+/// `Gateway::decide`).
+pub type DecideOn<'a> = Either<&'a Store, &'a Tx<'a>>;
 
 #[derive(Default)]
 pub struct MemoryStore {

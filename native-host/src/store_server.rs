@@ -12,10 +12,8 @@
 //! answer); the connection is then dropped and made again by a later request, so the
 //! server goes back to Redis by itself when it returns.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,14 +24,12 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tollgate_core::config::store::RedisSettings;
-use tollgate_core::limits::{self, Limit};
-use tollgate_core::store::{Commit, Redo, COMMIT_PATH};
+use tollgate_core::store::{Commit, COMMIT_PATH};
 use tollgate_core::Config;
 
-use crate::redis_store;
+use crate::redis_store::Committer;
 
 /// The largest commit body accepted (a request's transaction is a handful of keys).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -47,121 +43,15 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(10);
 
 pub struct StoreServer {
-    client: redis::Client,
-    timeout: Duration,
-    /// The connection every request shares (multiplexed), made when first needed and
-    /// dropped after any failure.
-    connection: std::sync::Mutex<Option<MultiplexedConnection>>,
-    /// Held while a connection is made, so that requests arriving meanwhile wait for it
-    /// instead of each making one.
-    connecting: tokio::sync::Mutex<()>,
-    up: AtomicBool,
-    /// The config's limits by their store key: the math of a commit's redone writes.
-    limits: HashMap<String, Limit>,
+    redis: Committer,
 }
-
-/// Why Redis could not be used (logged; the client gets 503 `shared_state_unavailable`).
-struct Unavailable(String);
 
 impl StoreServer {
     /// `config`: the gateways' config (its limits' math redoes hot counters' writes).
     pub fn new(settings: &RedisSettings, config: &Config) -> Result<Self, String> {
-        let limits = config
-            .all_limits()
-            .map(|l| (l.store_key.to_string(), l.clone()))
-            .collect();
         Ok(Self {
-            limits,
-            client: redis_store::client(settings)?,
-            timeout: Duration::from_millis(settings.timeout_ms),
-            connection: std::sync::Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            up: AtomicBool::new(true),
+            redis: Committer::new(settings, config)?,
         })
-    }
-
-    /// An op's write made again on `current` (see `store::Redo`).
-    fn redo(&self, key: &str, how: &Redo, current: Option<u64>) -> Option<u64> {
-        match how {
-            Redo::Add { n } => Some(current.unwrap_or(0).wrapping_add(*n)),
-            other => limits::redo(self.limits.get(key)?, other, current),
-        }
-    }
-
-    fn current(&self) -> Option<MultiplexedConnection> {
-        self.connection.lock().ok().and_then(|c| c.clone())
-    }
-
-    fn set_current(&self, connection: Option<MultiplexedConnection>) {
-        if let Ok(mut slot) = self.connection.lock() {
-            *slot = connection;
-        }
-    }
-
-    /// The shared connection, made if there is none; within one `timeout` in all, waiting
-    /// on another request's attempt included.
-    async fn connection(&self) -> Result<MultiplexedConnection, Unavailable> {
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        let connect = async {
-            let _connecting = self.connecting.lock().await;
-            if let Some(c) = self.current() {
-                // Made by the request this one waited for.
-                return Ok(c);
-            }
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.timeout))
-                .set_response_timeout(Some(self.timeout));
-            let c = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map_err(|e| Unavailable(format!("connecting: {e}")))?;
-            self.set_current(Some(c.clone()));
-            Ok(c)
-        };
-        tokio::time::timeout(self.timeout, connect)
-            .await
-            .unwrap_or_else(|_| Err(Unavailable("connecting: timed out".into())))
-    }
-
-    /// Runs `op` on the shared connection within `timeout`; a failure drops the connection
-    /// (a later request makes a new one) and is logged once until Redis answers again.
-    async fn with_redis<T, F>(
-        &self,
-        op: impl FnOnce(MultiplexedConnection) -> F,
-    ) -> Result<T, Unavailable>
-    where
-        F: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        let outcome = match self.connection().await {
-            Err(e) => Err(e),
-            Ok(c) => match tokio::time::timeout(self.timeout, op(c)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(Unavailable(e.to_string())),
-                Err(_) => Err(Unavailable("no answer within store.timeout_ms".into())),
-            },
-        };
-        match &outcome {
-            Ok(_) => {
-                if !self.up.swap(true, Ordering::Relaxed) {
-                    tracing::info!("redis is back: commits are served again");
-                }
-            }
-            Err(Unavailable(why)) => {
-                // Made again by the next request: a connection that failed is not trusted.
-                self.set_current(None);
-                if self.up.swap(false, Ordering::Relaxed) {
-                    tracing::error!(
-                        "redis is unavailable, commits are answered 503 until it is back: {why}"
-                    );
-                } else {
-                    tracing::debug!("redis is still unavailable: {why}");
-                }
-            }
-        }
-        outcome
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -170,11 +60,7 @@ impl StoreServer {
             ("POST", COMMIT_PATH) => self.commit(req).await,
             (_, COMMIT_PATH) => method_not_allowed(&path, "POST"),
             ("GET", HEALTH_PATH) => {
-                let pong = self
-                    .with_redis(|mut c| async move {
-                        redis::cmd("PING").query_async::<String>(&mut c).await
-                    })
-                    .await;
+                let pong = self.redis.ping().await;
                 match pong {
                     Ok(_) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
                     Err(_) => unavailable(),
@@ -238,13 +124,7 @@ impl StoreServer {
             // Nothing to check or write: Redis is not asked.
             return json_response(StatusCode::OK, &json!({ "committed": true }));
         }
-        let reply = self
-            .with_redis(|mut c| async move {
-                let redo =
-                    |key: &str, how: &Redo, current: Option<u64>| self.redo(key, how, current);
-                redis_store::commit_redoing(&mut c, &commit, &redo).await
-            })
-            .await;
+        let reply = self.redis.commit(&commit).await;
         match reply {
             Ok(reply) => match serde_json::to_value(&reply) {
                 Ok(v) => json_response(StatusCode::OK, &v),
