@@ -271,6 +271,7 @@ fn run(
             StoreSettings::Redis(settings) => {
                 let redis = redis_store::RedisStore::new(settings, &config)?;
                 Arc::clone(&redis).probe(std::time::Duration::from_millis(250));
+                Arc::clone(&redis).send_queued();
                 store::Store::Redis {
                     redis,
                     fallback: store::MemoryStore::default(),

@@ -128,39 +128,23 @@ impl Gateway {
         decide(&DecideOn::Left(&self.store))
     }
 
-    /// Settles a reservation on what was used, at `now_ms`: on Redis in the background (the
-    /// response does not wait), one round trip made again on fresher values if it must be;
-    /// else at once.
+    /// Settles a reservation on what was used, at `now_ms`: on Redis queued, to go with the
+    /// next batch (the response does not wait); else at once.
     pub fn settle(&self, reservation: Reservation, used: Amounts, now_ms: u64) {
         if reservation.is_empty() {
             return;
         }
-        let (Some(redis), Ok(runtime)) = (
-            self.store.transacting(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
+        let Some(redis) = self.store.transacting() else {
             let _ = limits::settle(reservation, &self.store, now_ms, used);
             return;
         };
-        let redis = Arc::clone(redis);
-        runtime.spawn(async move {
-            // A rerun starts with the leases where the first run found them.
-            let marks = LeaseMarks::of(&reservation);
-            for _ in 0..DECISION_ROUNDS {
-                marks.restore();
-                let ((), commit) = redis.decide(|tx| {
-                    let _ = limits::settle(reservation.clone(), tx, now_ms, used);
-                });
-                match redis.commit(&commit).await {
-                    Ok(true) => return,
-                    Ok(false) => continue,
-                    // Redis keeps what was reserved until the limits' windows pass.
-                    Err(_) => return,
-                }
-            }
-            marks.restore();
-            let _ = limits::settle(reservation, &*redis, now_ms, used);
-        });
+        let marks = LeaseMarks::of(&reservation);
+        redis.defer(
+            Box::new(move |tx| {
+                let _ = limits::settle(reservation.clone(), tx, now_ms, used);
+            }),
+            marks,
+        );
     }
 
     /// Ends an exchange, however it ended: settles its limits, writes its access log line
@@ -690,29 +674,29 @@ async fn observe(
         who.key.to_string(),
         who.model.to_string(),
     );
-    // A success's record is not waited for.
-    let in_background = status.is_some_and(|s| s < 400);
-    let (gw, config, headers) = (Arc::clone(gw), Arc::clone(config), headers.clone());
-    let record = async move {
+    let (config, headers) = (Arc::clone(config), headers.clone());
+    let mut record = move |store: &DecideOn<'_>| {
         let who = Attempted {
             provider: &provider,
             key: &key,
             model: &model,
         };
-        let recorded = gw
-            .decide(|store| {
-                keys::observe(&config, &who, status, class, &Headers(&headers), now, store)
-                    .and_then(|()| keys::count(&config, &who, status, class, store))
-            })
-            .await;
-        if let Err(e) = recorded {
-            tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
-        }
+        keys::observe(&config, &who, status, class, &Headers(&headers), now, store)
+            .and_then(|()| keys::count(&config, &who, status, class, store))
     };
-    if in_background {
-        tokio::spawn(record);
-    } else {
-        record.await;
+    match gw.store.transacting() {
+        // A success's record goes with the next batch; nothing waits on it.
+        Some(redis) if status.is_some_and(|s| s < 400) => redis.defer(
+            Box::new(move |tx| {
+                let _ = record(&DecideOn::Right(tx));
+            }),
+            LeaseMarks::default(),
+        ),
+        _ => {
+            if let Err(e) = gw.decide(&mut record).await {
+                tracing::warn!(provider = %who.provider, key = who.key, error = %e, "key health not recorded");
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{Connection, Script};
 use tollgate_core::config::store::{OnFailure, RedisSettings};
 use tollgate_core::limits::LeaseBook;
-use tollgate_core::limits::{self, Limit};
+use tollgate_core::limits::{self, LeaseMarks, Limit};
 use tollgate_core::store::{Commit, CommitReply, CounterStore, Redo, StoreError, Tx};
 use tollgate_core::Config;
 
@@ -262,7 +262,20 @@ pub struct RedisStore {
     /// key, and the async connection their commits go over.
     known: Mutex<HashMap<String, Option<u64>>>,
     committer: Committer,
+    /// Updates nothing waits on, sent in batches by `send_queued`.
+    queued: Mutex<Vec<(Job, LeaseMarks)>>,
+    wake: tokio::sync::Notify,
 }
+
+/// An update nothing waits on (a settlement, a successful answer's record): made on a
+/// transaction, maybe several times, so a function of what it captured.
+pub type Job = Box<dyn FnMut(&Tx<'_>) + Send>;
+
+/// Most queued updates sent in one batch.
+const MAX_BATCH: usize = 512;
+
+/// Rounds a batch may lose to other writers before it is dropped.
+const BATCH_ROUNDS: usize = 16;
 
 impl RedisStore {
     /// `config`: its limits redo hot counters' writes (`Committer`).
@@ -278,6 +291,8 @@ impl RedisStore {
             leases: LeaseBook::default(),
             known: Mutex::new(HashMap::new()),
             committer: Committer::new(settings, config)?,
+            queued: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -431,6 +446,55 @@ impl RedisStore {
                 Err(StoreError::Host(format!("redis: {why}")))
             }
         }
+    }
+
+    /// Queues an update nothing waits on; `marks`: the leases it moves, put back before it
+    /// runs again. The batch sender (`send_queued`) commits it with the others queued.
+    pub fn defer(&self, job: Job, marks: LeaseMarks) {
+        if let Ok(mut queued) = self.queued.lock() {
+            queued.push((job, marks));
+        }
+        self.wake.notify_one();
+    }
+
+    /// Sends the queued updates, one batch in flight at a time, each batch one transaction:
+    /// under load, one round trip settles many requests. A batch that loses to other writers
+    /// runs again on the values it learned; one that Redis fails is dropped (what it would
+    /// give back stays taken until the limits' windows pass: the cautious side).
+    pub fn send_queued(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                self.wake.notified().await;
+                loop {
+                    let mut batch: Vec<(Job, LeaseMarks)> = match self.queued.lock() {
+                        Ok(mut q) => {
+                            let n = q.len().min(MAX_BATCH);
+                            q.drain(..n).collect()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for round in 0..BATCH_ROUNDS {
+                        if round > 0 {
+                            for (_, marks) in &batch {
+                                marks.restore();
+                            }
+                        }
+                        let ((), commit) = self.decide(|tx| {
+                            for (job, _) in batch.iter_mut() {
+                                job(tx);
+                            }
+                        });
+                        match self.commit(&commit).await {
+                            Ok(false) => continue,
+                            Ok(true) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Takes a reloaded config's limits (the math of redone writes).
