@@ -123,11 +123,13 @@ envoy-config: native
 bench:
 	$(CARGO) bench -p tollgate-benches
 
-## bench-load: the load bench (mock, bare Envoy, Envoy + tollgate, native, crabllm, Portkey,
-## LiteLLM); installs what it needs and writes benches/RESULTS.md
+## bench-load: the load bench (mock, bare Envoy, the wasm floor filters, Envoy + tollgate,
+## native, on Redis too, crabllm, Portkey, LiteLLM); installs what it needs and writes
+## benches/RESULTS.md
 bench-load: wasm envoy-install
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(CARGO) build --release --bin tollgate --bin mock-provider
+	$(CARGO) build --release -p tollgate-floor --target wasm32-wasip1
 	$(PYTHON) benches/load.py $(BENCH_ARGS)
 
 clean:

@@ -361,8 +361,27 @@ def target_envoy_tollgate(mock_port, chain=False, tollgate=None, wasm=None, conf
     return proc, url, {"Authorization": f"Bearer {CLIENT_KEY}"}, admin
 
 
-def target_envoy_bare(mock_port):
+FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate_floor.wasm"
+
+
+def target_envoy_bare(mock_port, floor=None):
+    """Bare Envoy; with `floor` ("noop" or "body"), one of the reference filters of
+    benches/floor (a wasm filter that does nothing; one that reads the whole body and sets a
+    header) before its router."""
     port, admin = free_port(), free_port()
+    filters = [{"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    if floor:
+        filters.insert(0, {"name": "envoy.filters.http.wasm", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": f"floor-{floor}", "root_id": "floor",
+                # As tollgate's bootstrap: lets a paused headers callback see the body.
+                "allow_on_headers_stop_iteration": True,
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": floor},
+                "vm_config": {"vm_id": "floor", "runtime": "envoy.wasm.runtime.v8",
+                              "code": {"local": {"filename": str(FLOOR_WASM)}}},
+            }}})
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
@@ -375,8 +394,7 @@ def target_envoy_bare(mock_port):
                         "stat_prefix": "bare", "codec_type": "AUTO",
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                             {"match": {"prefix": "/"}, "route": {"cluster": "mock", "timeout": "0s"}}]}]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                        "http_filters": filters,
                     }}]}],
             }],
             "clusters": [{
@@ -386,9 +404,10 @@ def target_envoy_bare(mock_port):
             }],
         },
     }
-    path = WORKDIR / "envoy-bare.json"
+    name = f"envoy-{floor}" if floor else "envoy-bare"
+    path = WORKDIR / f"{name}.json"
     path.write_text(json.dumps(bootstrap))
-    proc = Proc("envoy-bare", [ENVOY, "-c", path, "--concurrency", WORKERS, "--disable-hot-restart", "--log-level", "error"])
+    proc = Proc(name, [ENVOY, "-c", path, "--concurrency", WORKERS, "--disable-hot-restart", "--log-level", "error"])
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     wait_http(f"http://127.0.0.1:{port}/v1/models")
     return proc, url, {"Authorization": f"Bearer {UPSTREAM_KEYS[0]}"}, None
@@ -496,6 +515,10 @@ def target_portkey(mock_port):
 TARGETS = {
     "mock": ("mock provider, direct", target_mock),
     "envoy-bare": (f"bare Envoy ({WORKERS} workers)", target_envoy_bare),
+    "envoy-noop": (f"Envoy + a wasm filter that does nothing ({WORKERS} workers)",
+                   lambda port: target_envoy_bare(port, floor="noop")),
+    "envoy-floor": (f"Envoy + a wasm filter that reads the body, sets a header: the floor ({WORKERS} workers)",
+                    lambda port: target_envoy_bare(port, floor="body")),
     "envoy-tollgate": (f"Envoy + tollgate ({WORKERS} workers)", target_envoy_tollgate),
     "native": ("tollgate native host", target_native),
     "envoy-tollgate-chain": (f"Envoy + tollgate, model with a fallback ({WORKERS} workers)",
