@@ -23,7 +23,7 @@ define print_curl
 	@echo ""
 endef
 
-.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install prometheus-install redis-install rust-targets bench bench-load envoy-config clean
+.PHONY: run envoy test soak lint wasm wasm-trap native envoy-install sdk-install prometheus-install redis-install rust-targets bench bench-load bench-instructions envoy-config clean
 
 ## run: build and start the native gateway on the default config (mock provider, demo key)
 run:
@@ -131,6 +131,15 @@ bench-load: wasm envoy-install
 	$(CARGO) build --release --bin tollgate --bin mock-provider
 	$(CARGO) build --release -p tollgate-floor --target wasm32-wasip1
 	$(PYTHON) benches/load.py $(BENCH_ARGS)
+
+## bench-instructions: instructions per request on the core's path (valgrind's callgrind:
+## stable on noisy machines), one run of N requests against one of none
+bench-instructions:
+	@command -v valgrind >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind)
+	$(CARGO) build --release -p tollgate-benches --example core_path
+	@count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/examples/core_path $$1 2>&1 | awk '/Collected/ {print $$NF}'; }; \
+	  none=$$(count 0); some=$$(count 2000); \
+	  echo "core path, 1 KB chat request: $$(( (some - none) / 2000 )) instructions per request"
 
 clean:
 	$(CARGO) clean
