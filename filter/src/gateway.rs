@@ -538,6 +538,12 @@ impl HttpContext for GatewayFlow {
         // limits and frees concurrency slots.
         let now = host::now_ms();
         let summary = match self.admitted_on {
+            // Ended while its decision's commit was out: what that decision reserved may
+            // never have landed, so nothing is given back (if it landed, it stays taken until
+            // the limits' windows pass: the cautious side).
+            Backing::Redis if self.pending.take().is_some() => {
+                self.exchange.finish_with(&mut |_, _| {})
+            }
             Backing::Redis => self.exchange.finish_with(&mut |reservation, used| {
                 remote::defer(move |tx| {
                     let _ = limits::settle(reservation.clone(), tx, now, used);
