@@ -132,14 +132,26 @@ bench-load: wasm envoy-install
 	$(CARGO) build --release -p tollgate-floor --target wasm32-wasip1
 	$(PYTHON) benches/load.py $(BENCH_ARGS)
 
-## bench-instructions: instructions per request on the core's path (valgrind's callgrind:
-## stable on noisy machines), one run of N requests against one of none
+## bench-instructions: instructions per request (valgrind's callgrind: stable on noisy
+## machines), one run of N requests against one of none: the core's path, and the filter's
+## whole path in both roles on a fake proxy-wasm host (the host's own work not counted)
 bench-instructions:
 	@command -v valgrind >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind)
 	$(CARGO) build --release -p tollgate-benches --example core_path
 	@count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/examples/core_path $$1 2>&1 | awk '/Collected/ {print $$NF}'; }; \
 	  none=$$(count 0); some=$$(count 2000); \
 	  echo "core path, 1 KB chat request: $$(( (some - none) / 2000 )) instructions per request"
+	@# Symbols kept, so that callgrind counts only inside the filter's entry points.
+	CARGO_PROFILE_RELEASE_STRIP=false $(CARGO) build --release -p tollgate-benches --example filter_path --target-dir target/instructions
+	@filter=$$(printf -- '--toggle-collect=%s ' 'proxy_on_*' 'proxy_get_*' 'proxy_set_*' 'proxy_replace_*' 'proxy_add_*' \
+	    'proxy_remove_*' proxy_define_metric proxy_increment_metric proxy_record_metric proxy_log \
+	    proxy_send_local_response proxy_continue_stream); \
+	  for kind in chat stream; do \
+	    count() { valgrind --tool=callgrind $$filter --callgrind-out-file=/dev/null target/instructions/release/examples/filter_path $$1 $$kind 2>&1 | awk '/Collected/ {print $$NF}'; }; \
+	    none=$$(count 0); some=$$(count 2000); \
+	    echo "filter path, both roles, $$kind: $$(( (some - none) / 2000 )) instructions per request"; \
+	    target/instructions/release/examples/filter_path 100 $$kind; \
+	  done
 
 clean:
 	$(CARGO) clean

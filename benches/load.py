@@ -537,6 +537,11 @@ TARGETS = {
 
 
 def measure(name, args, mock, mock_port):
+    if name.startswith("envoy-floor+"):
+        # The floor plus host calls of one kind (benches/floor: `body+<call>*<n>`).
+        calls = name.removeprefix("envoy-floor+")
+        TARGETS[name] = (f"the floor + host calls {calls} ({WORKERS} workers)",
+                         lambda port: target_envoy_bare(port, floor=f"body+{calls}"))
     label, start = TARGETS[name]
     rows = []
     try:

@@ -1704,10 +1704,12 @@ impl Exchange {
         } else {
             self.sse = Some(sse);
         }
-        if strip {
+        if strip && out != chunk {
             // `strip` is what this chunk was handled with, even if stripping stopped now.
             Chunk::Replace(out)
         } else {
+            // Whole events, none dropped (nearly every chunk of a stripped stream): the
+            // host relays the bytes it has rather than copy them back in.
             Chunk::Unchanged
         }
     }

@@ -160,7 +160,11 @@ fn field(line: &[u8], data: &mut String, event: &mut Option<String>) {
     };
     match name {
         b"data" => {
-            data.push_str(&String::from_utf8_lossy(value));
+            // `from_utf8` checks ASCII a word at a time; the lossy path only for bad bytes.
+            match std::str::from_utf8(value) {
+                Ok(text) => data.push_str(text),
+                Err(_) => data.push_str(&String::from_utf8_lossy(value)),
+            }
             data.push('\n');
         }
         b"event" => {

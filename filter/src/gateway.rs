@@ -268,7 +268,9 @@ impl GatewayFlow {
                 self.body_limit = None;
                 let map = MapType::HttpRequestHeaders;
                 host::remove_present(map, &self.request_headers, forward.remove_headers)?;
-                host::set_header(map, ":path", &forward.path)?;
+                if header_value(&self.request_headers, ":path") != forward.path {
+                    host::set_header(map, ":path", &forward.path)?;
+                }
                 for (name, value) in &forward.default_headers {
                     let sent = self
                         .request_headers
@@ -448,7 +450,13 @@ impl HttpContext for GatewayFlow {
                     if let Some(status) = status {
                         host::set_header(map, ":status", &status.to_string())?;
                     }
-                    host::remove_present(map, &headers, remove_headers)?;
+                    // A header set below replaces the provider's of that name: no removal.
+                    let removed: Vec<&str> = remove_headers
+                        .iter()
+                        .copied()
+                        .filter(|name| !add_headers.iter().any(|(added, _)| added == name))
+                        .collect();
+                    host::remove_present(map, &headers, &removed)?;
                     if body_rewritten {
                         host::remove_header(map, "content-length")?;
                     }

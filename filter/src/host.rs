@@ -92,7 +92,12 @@ pub fn headers(map: MapType) -> Result<Vec<(String, String)>, GatewayError> {
         .map(|pairs| {
             pairs
                 .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .map(|(k, v)| {
+                    // Valid UTF-8 (nearly always) is taken as it is, without a copy.
+                    let v = String::from_utf8(v)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                    (k, v)
+                })
                 .collect()
         })
         .map_err(|s| internal("reading headers", s))

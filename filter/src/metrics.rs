@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -20,27 +21,84 @@ use tollgate_core::Config;
 use tollgate_core::store::CounterStore;
 
 thread_local! {
-    /// Each series' stat id in this VM, by stat name. Envoy hands out a new id for every
-    /// definition, so each is defined once; label values come from the config, so the map
-    /// is bounded by it.
-    static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// Each series' stat id in this VM. Envoy hands out a new id for every definition, so
+    /// each is defined once; label values come from the config, so the map is bounded by it.
+    /// Looked up by a hash of the family and the values, so that a request's metrics build
+    /// no stat name (`envoy_stat_name`) once their series exist.
+    static IDS: RefCell<HashMap<u64, Vec<Series>, BuildHasherDefault<Identity>>> =
+        RefCell::new(HashMap::default());
+}
+
+/// One defined series: what identifies it, and its stat id.
+struct Series {
+    family: &'static str,
+    values: Box<[Box<str>]>,
+    id: u32,
+}
+
+impl Series {
+    fn is(&self, family: &Family, values: &[&str]) -> bool {
+        self.family == family.name
+            && self.values.len() == values.len()
+            && self.values.iter().zip(values).all(|(a, b)| **a == **b)
+    }
+}
+
+/// FNV-1a over the family's name and the values, each ended by a byte UTF-8 never holds.
+fn series_hash(family: &Family, values: &[&str]) -> u64 {
+    fn add(mut hash: u64, part: &str) -> u64 {
+        for &byte in part.as_bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash ^ 0xff).wrapping_mul(0x0100_0000_01b3)
+    }
+    values
+        .iter()
+        .fold(add(0xcbf2_9ce4_8422_2325, family.name), |hash, v| {
+            add(hash, v)
+        })
+}
+
+/// The map's keys are hashes already.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// The stat id of one series, defined on first use.
 fn id(family: &Family, values: &[&str]) -> Option<u32> {
-    let name = m::envoy_stat_name(family, values);
+    let hash = series_hash(family, values);
     IDS.with(|ids| {
         let mut ids = ids.borrow_mut();
-        if let Some(id) = ids.get(&name) {
-            return Some(*id);
+        let same_hash = ids.entry(hash).or_default();
+        if let Some(series) = same_hash.iter().find(|s| s.is(family, values)) {
+            return Some(series.id);
         }
         let kind = match family.kind {
             Kind::Counter => MetricType::Counter,
             Kind::Gauge => MetricType::Gauge,
             Kind::Histogram => MetricType::Histogram,
         };
-        let id = hostcalls::define_metric(kind, &name).ok()?;
-        ids.insert(name, id);
+        let id = hostcalls::define_metric(kind, &m::envoy_stat_name(family, values)).ok()?;
+        same_hash.push(Series {
+            family: family.name,
+            values: values.iter().map(|v| Box::from(*v)).collect(),
+            id,
+        });
         Some(id)
     })
 }

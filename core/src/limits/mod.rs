@@ -472,6 +472,11 @@ fn give_back(
             Unit::Requests if request_was_made => taken.units,
             unit => used.of(unit),
         };
+        if used == taken.units {
+            // Used what it reserved (always so for a request count): the counter already
+            // says so, and a read and a write would change nothing.
+            continue;
+        }
         let redo = Redo::Settle {
             units: taken.units,
             used,

@@ -156,18 +156,25 @@ struct Function<'a> {
 }
 
 /// A part as the dialect shapes it, or whatever a provider sent in its place (then ignored).
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Lenient<T> {
     Known(T),
-    Other(IgnoredAny),
+    Other,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Taken as its raw JSON, then read as `T`: an untagged enum would first copy the
+        // whole value into serde's generic form (a chunk's `choices`, on every event).
+        let raw = <&'de serde_json::value::RawValue>::deserialize(d)?;
+        Ok(serde_json::from_str(raw.get()).map_or(Lenient::Other, Lenient::Known))
+    }
 }
 
 impl<T> Lenient<T> {
     fn known(self) -> Option<T> {
         match self {
             Lenient::Known(t) => Some(t),
-            Lenient::Other(_) => None,
+            Lenient::Other => None,
         }
     }
 }

@@ -233,6 +233,15 @@ impl Edits<'_> {
 /// Returns the body with `edits` applied.
 pub fn rewrite(body: &[u8], edits: &Edits<'_>) -> Result<Vec<u8>, String> {
     use serde_json::Value;
+    let only_stream_usage = edits.force_stream_usage
+        && edits.model.is_none()
+        && edits.prepend.is_empty()
+        && edits.append.is_empty();
+    if only_stream_usage {
+        if let Some(body) = with_stream_usage(body) {
+            return Ok(body);
+        }
+    }
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| describe(&e))?;
     if let Some(model) = edits.model {
@@ -260,9 +269,63 @@ pub fn rewrite(body: &[u8], edits: &Edits<'_>) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&v).map_err(|e| e.to_string())
 }
 
+/// `body` with `"stream_options":{"include_usage":true}` added without parsing it again
+/// (the most common rewrite: a stream whose usage the gateway must see), for a body that was
+/// read as a chat request already. Only where that is sure to be right: the body names no
+/// `stream_options` anywhere (so not at its top; a key's quotes are never escaped, a string's
+/// inner quotes always are) and is an object with members. `None` otherwise.
+fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"\"stream_options\"";
+    const MEMBER: &[u8] = br#","stream_options":{"include_usage":true}"#;
+    if body.windows(KEY.len()).any(|w| w == KEY) {
+        return None;
+    }
+    // The object's members, between its braces (whitespace aside).
+    let inner = body.trim_ascii().strip_prefix(b"{")?.strip_suffix(b"}")?;
+    let members = inner.trim_ascii_end();
+    if members.is_empty() {
+        return None;
+    }
+    // Past the leading whitespace, the opening brace and the members.
+    let lead = body.len() - body.trim_ascii_start().len();
+    let (head, tail) = body.split_at_checked(lead + 1 + members.len())?;
+    let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+    out.extend_from_slice(head);
+    out.extend_from_slice(MEMBER);
+    out.extend_from_slice(tail);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_usage_is_added_in_place_or_by_a_full_rewrite_with_the_same_meaning() {
+        let edits = Edits {
+            model: None,
+            force_stream_usage: true,
+            prepend: Vec::new(),
+            append: Vec::new(),
+        };
+        let parsed = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        for body in [
+            &br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"say \"stream_options\""}]}"#[..],
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}  "#,
+            br#" {"model":"m","stream":true,"stream_options":null,"messages":[{"role":"user","content":"hi"}]}"#,
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false},"messages":[]}"#,
+            br#"{"model":"m","messages":[{"role":"user","content":"}"}],"stream":true}"#,
+        ] {
+            let out = rewrite(body, &edits).unwrap();
+            let mut want = parsed(body);
+            want["stream_options"] = serde_json::json!({ "include_usage": true });
+            assert_eq!(parsed(&out), want, "{}", String::from_utf8_lossy(&out));
+        }
+        // In place: the client's bytes are kept as they came.
+        let body = br#"{"model":"m", "stream":true, "messages":[{"role":"user","content":"hi"}]}"#;
+        let out = rewrite(body, &edits).unwrap();
+        assert!(out.starts_with(&body[..body.len() - 1]));
+    }
 
     #[test]
     fn parses_string_and_part_contents() {
