@@ -128,6 +128,8 @@ bench:
 ## benches/RESULTS.md
 bench-load: wasm envoy-install
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	@# oha: load at a fixed rate, for the latency table.
+	@command -v oha >/dev/null || $(CARGO) install oha --locked
 	$(CARGO) build --release --bin tollgate --bin mock-provider
 	$(CARGO) build --release -p tollgate-floor --target wasm32-wasip1
 	$(PYTHON) benches/load.py $(BENCH_ARGS)

@@ -219,6 +219,33 @@ def wrk(url, headers, stream, duration, connections):
     }
 
 
+# Latency at a fixed rate (`oha -q`), not only at saturation: a rate every tollgate target
+# and bare Envoy sustain with room (the slowest, Envoy on Redis, does about 2,000 req/s), with
+# oha's correction for coordinated omission. Peers are measured at saturation only.
+FIXED_RATE = 1000
+FIXED_RATE_TARGETS = ("envoy-bare", "envoy-floor", "envoy-tollgate", "native", "native-redis", "envoy-redis")
+
+
+def oha(url, headers, stream, duration, connections=16):
+    """p50 and p99 in ms at FIXED_RATE requests per second; None where oha is missing."""
+    if shutil.which("oha") is None:
+        return None
+    cmd = ["oha", "-z", f"{duration}s", "-w", "-q", str(FIXED_RATE), "-c", str(connections), "--latency-correction",
+           "--no-tui", "--output-format", "json", "-m", "POST", "-H", "content-type: application/json", "-d", body(stream)]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=duration + 60).stdout
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return None
+    codes = report.get("statusCodeDistribution") or {}
+    ok = sum(n for code, n in codes.items() if code.startswith("2"))
+    p = report["latencyPercentiles"]
+    return {"p50": p["p50"] * 1000, "p99": p["p99"] * 1000, "errors": sum(codes.values()) - ok
+            + sum((report.get("errorDistribution") or {}).values())}
+
+
 # ---- targets ---------------------------------------------------------------------------
 
 
@@ -567,6 +594,11 @@ def measure(name, args, mock, mock_port):
         row = {"target": label, "case": case, **{k: v for k, v in best.items() if k != "raw"}}
         if admin:
             row["vm_memory_mb"] = (envoy_stat(admin, "wasmcustom.tollgate_vm_memory_bytes") or 0) / 1048576
+        if name in FIXED_RATE_TARGETS:
+            fixed = oha(url, headers, stream, args.duration)
+            if fixed:
+                row["fixed"] = fixed
+                log(f"{label:32} {case:6} at {FIXED_RATE} req/s: p50 {fixed['p50']:.3f} ms  p99 {fixed['p99']:.3f} ms")
         rows.append(row)
         log(f"{label:32} {case:6} {best['rps']:10.0f} req/s  p50 {best['p50']} ms  p99 {best['p99']} ms  "
             f"cpu {best['cpu_ms_per_request']:.3f} ms/req  rss {best['rss_mb']:.0f} MB")
@@ -647,6 +679,18 @@ def write_results(rows, args):
             f"| {r['target']} | {r['case']} | {fmt(r['rps'])} | {ratio(mock)} | {ratio(bare)} | {fmt(r['p50'], 2)} | "
             f"{fmt(r['p99'], 2)} | {fmt(r['cpu_ms_per_request'], 3)} | {fmt(r['rss_mb'])} | {r['errors']} |"
         )
+    fixed = [r for r in rows if r.get("fixed")]
+    if fixed:
+        bare = {r["case"]: r["fixed"] for r in fixed if r["target"] == TARGETS["envoy-bare"][0]}
+        added = lambda r, q: "—" if r["case"] not in bare else f"{r['fixed'][q] - bare[r['case']][q]:+.3f}"
+        out += ["", f"Latency at a fixed rate: `oha -q {FIXED_RATE} -c 16 -z {args.duration}s -w --latency-correction` "
+                    "(one round; nothing saturated, so this is the time a request spends in the gateway, not in queues):",
+                "", "| target | case | p50 ms | p99 ms | added p50 ms over bare Envoy | added p99 ms | errors |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for r in fixed:
+            f = r["fixed"]
+            out.append(f"| {r['target']} | {r['case']} | {f['p50']:.3f} | {f['p99']:.3f} | {added(r, 'p50')} | "
+                       f"{added(r, 'p99')} | {f['errors']} |")
     vm = [r["vm_memory_mb"] for r in rows if r.get("vm_memory_mb")]
     if vm:
         out += ["", f"Wasm VM linear memory per Envoy worker (stat `wasmcustom.tollgate_vm_memory_bytes`): "
