@@ -65,7 +65,7 @@ impl SseParser {
                 on_event(self.dispatch());
             }
         }
-        while let Some(eol) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(eol) = memchr::memchr2(b'\n', b'\r', bytes) {
             let crlf = bytes.get(eol..eol + 2) == Some(&b"\r\n"[..]);
             let eol_len = if crlf { 2 } else { 1 };
             let Some((line, rest)) = bytes.split_at_checked(eol + eol_len) else {
