@@ -36,6 +36,31 @@ const DECISION_ROUNDS: usize = 8;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// A client to the providers, with its own pool of connections.
+fn new_client() -> Result<UpstreamClient, rustls::Error> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https))
+}
+
+thread_local! {
+    /// This thread's client: a worker's requests use connections its own runtime drives
+    /// (see `server::Workers`).
+    static UPSTREAM: std::cell::OnceCell<Option<UpstreamClient>> = const { std::cell::OnceCell::new() };
+}
+
+/// This thread's client to the providers (`None` if it could not be built: the gateway's
+/// own is used).
+fn upstream_client() -> Option<UpstreamClient> {
+    UPSTREAM.with(|c| c.get_or_init(|| new_client().ok()).clone())
+}
+
 /// What every request shares.
 pub struct Gateway {
     /// Swapped whole on reload; requests keep the snapshot they started with.
@@ -83,15 +108,7 @@ impl Gateway {
         share: Option<Config>,
         store: Store,
     ) -> Result<Self, rustls::Error> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let client = new_client()?;
         let body_budget = BodyBudget::new(config.server.max_body_memory_bytes);
         Ok(Self {
             config: RwLock::new(config),
@@ -432,7 +449,8 @@ async fn forward_upstream(
             Err(e) => return guard.fail(e, key_id.as_deref()),
         };
         let provider = attempt.provider.name.clone();
-        let sent = tokio::time::timeout(timeout, gw.client.request(request)).await;
+        let client = upstream_client().unwrap_or_else(|| gw.client.clone());
+        let sent = tokio::time::timeout(timeout, client.request(request)).await;
         let who = key_id.as_deref().map(|key| Attempted {
             provider: &provider,
             key,

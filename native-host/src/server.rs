@@ -11,6 +11,13 @@
 //! - an HTTP/1 request head must arrive within `server.header_read_timeout_ms` once begun;
 //! - HTTP/2 carries at most `server.http2_max_concurrent_streams` requests at once, and a
 //!   peer that stops answering keep-alive pings is closed.
+//!
+//! Connections are served on workers, one thread per core, each with a runtime of its own
+//! (`Workers`), as Envoy's workers serve theirs: a connection, its requests and their
+//! connections to the providers (`proxy::upstream_client`, one pool per worker) stay on one
+//! thread, so that handing a provider's chunk to the client's request wakes no other thread.
+//! (On one multi-threaded runtime those hand-offs cost a chat request 0.051 ms of CPU against
+//! 0.037 ms on one thread; docs/benchmarks.md.)
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -102,6 +109,7 @@ pub async fn serve(
     let (stop, stopping) = watch::channel(false);
     let mut refused = Refusals::default();
     let renewing = tokio::spawn(renew_leases(Arc::clone(&gateway)));
+    let mut workers = Workers::start();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -126,10 +134,16 @@ pub async fn serve(
                 let settings = ConnectionSettings::of(&gateway.config().server);
                 let gw = Arc::clone(&gateway);
                 let stopping = stopping.clone();
-                tokio::spawn(async move {
-                    serve_connection(gw, stream, settings, stopping).await;
-                    drop(slot);
-                });
+                let serve = move |stream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+                    Box::pin(async move {
+                        serve_connection(gw, stream, settings, stopping).await;
+                        drop(slot);
+                    })
+                };
+                match stream.into_std() {
+                    Ok(stream) => workers.hand(stream, Box::new(serve)),
+                    Err(e) => tracing::warn!(error = %e, "could not hand a connection to a worker"),
+                }
             }
             () = &mut shutdown => break,
         }
@@ -143,6 +157,75 @@ pub async fn serve(
         () = tokio::time::sleep(GRACE) => tracing::warn!("grace period over; closing remaining connections"),
     }
     renewing.abort();
+}
+
+/// What serves a connection once it is on its worker's runtime.
+type Serve =
+    Box<dyn FnOnce(tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// The threads that serve connections: one per core, each running a single-threaded runtime.
+/// Connections are handed round: a busy one stays where it is for its whole life.
+struct Workers {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, Serve)>>,
+    next: usize,
+}
+
+impl Workers {
+    fn start() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        let senders = (0..n)
+            .filter_map(|i| {
+                let (tx, mut rx) =
+                    tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, Serve)>();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| tracing::error!(error = %e, "starting a worker's runtime"))
+                    .ok()?;
+                std::thread::Builder::new()
+                    .name(format!("tollgate-worker-{i}"))
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            while let Some((stream, serve)) = rx.recv().await {
+                                match tokio::net::TcpStream::from_std(stream) {
+                                    Ok(stream) => {
+                                        tokio::spawn(serve(stream));
+                                    }
+                                    Err(e) => tracing::warn!(error = %e, "taking a connection"),
+                                }
+                            }
+                        });
+                    })
+                    .map_err(|e| tracing::error!(error = %e, "starting a worker"))
+                    .ok()?;
+                Some(tx)
+            })
+            .collect();
+        Self { senders, next: 0 }
+    }
+
+    /// Hands a connection to the next worker; served here if there is none (a worker that
+    /// could not start).
+    fn hand(&mut self, stream: std::net::TcpStream, serve: Serve) {
+        let job = (stream, serve);
+        let job = match self.senders.get(self.next % self.senders.len().max(1)) {
+            Some(worker) => match worker.send(job) {
+                Ok(()) => {
+                    self.next = self.next.wrapping_add(1);
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (stream, serve) = job;
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => {
+                tokio::spawn(serve(stream));
+            }
+            Err(e) => tracing::warn!(error = %e, "taking a connection"),
+        }
+    }
 }
 
 /// Renews the concurrency slots of the requests in flight every half lease (see
