@@ -10,13 +10,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 use tollgate_core::exchange::Chunk;
 use tollgate_core::Exchange;
 
 use crate::access_log::Ending;
 use crate::proxy::Gateway;
+use crate::upstream::ProviderBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -62,7 +63,7 @@ impl Body for GatewayBody {
 }
 
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: ProviderBody,
     exchange: Exchange,
     /// For the store the exchange settles its limits in.
     gateway: Arc<Gateway>,
@@ -79,7 +80,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub fn new(
-        inner: Incoming,
+        inner: ProviderBody,
         exchange: Exchange,
         gateway: Arc<Gateway>,
         idle: Duration,

@@ -12,6 +12,7 @@ mod server;
 mod shards;
 mod store;
 mod store_server;
+mod upstream;
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;

@@ -9,10 +9,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tollgate_core::exchange::{
     is_request_id, Chunk, Forward, OnBody, OnHeaders, OnResponse, REQUEST_ID_HEADER,
 };
@@ -30,36 +26,10 @@ use crate::body::{GatewayBody, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::request_body::{self, BodyBudget, ReadError};
 use crate::store::{DecideOn, Store};
+use crate::upstream::{self, ProviderBody};
 
 /// Rounds a decision on Redis may lose to other replicas before it is made key by key.
 const DECISION_ROUNDS: usize = 8;
-
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// A client to the providers, with its own pool of connections.
-fn new_client() -> Result<UpstreamClient, rustls::Error> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
-}
-
-thread_local! {
-    /// This thread's client: a worker's requests use connections its own runtime drives
-    /// (see `server::Workers`).
-    static UPSTREAM: std::cell::OnceCell<Option<UpstreamClient>> = const { std::cell::OnceCell::new() };
-}
-
-/// This thread's client to the providers (`None` if it could not be built: the gateway's
-/// own is used).
-fn upstream_client() -> Option<UpstreamClient> {
-    UPSTREAM.with(|c| c.get_or_init(|| new_client().ok()).clone())
-}
 
 /// What every request shares.
 pub struct Gateway {
@@ -70,7 +40,6 @@ pub struct Gateway {
     share: RwLock<Option<Arc<Config>>>,
     /// Counters outlive reloads: a limit that did not change keeps its key, so its state.
     pub store: Store,
-    pub client: UpstreamClient,
     admin: AdminKey,
     /// `server.max_body_memory_bytes` as read at start.
     pub body_budget: BodyBudget,
@@ -108,13 +77,13 @@ impl Gateway {
         share: Option<Config>,
         store: Store,
     ) -> Result<Self, rustls::Error> {
-        let client = new_client()?;
+        // Built per worker thread when first needed; checked here so a bad one stops the start.
+        crate::upstream::connector()?;
         let body_budget = BodyBudget::new(config.server.max_body_memory_bytes);
         Ok(Self {
             config: RwLock::new(config),
             share: RwLock::new(share.map(Arc::new)),
             store,
-            client,
             admin: AdminKey::from_env(),
             body_budget,
             metrics: Metrics::default(),
@@ -449,8 +418,7 @@ async fn forward_upstream(
             Err(e) => return guard.fail(e, key_id.as_deref()),
         };
         let provider = attempt.provider.name.clone();
-        let client = upstream_client().unwrap_or_else(|| gw.client.clone());
-        let sent = tokio::time::timeout(timeout, client.request(request)).await;
+        let sent = tokio::time::timeout(timeout, upstream::send(request)).await;
         let who = key_id.as_deref().map(|key| Attempted {
             provider: &provider,
             key,
@@ -512,7 +480,7 @@ async fn forward_upstream(
                 tracing::warn!(provider = %provider, key = key_id.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
                 observe(gw, &config, who.as_ref(), None, None, &none).await;
                 let provider = provider.clone();
-                Failed::Unreachable(if answered_unreadably(&e) {
+                Failed::Unreachable(if answered_unreadably(&*e) {
                     GatewayError::UpstreamInvalidAnswer { provider }
                 } else {
                     GatewayError::UpstreamUnavailable { provider }
@@ -724,7 +692,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// A failed answer's body, up to `MAX_ERROR_BODY` bytes and within `timeout`: what came by
 /// then (a body that fails or stalls is judged on what came).
-async fn read_error_body(mut body: Incoming, timeout: Duration) -> Bytes {
+async fn read_error_body(mut body: ProviderBody, timeout: Duration) -> Bytes {
     let mut out = Vec::new();
     let read = async {
         while let Some(Ok(frame)) = body.frame().await {
@@ -815,7 +783,7 @@ async fn relay(
     gw: &Arc<Gateway>,
     mut guard: InFlight,
     mut parts: hyper::http::response::Parts,
-    upstream_body: Incoming,
+    upstream_body: ProviderBody,
     key_id: Option<String>,
     timeout: Duration,
 ) -> Response<GatewayBody> {
@@ -888,7 +856,7 @@ async fn relay(
 async fn collect(
     gw: &Arc<Gateway>,
     mut guard: InFlight,
-    upstream_body: Incoming,
+    upstream_body: ProviderBody,
     limit: usize,
     key_id: Option<String>,
     timeout: Duration,

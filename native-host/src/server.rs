@@ -14,7 +14,7 @@
 //!
 //! Connections are served on workers, one thread per core, each with a runtime of its own
 //! (`Workers`), as Envoy's workers serve theirs: a connection, its requests and their
-//! connections to the providers (`proxy::upstream_client`, one pool per worker) stay on one
+//! connections to the providers (`upstream`, idle ones kept per worker) stay on one
 //! thread, so that handing a provider's chunk to the client's request wakes no other thread.
 //! (On one multi-threaded runtime those hand-offs cost a chat request 0.051 ms of CPU against
 //! 0.037 ms on one thread; docs/benchmarks.md.)
