@@ -338,12 +338,13 @@ def start_redis():
     raise RuntimeError("redis-server did not start (apt-get install -y redis-server)")
 
 
-def target_native_redis(mock_port):
+def target_native_redis(mock_port, tollgate=None):
     """The native host with its limits and key health on a local Redis; Redis's CPU counts."""
+    tollgate = tollgate or TOLLGATE
     redis, redis_port = start_redis()
     cfg = WORKDIR / "tollgate-redis.yaml"
     cfg.write_text(tollgate_config(mock_port, redis_port=redis_port))
-    proc = Proc("native-redis", [TOLLGATE, "run", "--config", cfg, "--listen", "127.0.0.1:0", "--metrics-listen", ""],
+    proc = Proc("native-redis", [tollgate, "run", "--config", cfg, "--listen", "127.0.0.1:0", "--metrics-listen", ""],
                 env=TOLLGATE_ENV, announces=True)
     addr = proc.first_line().removeprefix("listening on ")
     group = Group(redis, proc)
@@ -391,24 +392,40 @@ def target_envoy_tollgate(mock_port, chain=False, tollgate=None, wasm=None, conf
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate_floor.wasm"
 
 
-def target_envoy_bare(mock_port, floor=None):
+def floor_filter(mode):
+    """A reference filter of benches/floor in `mode` (its plugin configuration)."""
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": f"floor-{mode}", "root_id": "floor",
+            # As tollgate's bootstrap: lets a paused headers callback see the body.
+            "allow_on_headers_stop_iteration": True,
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": mode},
+            "vm_config": {"vm_id": "floor", "runtime": "envoy.wasm.runtime.v8",
+                          "code": {"local": {"filename": str(FLOOR_WASM)}}},
+        }}}
+
+
+def target_envoy_bare(mock_port, floor=None, upstream_noop=False):
     """Bare Envoy; with `floor` ("noop" or "body"), one of the reference filters of
     benches/floor (a wasm filter that does nothing; one that reads the whole body and sets a
-    header) before its router."""
+    header) before its router; with `upstream_noop`, also the no-op filter in the cluster's
+    upstream filters (where tollgate's key role runs, once per attempt)."""
     port, admin = free_port(), free_port()
     filters = [{"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
     if floor:
-        filters.insert(0, {"name": "envoy.filters.http.wasm", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": f"floor-{floor}", "root_id": "floor",
-                # As tollgate's bootstrap: lets a paused headers callback see the body.
-                "allow_on_headers_stop_iteration": True,
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": floor},
-                "vm_config": {"vm_id": "floor", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(FLOOR_WASM)}}},
-            }}})
+        filters.insert(0, floor_filter(floor))
+    cluster_options = {}
+    if upstream_noop:
+        cluster_options = {"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [floor_filter("noop"), {
+                    "name": "envoy.filters.http.upstream_codec",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}],
+            }}}
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
@@ -428,10 +445,11 @@ def target_envoy_bare(mock_port, floor=None):
                 "name": "mock", "type": "STATIC", "connect_timeout": "5s",
                 "load_assignment": {"cluster_name": "mock", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                     "socket_address": {"address": "127.0.0.1", "port_value": mock_port}}}}]}]},
+                **cluster_options,
             }],
         },
     }
-    name = f"envoy-{floor}" if floor else "envoy-bare"
+    name = (f"envoy-{floor}" if floor else "envoy-bare") + ("-upstream" if upstream_noop else "")
     path = WORKDIR / f"{name}.json"
     path.write_text(json.dumps(bootstrap))
     proc = Proc(name, [ENVOY, "-c", path, "--concurrency", WORKERS, "--disable-hot-restart", "--log-level", "error"])
@@ -546,6 +564,8 @@ TARGETS = {
                    lambda port: target_envoy_bare(port, floor="noop")),
     "envoy-floor": (f"Envoy + a wasm filter that reads the body, sets a header: the floor ({WORKERS} workers)",
                     lambda port: target_envoy_bare(port, floor="body")),
+    "envoy-floor-upstream": (f"the floor + a no-op wasm filter per upstream attempt: the floor of a key picked per attempt ({WORKERS} workers)",
+                             lambda port: target_envoy_bare(port, floor="body", upstream_noop=True)),
     "envoy-tollgate": (f"Envoy + tollgate ({WORKERS} workers)", target_envoy_tollgate),
     "native": ("tollgate native host", target_native),
     "envoy-tollgate-chain": (f"Envoy + tollgate, model with a fallback ({WORKERS} workers)",
@@ -706,7 +726,8 @@ def main():
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}")
     parser.add_argument("--baseline", metavar="DIR", help="another checkout with release builds (target/release/tollgate, "
-                        "the release .wasm): adds targets native@baseline and envoy-tollgate@baseline, to compare two "
+                        "the release .wasm): adds targets native@baseline, native-redis@baseline and "
+                        "envoy-tollgate@baseline, to compare two "
                         "builds in one run (e.g. an ablation)")
     parser.add_argument("--out", default=str(RESULTS), help=f"where to write the results (default {RESULTS})")
     args = parser.parse_args()
@@ -716,6 +737,8 @@ def main():
         base_wasm = base / "target" / "wasm32-wasip1" / "release" / "tollgate_filter.wasm"
         TARGETS["native@baseline"] = ("tollgate native host, baseline build",
                                       lambda port: target_native(port, tollgate=base_bin))
+        TARGETS["native-redis@baseline"] = ("tollgate native host, state on Redis, baseline build",
+                                            lambda port: target_native_redis(port, tollgate=base_bin))
         TARGETS["envoy-tollgate@baseline"] = (f"Envoy + tollgate, baseline build ({WORKERS} workers)",
                                               lambda port: target_envoy_tollgate(port, tollgate=base_bin, wasm=base_wasm))
     for tool, hint in [("wrk", "apt-get install -y wrk"), (ENVOY, "make envoy-install"), (TOLLGATE, "cargo build --release -p tollgate"),
