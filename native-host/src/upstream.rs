@@ -35,11 +35,14 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per provider and thread; more are closed when their answer ends.
 const MAX_IDLE_PER_ORIGIN: usize = 256;
 
-/// The connector for the providers: TLS for `https`, TCP without Nagle's delay.
+/// The connector for the providers: TLS for `https`. Nagle's algorithm stays on, as with
+/// hyper-util's client before: a request goes out in one write, and turning it off cost chat
+/// requests 8 % of their throughput in the load bench. (Its price: the last segment of a
+/// request body larger than one segment may wait for the provider's delayed ACK;
+/// docs/benchmarks.md.)
 pub fn connector() -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
-    tcp.set_nodelay(true);
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
         .https_or_http()
