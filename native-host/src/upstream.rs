@@ -143,11 +143,10 @@ fn put_idle(link: Box<Link>) {
     let _ = POOL.try_with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.idle.entry(link.origin.clone()).or_default();
+        let now = Instant::now();
+        idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
         if idle.len() < MAX_IDLE_PER_ORIGIN {
-            idle.push(Idle {
-                link,
-                since: Instant::now(),
-            });
+            idle.push(Idle { link, since: now });
         }
     });
 }
@@ -220,14 +219,20 @@ impl Body for ProviderBody {
             this.drive(cx);
             polled = Pin::new(&mut this.incoming).poll_frame(cx);
         }
-        if matches!(polled, Poll::Ready(None)) || this.incoming.is_end_stream() {
+        // Trailers are the last frame: hyper's server polls no further after them.
+        let last = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            _ => false,
+        };
+        if last || this.incoming.is_end_stream() {
             this.ended = true;
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.ended || self.incoming.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -239,7 +244,8 @@ impl Drop for ProviderBody {
     fn drop(&mut self) {
         // Dropped before its end (the client left, or a failed answer's body was read only
         // in part), the connection is closed with it: what is left of the answer is unread.
-        if !self.ended {
+        // (An empty body, a 204's, is over without a poll.)
+        if !self.is_end_stream() {
             return;
         }
         // One more poll lets the connection take in the end of the answer and ready itself
@@ -337,6 +343,33 @@ mod tests {
             );
             assert!(head.contains("host: provider.test\r\n"), "{head}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_ended_by_trailers_or_empty_frees_its_connection() {
+        const TRAILED: &str = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+            trailer: x-done\r\n\r\n3\r\none\r\n0\r\nx-done: yes\r\n\r\n";
+        const EMPTY: &str = "HTTP/1.1 204 No Content\r\n\r\n";
+        let (origin, accepted, _heads) = provider(TRAILED, false).await;
+        let mut body = send(request(&origin)).await.unwrap().into_body();
+        // Read as hyper's server does: up to the trailers, and no further.
+        loop {
+            let frame = body.frame().await.unwrap().unwrap();
+            if frame.is_trailers() {
+                break;
+            }
+        }
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(&body_of(&origin).await[..], b"one");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        let (origin, accepted, _heads) = provider(EMPTY, false).await;
+        for _ in 0..3 {
+            // Dropped without a poll, as an answer the gateway replaces.
+            drop(send(request(&origin)).await.unwrap());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
