@@ -21,6 +21,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+
+// mimalloc: each thread allocates from pages of its own, as the per-core workers run (glibc's
+// malloc took 7 % of a streamed request's CPU).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate_core::auth::KeyHash;
 use tollgate_core::config::store::{OnFailure, StoreSettings};
 use tollgate_core::Config;
