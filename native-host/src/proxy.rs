@@ -181,23 +181,38 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Removes the hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
+/// Removes the headers `drop` names: one pass over the names the map has, then a removal for
+/// each one found. Cheaper than removing every name of a list (34 on an answer) by string,
+/// each parsed and hashed to find a header that is rarely there.
+fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| drop(name.as_str()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// The names the `Connection` header lists: hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_options(headers: &HeaderMap) -> Vec<String> {
+    headers
         .get_all(hyper::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
-        .collect();
-    for name in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        headers.remove(name);
-    }
+        .collect()
+}
+
+/// Removes the hop-by-hop headers and those `also` names (lowercase, as header names are).
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[&str]) {
+    let options = connection_options(headers);
+    remove_where(headers, |name| {
+        HOP_BY_HOP.contains(&name) || also.contains(&name) || options.iter().any(|o| o == name)
+    });
 }
 
 /// How long a client may take to send its request body.
@@ -429,15 +444,7 @@ async fn forward_upstream(
             Ok(Ok(response)) => {
                 let (mut parts, upstream_body) = response.into_parts();
                 // The gateway's internal headers are never the provider's to set.
-                let forged: Vec<HeaderName> = parts
-                    .headers
-                    .keys()
-                    .filter(|name| is_gateway_header(name.as_str()))
-                    .cloned()
-                    .collect();
-                for name in forged {
-                    parts.headers.remove(name);
-                }
+                remove_where(&mut parts.headers, is_gateway_header);
                 let status = parts.status.as_u16();
                 if status < 400 {
                     observe(
@@ -740,10 +747,7 @@ fn relay_read(
             if let Some(s) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
                 parts.status = s;
             }
-            strip_hop_by_hop(&mut parts.headers);
-            for name in remove_headers {
-                parts.headers.remove(*name);
-            }
+            strip_hop_by_hop(&mut parts.headers, remove_headers);
             for (name, value) in add_headers {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     parts.headers.insert(name, v);
@@ -810,10 +814,7 @@ async fn relay(
             if let Some(s) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
                 parts.status = s;
             }
-            strip_hop_by_hop(&mut parts.headers);
-            for name in remove_headers {
-                parts.headers.remove(*name);
-            }
+            strip_hop_by_hop(&mut parts.headers, remove_headers);
             if body_rewritten {
                 parts.headers.remove(hyper::header::CONTENT_LENGTH);
             }
@@ -989,24 +990,16 @@ fn upstream_request(
         .parse()
         .map_err(|e| internal(format!("upstream URI: {e}")))?;
     let mut headers = client_headers.clone();
-    strip_hop_by_hop(&mut headers);
-    let gateway_owned: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_gateway_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in gateway_owned {
-        headers.remove(name);
-    }
+    let options = connection_options(&headers);
     // `expect` was answered by this hop already; host and length are set below.
-    for name in forward
-        .remove_headers
-        .iter()
-        .chain(KeyAttempt::REMOVE_HEADERS.iter())
-        .chain(&["expect", "host", "content-length"])
-    {
-        headers.remove(*name);
-    }
+    remove_where(&mut headers, |name| {
+        HOP_BY_HOP.contains(&name)
+            || options.iter().any(|o| o == name)
+            || is_gateway_header(name)
+            || forward.remove_headers.contains(&name)
+            || KeyAttempt::REMOVE_HEADERS.contains(&name)
+            || ["expect", "host", "content-length"].contains(&name)
+    });
     let host = HeaderValue::from_str(&base.host_header())
         .map_err(|e| internal(format!("host header: {e}")))?;
     headers.insert(hyper::header::HOST, host);
@@ -1033,4 +1026,56 @@ fn upstream_request(
         .map_err(|e| internal(format!("upstream request: {e}")))?;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::exchange::RELAY_REMOVE_HEADERS;
+    use tollgate_core::http::FORWARD_REMOVE_HEADERS;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_named_ones_are_removed_others_kept() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Trace-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-trace-hop", "1"),
+            ("openai-organization", "org-1"),
+            ("content-type", "application/json"),
+            ("vary", "a"),
+            ("vary", "b"),
+        ]);
+        strip_hop_by_hop(&mut headers, &RELAY_REMOVE_HEADERS);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "vary"]);
+        assert_eq!(
+            headers.get_all("vary").iter().count(),
+            2,
+            "every value kept"
+        );
+    }
+
+    #[test]
+    fn the_lists_of_removed_headers_are_lowercase_as_header_names_are() {
+        // `remove_where` compares them with hyper's (lowercase) names as they are.
+        let lists: [&[&str]; 4] = [
+            &RELAY_REMOVE_HEADERS,
+            &FORWARD_REMOVE_HEADERS,
+            &KeyAttempt::REMOVE_HEADERS,
+            &HOP_BY_HOP,
+        ];
+        for name in lists.into_iter().flatten() {
+            assert_eq!(*name, name.to_ascii_lowercase());
+        }
+    }
 }
