@@ -5,8 +5,10 @@
 
 use std::borrow::Cow;
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -57,34 +59,12 @@ pub struct ChunkInfo<'a> {
 pub fn inspect_chunk(data: &str) -> Option<ChunkInfo<'_>> {
     let chunk: Chunk = serde_json::from_str(data).ok()?;
     let usage = chunk.usage.and_then(Lenient::known).map(Usage::from);
-    let choices = chunk.choices.unwrap_or(Lenient::Known(Vec::new()));
-    let usage_only = usage.is_some() && matches!(&choices, Lenient::Known(c) if c.is_empty());
-    let mut text = Cow::Borrowed("");
-    let deltas = choices
-        .known()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.delta);
-    for delta in deltas {
-        let reasoning = delta.reasoning_content.or(delta.reasoning);
-        let calls = delta.tool_calls.into_iter().flatten();
-        let arguments = calls.filter_map(|c| c.function?.arguments);
-        let pieces = [delta.content, delta.refusal, reasoning]
-            .into_iter()
-            .flatten();
-        for piece in pieces.chain(arguments) {
-            let Text::Str(piece) = piece else { continue };
-            if text.is_empty() {
-                text = piece;
-            } else {
-                text.to_mut().push_str(&piece);
-            }
-        }
-    }
+    // Absent or null choices are none; a list of none is empty; anything else is not known.
+    let no_choices = chunk.choices.as_ref().is_none_or(|c| c.listed == Some(0));
     Some(ChunkInfo {
         usage,
-        usage_only,
-        text,
+        usage_only: usage.is_some() && no_choices,
+        text: chunk.choices.map(|c| c.text).unwrap_or_default(),
     })
 }
 
@@ -120,39 +100,289 @@ impl From<WireUsage> for Usage {
 struct Chunk<'a> {
     usage: Option<Lenient<WireUsage>>,
     #[serde(borrow)]
-    choices: Option<Lenient<Vec<Choice<'a>>>>,
+    choices: Option<Choices<'a>>,
 }
 
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
+/// A chunk's `choices`, read in one pass for their text (see `ChunkInfo::text`). A part shaped
+/// otherwise than OpenAI shapes it (a choice, a delta, a tool call, a function, a text) is
+/// skipped where it is, and the others are still read. (Read as a `Lenient` list, the choices
+/// of every event would be scanned twice: as raw JSON, then again.)
+struct Choices<'a> {
+    /// How many choices the list has; None if `choices` is not a list.
+    listed: Option<usize>,
+    text: Cow<'a, str>,
 }
 
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<Text<'a>>,
-    #[serde(borrow)]
-    refusal: Option<Text<'a>>,
-    #[serde(borrow)]
-    reasoning_content: Option<Text<'a>>,
-    #[serde(borrow)]
-    reasoning: Option<Text<'a>>,
-    #[serde(borrow)]
-    tool_calls: Option<Vec<ToolCall<'a>>>,
+impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut text: Cow<'de, str> = Cow::Borrowed("");
+        let listed = d.deserialize_any(EachVisitor(In("delta", DeltaText), &mut text))?;
+        Ok(Choices { listed, text })
+    }
 }
 
-#[derive(Deserialize)]
-struct ToolCall<'a> {
-    #[serde(borrow)]
-    function: Option<Function<'a>>,
+/// Reads the text out of one JSON value, appending it to `text`; a value of another shape is
+/// skipped.
+trait ReadText: Copy {
+    fn read<'de, D: Deserializer<'de>>(
+        self,
+        d: D,
+        text: &mut Cow<'de, str>,
+    ) -> Result<(), D::Error>;
 }
 
-#[derive(Deserialize)]
-struct Function<'a> {
-    #[serde(borrow)]
-    arguments: Option<Text<'a>>,
+/// Appends `piece` to the text (borrowing the first piece, as most chunks have one).
+fn push<'a>(text: &mut Cow<'a, str>, piece: Cow<'a, str>) {
+    if piece.is_empty() {
+        // Nothing to add: the text stays borrowed.
+    } else if text.is_empty() {
+        *text = piece;
+    } else {
+        text.to_mut().push_str(&piece);
+    }
+}
+
+/// A JSON string.
+#[derive(Clone, Copy)]
+struct Str;
+
+impl ReadText for Str {
+    fn read<'de, D: Deserializer<'de>>(
+        self,
+        d: D,
+        text: &mut Cow<'de, str>,
+    ) -> Result<(), D::Error> {
+        d.deserialize_any(StrVisitor(text))
+    }
+}
+
+/// Each element of a JSON list.
+#[derive(Clone, Copy)]
+struct Each<R>(R);
+
+impl<R: ReadText> ReadText for Each<R> {
+    fn read<'de, D: Deserializer<'de>>(
+        self,
+        d: D,
+        text: &mut Cow<'de, str>,
+    ) -> Result<(), D::Error> {
+        d.deserialize_any(EachVisitor(self.0, text)).map(drop)
+    }
+}
+
+/// The field of this name of a JSON object.
+#[derive(Clone, Copy)]
+struct In<R>(&'static str, R);
+
+impl<R: ReadText> ReadText for In<R> {
+    fn read<'de, D: Deserializer<'de>>(
+        self,
+        d: D,
+        text: &mut Cow<'de, str>,
+    ) -> Result<(), D::Error> {
+        d.deserialize_any(InVisitor(self, text))
+    }
+}
+
+/// A choice's `delta`: its content, refusal, reasoning (`reasoning_content`, else
+/// `reasoning`), then its tool calls' arguments, in that order whatever the fields' order.
+#[derive(Clone, Copy)]
+struct DeltaText;
+
+impl ReadText for DeltaText {
+    fn read<'de, D: Deserializer<'de>>(
+        self,
+        d: D,
+        text: &mut Cow<'de, str>,
+    ) -> Result<(), D::Error> {
+        d.deserialize_any(DeltaVisitor(text))
+    }
+}
+
+/// `R` as serde's seed, appending to the text.
+struct Seed<'t, 'a, R>(R, &'t mut Cow<'a, str>);
+
+impl<'de, R: ReadText> DeserializeSeed<'de> for Seed<'_, 'de, R> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.0.read(d, self.1)
+    }
+}
+
+/// Which of these names an object's key is, if any.
+struct KeyIn<'n>(&'n [&'n str]);
+
+impl<'de> DeserializeSeed<'de> for KeyIn<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIn<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
+
+/// Visitor methods for values of shapes a reader skips, each giving `$value`: numbers,
+/// booleans and null; strings; lists; objects (lists and objects read to their end).
+macro_rules! skip_scalars {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
+macro_rules! skip_strings {
+    ($value:expr) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
+macro_rules! skip_lists {
+    ($value:expr) => {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($value)
+        }
+    };
+}
+
+macro_rules! skip_objects {
+    ($value:expr) => {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok($value)
+        }
+    };
+}
+
+/// A list where a list is read; any other value is skipped.
+struct EachVisitor<'t, 'a, R>(R, &'t mut Cow<'a, str>);
+
+impl<'de, R: ReadText> Visitor<'de> for EachVisitor<'_, 'de, R> {
+    /// How many elements the list has; None if it is no list.
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut n = 0;
+        while seq.next_element_seed(Seed(self.0, &mut *self.1))?.is_some() {
+            n += 1;
+        }
+        Ok(Some(n))
+    }
+    skip_objects!(None);
+    skip_strings!(None);
+    skip_scalars!(None);
+}
+
+/// An object where an object is read; any other value is skipped.
+struct InVisitor<'t, 'a, R>(In<R>, &'t mut Cow<'a, str>);
+
+impl<'de, R: ReadText> Visitor<'de> for InVisitor<'_, 'de, R> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let In(name, inner) = self.0;
+        let names = [name];
+        while let Some(key) = map.next_key_seed(KeyIn(&names))? {
+            match key {
+                Some(_) => map.next_value_seed(Seed(inner, &mut *self.1))?,
+                None => map.next_value::<IgnoredAny>().map(drop)?,
+            }
+        }
+        Ok(())
+    }
+    skip_lists!(());
+    skip_strings!(());
+    skip_scalars!(());
+}
+
+/// A string where a string is read (borrowed where it has no escapes); any other value (a
+/// list of content parts, say) is skipped.
+struct StrVisitor<'t, 'a>(&'t mut Cow<'a, str>);
+
+impl<'de> Visitor<'de> for StrVisitor<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        push(self.0, Cow::Borrowed(v));
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        push(self.0, Cow::Owned(v.to_owned()));
+        Ok(())
+    }
+    skip_lists!(());
+    skip_objects!(());
+    skip_scalars!(());
+}
+
+struct DeltaVisitor<'t, 'a>(&'t mut Cow<'a, str>);
+
+impl<'de> Visitor<'de> for DeltaVisitor<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a delta")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        const FIELDS: [&str; 5] = [
+            "content",
+            "refusal",
+            "reasoning_content",
+            "reasoning",
+            "tool_calls",
+        ];
+        // The text of each field, by its place in `FIELDS`.
+        let mut pieces: [Cow<'de, str>; 5] = Default::default();
+        while let Some(key) = map.next_key_seed(KeyIn(&FIELDS))? {
+            match (key, key.and_then(|i| pieces.get_mut(i))) {
+                (Some(4), Some(arguments)) => map
+                    .next_value_seed(Seed(Each(In("function", In("arguments", Str))), arguments))?,
+                (_, Some(piece)) => map.next_value_seed(Seed(Str, piece))?,
+                (_, None) => map.next_value::<IgnoredAny>().map(drop)?,
+            }
+        }
+        let [content, refusal, reasoning_content, reasoning, arguments] = pieces;
+        let reasoning = if reasoning_content.is_empty() {
+            reasoning
+        } else {
+            reasoning_content
+        };
+        for piece in [content, refusal, reasoning, arguments] {
+            push(self.0, piece);
+        }
+        Ok(())
+    }
+    skip_lists!(());
+    skip_strings!(());
+    skip_scalars!(());
 }
 
 /// A part as the dialect shapes it, or whatever a provider sent in its place (then ignored).
@@ -177,15 +407,6 @@ impl<T> Lenient<T> {
             Lenient::Other => None,
         }
     }
-}
-
-/// A string, or whatever a provider sent in its place (e.g. a list of content parts). Not a
-/// `Lenient<Cow<str>>`: serde borrows a `Cow` only when it is the field's whole type.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Text<'a> {
-    Str(#[serde(borrow)] Cow<'a, str>),
-    Other(IgnoredAny),
 }
 
 #[cfg(test)]
@@ -348,6 +569,26 @@ mod tests {
         let data = r#"{"choices":[{"delta":{"content":"y"}}],"usage":{"prompt_tokens":1.5}}"#;
         let info = inspect_chunk(data).unwrap();
         assert_eq!((info.usage, info.text.as_ref()), (None, "y"));
+    }
+
+    #[test]
+    fn an_odd_choice_delta_tool_call_or_function_skips_only_itself() {
+        let data = r#"{"choices":[7,{"delta":[1]},{"delta":{"content":"a"}},{"delta":{"tool_calls":{"0":1},
+            "refusal":"b"}},{"delta":{"tool_calls":[null,{"function":"f"},{"function":{"arguments":{"x":1}}},
+            {"function":{"arguments":"c"}}]}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let info = inspect_chunk(data).unwrap();
+        assert_eq!(info.text, "abc");
+        assert_eq!(info.usage, Some(usage(1, 2, 0)));
+        assert!(!info.usage_only, "the choices are there, odd or not");
+        // Keys are read decoded; numbers or nulls in place of text are no text.
+        let data = r#"{"choices":[{"delta":{"cont\u0065nt":"d","refusal":5,"reasoning":null}}]}"#;
+        assert_eq!(inspect_chunk(data).unwrap().text, "d");
+        // Absent, null and empty choices beside a usage make the usage-only chunk.
+        for choices in ["", r#""choices":null,"#, r#""choices":[],"#] {
+            let data =
+                format!(r#"{{{choices}"usage":{{"prompt_tokens":1,"completion_tokens":2}}}}"#);
+            assert!(inspect_chunk(&data).unwrap().usage_only, "{data}");
+        }
     }
 
     #[test]
