@@ -186,6 +186,7 @@ impl Workers {
                     .name(format!("tollgate-worker-{i}"))
                     .spawn(move || {
                         runtime.block_on(async move {
+                            tokio::spawn(crate::upstream::sweep_idle());
                             while let Some((stream, serve)) = rx.recv().await {
                                 match tokio::net::TcpStream::from_std(stream) {
                                     Ok(stream) => {

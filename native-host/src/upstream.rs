@@ -35,6 +35,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per provider and thread; more are closed when their answer ends.
 const MAX_IDLE_PER_ORIGIN: usize = 256;
 
+/// How often each worker closes its idle connections that are past the timeout or that the
+/// provider closed: unswept, their sockets would wait (in CLOSE_WAIT) for the provider's
+/// next request, however long that is.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// The connector for the providers: TLS for `https`. Nagle's algorithm stays on, as with
 /// hyper-util's client before: a request goes out in one write, and turning it off cost chat
 /// requests 8 % of their throughput in the load bench. (Its price: the last segment of a
@@ -127,16 +132,41 @@ fn take_idle(origin: &str) -> Option<Box<Link>> {
         let now = Instant::now();
         idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
         while let Some(Idle { mut link, .. }) = idle.pop() {
-            // A poll reads what came meanwhile: the provider's close, most often.
-            let open = Pin::new(&mut link.conn)
-                .poll(&mut Context::from_waker(Waker::noop()))
-                .is_pending();
-            if open && link.send.is_ready() {
+            if is_open(&mut link) {
                 return Some(link);
             }
         }
         None
     })
+}
+
+/// Whether an idle connection can carry a request. A poll reads what came meanwhile: the
+/// provider's close, most often.
+fn is_open(link: &mut Link) -> bool {
+    let polled = Pin::new(&mut link.conn).poll(&mut Context::from_waker(Waker::noop()));
+    polled.is_pending() && link.send.is_ready()
+}
+
+/// Runs on each worker for as long as it serves: sweeps its idle connections.
+pub async fn sweep_idle() {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        sweep(Instant::now());
+    }
+}
+
+/// Closes this thread's idle connections that are past the idle timeout at `now`, or that
+/// their provider closed.
+fn sweep(now: Instant) {
+    let _ = POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        for idle in p.idle.values_mut() {
+            idle.retain_mut(|i| now.duration_since(i.since) < IDLE_TIMEOUT && is_open(&mut i.link));
+        }
+        p.idle.retain(|_, idle| !idle.is_empty());
+    });
 }
 
 fn put_idle(link: Box<Link>) {
@@ -391,6 +421,36 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    fn idle_count() -> usize {
+        POOL.with(|p| p.borrow().idle.values().map(Vec::len).sum())
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_idle_connections_the_provider_closed_or_past_the_timeout() {
+        // A provider that closes its connection a while after its answer: idle by then.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            socket.write_all(SIZED.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        body_of(&closing).await;
+        assert_eq!(idle_count(), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sweep(Instant::now());
+        assert_eq!(idle_count(), 0, "the provider closed it");
+
+        let (open, _, _heads) = provider(SIZED, false).await;
+        body_of(&open).await;
+        sweep(Instant::now());
+        assert_eq!(idle_count(), 1, "open and in time: kept");
+        sweep(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(idle_count(), 0, "past the timeout");
     }
 
     #[tokio::test]
