@@ -735,7 +735,8 @@ def main():
     parser.add_argument("--duration", type=int, default=10, help="seconds per round (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per case; the median is kept (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}")
+    parser.add_argument("--targets", help=f"comma-separated, from {','.join(TARGETS)} (default: all, and the "
+                        "baseline's with --baseline)")
     parser.add_argument("--baseline", metavar="DIR", help="another checkout with release builds (target/release/tollgate, "
                         "the release .wasm): adds targets native@baseline, native-redis@baseline and "
                         "envoy-tollgate@baseline, to compare two "
@@ -756,9 +757,10 @@ def main():
                        (MOCK, "cargo build --release -p tollgate-e2e --bin mock-provider"), (WASM, "make wasm")]:
         if shutil.which(str(tool)) is None and not Path(tool).exists():
             sys.exit(f"missing {tool}: {hint} (or run `make bench-load`)")
+    targets = args.targets or ",".join(TARGETS)
     mock, mock_port = start_mock()
     rows = []
-    for name in args.targets.split(","):
+    for name in targets.split(","):
         rows += measure(name.strip(), args, mock, mock_port)
     write_results(rows, args)
     shutil.rmtree(WORKDIR, ignore_errors=True)
