@@ -151,7 +151,8 @@ bench-load: wasm envoy-install
 
 ## bench-instructions: instructions per request (valgrind's callgrind: stable on noisy
 ## machines), one run of N requests against one of none: the core's path, and the filter's
-## whole path in both roles on a fake proxy-wasm host (the host's own work not counted)
+## whole path in both roles on a fake proxy-wasm host (the host's own work not counted), for a
+## chat request, a streamed one, and a chat request on a model with a fallback
 bench-instructions:
 	@command -v valgrind >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind)
 	$(CARGO) build --release -p tollgate-benches --example core_path
@@ -163,7 +164,7 @@ bench-instructions:
 	@filter=$$(printf -- '--toggle-collect=%s ' 'proxy_on_*' 'proxy_get_*' 'proxy_set_*' 'proxy_replace_*' 'proxy_add_*' \
 	    'proxy_remove_*' proxy_define_metric proxy_increment_metric proxy_record_metric proxy_log \
 	    proxy_send_local_response proxy_continue_stream); \
-	  for kind in chat stream; do \
+	  for kind in chat stream "chat chain"; do \
 	    count() { valgrind --tool=callgrind $$filter --callgrind-out-file=/dev/null target/instructions/release/examples/filter_path $$1 $$kind 2>&1 | awk '/Collected/ {print $$NF}'; }; \
 	    none=$$(count 0); some=$$(count 2000); \
 	    echo "filter path, both roles, $$kind: $$(( (some - none) / 2000 )) instructions per request"; \

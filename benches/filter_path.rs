@@ -5,8 +5,8 @@
 //! request makes, by kind: each crosses Envoy's wasm boundary, and their price in Envoy is
 //! measured by the load bench's `envoy-floor+<call>*<n>` targets (docs/benchmarks.md).
 //!
-//! `filter_path N [chat|stream]`: N requests on the load bench's config (auth, an RPM and a
-//! TPM limit, a pool of two keys), answered as OpenAI answers. `make bench-instructions`
+//! `filter_path N [chat|stream] [chain]`: N requests on the load bench's config (auth, an RPM and a
+//! TPM limit, a pool of two keys; `chain`: a fallback model), answered as OpenAI answers. `make bench-instructions`
 //! runs it twice (N and 0 requests) and prints instructions per request.
 
 // A host implements the ABI's C functions on raw pointers the SDK hands it.
@@ -448,14 +448,26 @@ mod abi {
 const GATEWAY_ROOT: u32 = 1;
 const KEY_ROOT: u32 = 2;
 
-/// The load bench's tollgate config (benches/load.py), its client key the fixtures' own.
-fn config() -> String {
+/// The load bench's tollgate config (benches/load.py), its client key the fixtures' own;
+/// with `chain`, the model has a fallback on an Anthropic provider that these requests never
+/// reach (as the load bench's `-chain` targets).
+fn config(chain: bool) -> String {
+    let (provider, fallbacks, model) = if chain {
+        (
+            "  - name: claude\n    kind: anthropic\n    base_url: http://127.0.0.1:9\n    \
+             keys: [{ id: c1, secret_env: BENCH_KEY_1 }]\n",
+            ", fallbacks: [claude-fallback]",
+            "  - { name: claude-fallback, provider: claude }\n",
+        )
+    } else {
+        ("", "", "")
+    };
     format!(
         "consumers:\n  - name: bench\n    keys: [{{ sha256: {} }}]\n    models: [\"*\"]\n    \
          limits: {{ requests_per_minute: 1000000000, tokens_per_minute: 1000000000000 }}\n\
          providers:\n  - name: upstream\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    \
          keys:\n      - {{ id: k1, secret_env: BENCH_KEY_1 }}\n      - {{ id: k2, secret_env: BENCH_KEY_2 }}\n\
-         models:\n  - {{ name: gpt-4o-mini, provider: upstream }}\n",
+         {provider}models:\n  - {{ name: gpt-4o-mini, provider: upstream{fallbacks} }}\n{model}",
         tollgate_core::auth::KeyHash::of(fixtures::KEY).to_hex()
     )
 }
@@ -603,11 +615,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let stream = args.next().as_deref() == Some("stream");
+    let chain = args.next().as_deref() == Some("chain");
     // The filter reads key secrets from its environment, as in Envoy.
     for (name, value) in [("BENCH_KEY_1", "sk-bench-1"), ("BENCH_KEY_2", "sk-bench-2")] {
         std::env::set_var(name, value);
     }
-    let config = config();
+    let config = config(chain);
     // SAFETY: the module's start function, once, before any context.
     unsafe { _initialize() };
     configure(GATEWAY_ROOT, tollgate_core::roles::GATEWAY_ROOT_ID, &config);

@@ -738,8 +738,8 @@ def main():
     parser.add_argument("--targets", help=f"comma-separated, from {','.join(TARGETS)} (default: all, and the "
                         "baseline's with --baseline)")
     parser.add_argument("--baseline", metavar="DIR", help="another checkout with release builds (target/release/tollgate, "
-                        "the release .wasm): adds targets native@baseline, native-redis@baseline and "
-                        "envoy-tollgate@baseline, to compare two "
+                        "the release .wasm): adds targets native@baseline, native-redis@baseline, "
+                        "envoy-tollgate@baseline and envoy-tollgate-chain@baseline, to compare two "
                         "builds in one run (e.g. an ablation)")
     parser.add_argument("--out", default=str(RESULTS), help=f"where to write the results (default {RESULTS})")
     args = parser.parse_args()
@@ -753,6 +753,8 @@ def main():
                                             lambda port: target_native_redis(port, tollgate=base_bin))
         TARGETS["envoy-tollgate@baseline"] = (f"Envoy + tollgate, baseline build ({WORKERS} workers)",
                                               lambda port: target_envoy_tollgate(port, tollgate=base_bin, wasm=base_wasm))
+        TARGETS["envoy-tollgate-chain@baseline"] = (f"Envoy + tollgate, model with a fallback, baseline build ({WORKERS} workers)",
+                                                    lambda port: target_envoy_tollgate(port, chain=True, tollgate=base_bin, wasm=base_wasm))
     for tool, hint in [("wrk", "apt-get install -y wrk"), (ENVOY, "make envoy-install"), (TOLLGATE, "cargo build --release -p tollgate"),
                        (MOCK, "cargo build --release -p tollgate-e2e --bin mock-provider"), (WASM, "make wasm")]:
         if shutil.which(str(tool)) is None and not Path(tool).exists():

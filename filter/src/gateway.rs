@@ -54,6 +54,8 @@ pub struct GatewayFlow {
     body_limit: Option<u64>,
     /// Bytes of request body buffered so far.
     body_size: usize,
+    /// The fallbacks of the request's chain, routed, until they are put in filter state.
+    chain: Vec<keys::ChainStep>,
     /// Whether the response body goes through the core (only for forwarded requests: local
     /// replies are already final).
     forwarded: bool,
@@ -88,6 +90,7 @@ impl GatewayFlow {
 
             body_limit: None,
             body_size: 0,
+            chain: Vec::new(),
             forwarded: false,
             replacement: None,
             replacing: false,
@@ -224,7 +227,8 @@ impl GatewayFlow {
         }
         if let OnBody::Forward(forward) = &mut decision {
             // The rest of the chain, routed for the key roles of the fallbacks' clusters.
-            forward.ticket.chain = self.exchange.chain_steps(now);
+            self.chain = self.exchange.chain_steps(now);
+            forward.ticket.chain = keys::ChainLink::to(&self.chain);
         }
         Decision::Body(Box::new(decision))
     }
@@ -280,7 +284,11 @@ impl GatewayFlow {
                         host::set_header(map, name, value)?;
                     }
                 }
-                // For every attempt's key role: the pool, the demand, the keys tried.
+                // For every attempt's key role: the pool, the demand, the keys tried, and
+                // apart, for an attempt that fails over, the fallbacks as routed.
+                for (n, step) in std::mem::take(&mut self.chain).iter().enumerate() {
+                    host::set_chain_step(n, step)?;
+                }
                 host::set_ticket(&forward.ticket)?;
                 if let Some(new_body) = &forward.body {
                     host::replace_body(BufferType::HttpRequestBody, size, new_body)?;

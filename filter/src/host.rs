@@ -7,7 +7,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 use tollgate_core::http::LocalResponse;
-use tollgate_core::keys::Ticket;
+use tollgate_core::keys::{ChainStep, Ticket};
 use tollgate_core::limits::LeaseBook;
 use tollgate_core::store::{CounterStore, StoreError};
 use tollgate_core::GatewayError;
@@ -69,6 +69,23 @@ pub fn ticket() -> Option<Ticket> {
 
 pub fn set_ticket(ticket: &Ticket) -> Result<(), GatewayError> {
     hostcalls::set_property(vec![TICKET_PROPERTY], Some(ticket.encode().as_bytes()))
+        .map_err(|s| internal("set_property", s))
+}
+
+/// Filter state that carries the fallback the gateway role routed as step `n` of the
+/// request's chain (`Ticket::chain` names the steps): written once, read only by an attempt
+/// that fails over to it.
+fn chain_step_property(n: usize) -> String {
+    format!("tollgate_chain_step_{n}")
+}
+
+pub fn chain_step(n: usize) -> Option<ChainStep> {
+    let bytes = hostcalls::get_property(vec![&chain_step_property(n)]).ok()??;
+    ChainStep::decode(&bytes)
+}
+
+pub fn set_chain_step(n: usize, step: &ChainStep) -> Result<(), GatewayError> {
+    hostcalls::set_property(vec![&chain_step_property(n)], Some(&step.encode()))
         .map_err(|s| internal("set_property", s))
 }
 

@@ -161,16 +161,22 @@ impl KeyFlow {
         let cluster = host::cluster_name();
         let pool = cluster.as_deref().and_then(provider_of_cluster);
         let mut ticket = host::ticket().ok_or(GatewayError::NotRoutedByGateway)?;
-        if Some(ticket.provider.as_str()) != pool {
+        let step = if Some(ticket.provider.as_str()) != pool {
             // A retry the router sent to another cluster: the next model of the chain,
             // routed by the gateway role for this provider (docs/envoy.md, "Failover").
-            pool.and_then(|p| ticket.fail_over_to(p))
-                .ok_or(GatewayError::NotRoutedByGateway)?;
-        }
-        // Every attempt on a fallback's pool sends the fallback's request: the router
-        // replays the first model's.
-        if let Some(step) = ticket.current.clone() {
-            self.fail_over(map, *step)?;
+            pool.and_then(|p| ticket.fail_over_to(p, host::chain_step))
+                .ok_or(GatewayError::NotRoutedByGateway)
+                .map(Some)?
+        } else {
+            // Every attempt on a fallback's pool sends the fallback's request: the router
+            // replays the first model's.
+            match ticket.current {
+                Some(n) => Some(host::chain_step(n).ok_or(GatewayError::NotRoutedByGateway)?),
+                None => None,
+            }
+        };
+        if let Some(step) = step {
+            self.fail_over(map, step)?;
         }
         let now = host::now_ms();
         // The requested model's provider's policy bounds the whole chain, as in the native

@@ -242,17 +242,41 @@ pub struct Ticket {
     #[serde(default)]
     pub attempts_before: u32,
     /// Envoy: the models of the chain still to try, each routed already by the gateway role
-    /// (the key role of the fallback's cluster sends it as it says).
+    /// and kept apart (`ChainStep`): the key role of the fallback's cluster sends it as it
+    /// says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chain: Vec<ChainStep>,
-    /// Envoy: the chain step the request failed over to, which every further attempt on its
-    /// pool sends again (the router replays the first model's body).
+    pub chain: Vec<ChainLink>,
+    /// Envoy: the number of the chain step the request failed over to, which every further
+    /// attempt on its pool sends again (the router replays the first model's body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current: Option<Box<ChainStep>>,
+    pub current: Option<usize>,
     /// After a failover: the provider of the model the client asked for, whose `retry`
     /// bounds the whole chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_provider: Option<String>,
+}
+
+/// A fallback of the request's chain as the ticket names it: the number of its routed
+/// request (`ChainStep`), which travels apart from the ticket because only an attempt that
+/// fails over to it reads it, and its provider (the cluster such an attempt runs in).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainLink {
+    pub step: usize,
+    pub provider: String,
+}
+
+impl ChainLink {
+    /// The links to `steps`, numbered in order.
+    pub fn to(steps: &[ChainStep]) -> Vec<ChainLink> {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(step, s)| ChainLink {
+                step,
+                provider: s.provider.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A fallback of the request's chain, as the gateway role routed it for Envoy's key role:
@@ -265,12 +289,34 @@ pub struct ChainStep {
     /// first cluster only).
     pub authority: String,
     pub path: String,
-    /// The request body in the fallback's dialect.
+    /// The request body in the fallback's dialect: after the encoded head, as it is (see
+    /// `encode`).
+    #[serde(skip)]
     pub body: String,
     /// Headers set when absent (a provider's API version).
     pub default_headers: Vec<(String, String)>,
     /// Tokens the request reserves under this model (its default output cap may differ).
     pub tokens: u64,
+}
+
+impl ChainStep {
+    /// The step as Envoy's filter state carries it: its head as JSON, a newline, then the
+    /// body as it is (a body inside the JSON would be escaped and unescaped byte by byte).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(self).unwrap_or_default();
+        out.push(b'\n');
+        out.extend_from_slice(self.body.as_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        // Compact JSON has no raw newline: the first one ends the head.
+        let at = memchr::memchr(b'\n', bytes)?;
+        let (head, body) = (bytes.get(..at)?, bytes.get(at + 1..)?);
+        let mut step: ChainStep = serde_json::from_slice(head).ok()?;
+        step.body = String::from_utf8(body.to_vec()).ok()?;
+        Some(step)
+    }
 }
 
 impl Ticket {
@@ -300,10 +346,16 @@ impl Ticket {
     }
 
     /// Moves the ticket to its chain's next step on `provider` (the cluster the router sent
-    /// this attempt to), dropping steps before it: the step, if there is one.
-    pub fn fail_over_to(&mut self, provider: &str) -> Option<ChainStep> {
-        let at = self.chain.iter().position(|s| s.provider == provider)?;
-        let step = self.chain.drain(..=at).next_back()?;
+    /// this attempt to), dropping steps before it: the step, read by `load`, if there is one.
+    pub fn fail_over_to(
+        &mut self,
+        provider: &str,
+        load: impl FnOnce(usize) -> Option<ChainStep>,
+    ) -> Option<ChainStep> {
+        let at = self.chain.iter().position(|l| l.provider == provider)?;
+        let number = self.chain.get(at)?.step;
+        let step = load(number)?;
+        self.chain.drain(..=at);
         self.attempts_before = self.attempts_made();
         self.tried.clear();
         if self.first_provider.is_none() {
@@ -312,7 +364,7 @@ impl Ticket {
         self.provider = step.provider.clone();
         self.model = step.model.clone();
         self.tokens = step.tokens;
-        self.current = Some(Box::new(step.clone()));
+        self.current = Some(number);
         Some(step)
     }
 

@@ -363,16 +363,23 @@ fn a_ticket_fails_over_to_the_chain_step_of_the_cluster_it_reached() {
         model: model.into(),
         authority: format!("{provider}.example"),
         path: "/v1/messages".into(),
-        body: "{}".into(),
-        default_headers: Vec::new(),
+        body: "{\"messages\":[{\"content\":\"two\\nlines \\\"quoted\\\"\"}]}\n".into(),
+        default_headers: vec![("anthropic-version".into(), "2023-06-01".into())],
         tokens: 7,
     };
+    let steps = [step("anthropic", "claude"), step("mistral", "small")];
     let mut t = ticket("gpt-4o-mini");
     t.tried = vec!["a".into(), "b".into()];
-    t.chain = vec![step("anthropic", "claude"), step("mistral", "small")];
+    t.chain = ChainLink::to(&steps);
+    // A step the attempt cannot read leaves the ticket as it was.
+    assert_eq!(t.fail_over_to("mistral", |_| None), None);
+    assert_eq!(t.chain.len(), 2);
     // A retry that reached mistral's cluster skips the anthropic step.
-    let s = t.fail_over_to("mistral").unwrap();
+    let s = t
+        .fail_over_to("mistral", |n| steps.get(n).cloned())
+        .unwrap();
     assert_eq!(s.model, "small");
+    assert_eq!(t.current, Some(1), "the step every further attempt sends");
     assert_eq!(
         (t.provider.as_str(), t.model.as_str()),
         ("mistral", "small")
@@ -384,10 +391,23 @@ fn a_ticket_fails_over_to_the_chain_step_of_the_cluster_it_reached() {
         "openai",
         "the requested model's policy bounds the chain"
     );
-    assert_eq!(t.fail_over_to("anthropic"), None, "spent");
-    // The chain survives the trip through Envoy's filter state.
+    assert_eq!(
+        t.fail_over_to("anthropic", |n| steps.get(n).cloned()),
+        None,
+        "spent"
+    );
+    // The chain survives the trip through Envoy's filter state: the ticket names the steps,
+    // each step travels apart, its body as it is.
     let mut t = ticket("gpt-4o-mini");
-    t.chain = vec![step("anthropic", "claude")];
+    t.chain = ChainLink::to(&steps);
     assert_eq!(Ticket::decode(t.encode().as_bytes()), Some(t.clone()));
+    assert!(
+        !t.encode().contains("/v1/messages"),
+        "no step in the ticket"
+    );
     assert!(!ticket("x").encode().contains("chain"), "absent when empty");
+    let encoded = steps[0].encode();
+    assert!(encoded.ends_with(steps[0].body.as_bytes()));
+    assert_eq!(ChainStep::decode(&encoded), Some(steps[0].clone()));
+    assert_eq!(ChainStep::decode(b"{}"), None, "no head");
 }
