@@ -858,6 +858,9 @@ pub fn exchange(data: &[u8]) {
         Some(f) if flags & 8 != 0 => {
             for step in x.chain_steps(now) {
                 json_of(step.body.as_bytes(), "a chain step's body");
+                // As Envoy's filter state carries it to the key role.
+                let decoded = keys::ChainStep::decode(&step.encode());
+                assert_eq!(decoded.as_ref(), Some(&step), "chain steps round-trip");
             }
             match x.fail_over(now, &store, &f.ticket) {
                 Some(OnBody::Forward(next)) => {

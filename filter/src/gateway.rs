@@ -201,6 +201,7 @@ impl GatewayFlow {
         fresh: Option<Arc<Config>>,
         body: Option<&[u8]>,
     ) -> Decision {
+        self.chain.clear();
         if let Some(config) = fresh {
             self.exchange = Exchange::new(config);
             let head = self.run_head(now, store);

@@ -171,7 +171,11 @@ impl KeyFlow {
             // Every attempt on a fallback's pool sends the fallback's request: the router
             // replays the first model's.
             match ticket.current {
-                Some(n) => Some(host::chain_step(n).ok_or(GatewayError::NotRoutedByGateway)?),
+                Some(n) => Some(
+                    host::chain_step(n)
+                        .filter(|s| s.provider == ticket.provider)
+                        .ok_or(GatewayError::NotRoutedByGateway)?,
+                ),
                 None => None,
             }
         };

@@ -354,7 +354,8 @@ impl Ticket {
     ) -> Option<ChainStep> {
         let at = self.chain.iter().position(|l| l.provider == provider)?;
         let number = self.chain.get(at)?.step;
-        let step = load(number)?;
+        // The step travels apart from the ticket: it must be the one the link names.
+        let step = load(number).filter(|s| s.provider == provider)?;
         self.chain.drain(..=at);
         self.attempts_before = self.attempts_made();
         self.tried.clear();

@@ -371,8 +371,9 @@ fn a_ticket_fails_over_to_the_chain_step_of_the_cluster_it_reached() {
     let mut t = ticket("gpt-4o-mini");
     t.tried = vec!["a".into(), "b".into()];
     t.chain = ChainLink::to(&steps);
-    // A step the attempt cannot read leaves the ticket as it was.
+    // A step the attempt cannot read, or another provider's, leaves the ticket as it was.
     assert_eq!(t.fail_over_to("mistral", |_| None), None);
+    assert_eq!(t.fail_over_to("mistral", |_| steps.first().cloned()), None);
     assert_eq!(t.chain.len(), 2);
     // A retry that reached mistral's cluster skips the anthropic step.
     let s = t
